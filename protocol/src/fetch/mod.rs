@@ -1,0 +1,1290 @@
+//! The fetch scheduler: which wanted chunk to request from which peer, and when to give up.
+//!
+//! One [`FetchScheduler`] serves one image (like a torrent in BitTorrent). Its caller — the node's
+//! tokio task or the simulator's event loop — feeds it what happened (`handle_*`, each with `now`) and
+//! drains what to do ([`FetchScheduler::poll_action`]), what to report
+//! ([`FetchScheduler::poll_event`]) and when to call back ([`FetchScheduler::poll_timeout`] /
+//! [`FetchScheduler::handle_timeout`]). It never sees bytes: the caller verifies a chunk against its
+//! [`ChunkId`](crate::ChunkId) and reports the [`ChunkOutcome`].
+//!
+//! # The rules (each decided here and nowhere else)
+//! - **Priorities.** Every `Demand` want (a VM is blocked on it) is assigned before any `Background`
+//!   want in the same pass, Demand wants in arrival order. Each peer keeps
+//!   [`Config::demand_reserved_slots`] of its [`Config::max_in_flight_per_peer`] slots free of
+//!   Background requests, so a Demand want never waits for Background traffic to drain. A Background
+//!   want that becomes Demand while in flight is re-requested at Demand priority from the same peer,
+//!   which lets the serving side move it up its queue.
+//! - **Background order.** An explicit priority list ([`FetchScheduler::set_priority_order`], used for
+//!   boot profiles) first; then rarest first (fewest connected holders); ties broken by a random key
+//!   drawn from the seeded RNG, so that nodes pulling the same image spread over different chunks.
+//! - **Peer choice.** Same site first, then lower RTT (power-of-two buckets), then fewer requests in
+//!   flight, then a random per-peer key. If any same-site peer holds a chunk, it is fetched only
+//!   inside the site (waiting for a free slot there rather than crossing the WAN). If no same-site peer
+//!   holds it but one announced it is fetching it from another site (`Fetching`), we wait for that
+//!   copy for at most [`Config::local_pending_wait`]. Whenever we request a chunk from another site
+//!   we announce it to our same-site peers ([`Action::AnnounceFetching`]). Together these make each
+//!   chunk cross each WAN link about once per site.
+//! - **Failure.** A request that times out ([`Config::request_timeout`] plus four RTTs) is cancelled
+//!   and re-queued, and the peer gets a cool-down that doubles with each consecutive timeout. A
+//!   disconnect or a `Reject` re-queues the peer's requests. A chunk with a wrong hash bans its sender
+//!   for the life of the scheduler ([`Event::PeerBanned`]) and re-queues the chunk. Wanted chunks
+//!   that no connected peer holds are reported ([`Event::NoSource`]) so the caller can look for
+//!   providers. A Demand want not delivered within [`Config::demand_deadline`] fails
+//!   ([`Event::WantFailed`]) instead of waiting forever.
+//! - **Endgame.** When every wanted chunk is in flight and at most [`Config::endgame_threshold`]
+//!   remain, each is also requested from up to [`Config::endgame_max_requests`] peers; the first valid
+//!   copy wins and the others are cancelled.
+//!
+//! Scheduling runs at the end of every `handle_*` call. Its cost is proportional to the work it
+//! assigns plus the number of peers with free slots: a peer that had nothing to pick is skipped until
+//! something that could give it work changes (a new want, a re-queue, its own Have set growing).
+
+mod peer;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::fmt::Debug;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::bitfield::ChunkBitmap;
+use crate::priority::Priority;
+use crate::time::Instant;
+use peer::{Peer, RankKey};
+
+/// How many Background queue entries to scan for a peer before switching to a bitmap intersection.
+const SCAN_BUDGET: usize = 64;
+/// Most indices carried by one [`Event::NoSource`].
+const MAX_REPORTED_INDICES: usize = 1024;
+/// Longest cool-down a peer gets after repeated timeouts.
+const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Scheduler settings. [`Config::default`] gives the values the node ships with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Our own site (data center) name; peers announcing the same name are "same site".
+    pub local_site: String,
+    /// Most requests in flight to one peer.
+    pub max_in_flight_per_peer: u32,
+    /// Of those, how many Background requests may never use (kept for Demand).
+    pub demand_reserved_slots: u32,
+    /// Base timeout of a chunk request; four times the peer's RTT is added.
+    pub request_timeout: Duration,
+    /// A Demand want not delivered within this time fails with [`Event::WantFailed`].
+    pub demand_deadline: Duration,
+    /// How long to wait for a same-site peer's announced fetch before fetching over the WAN ourselves.
+    pub local_pending_wait: Duration,
+    /// Endgame starts when every wanted chunk is in flight and at most this many remain.
+    pub endgame_threshold: u32,
+    /// In endgame, the most peers one chunk is requested from at once.
+    pub endgame_max_requests: u32,
+    /// Cool-down after a peer's first timeout (doubles per consecutive timeout, up to 30 s) and after
+    /// a `Busy` reject.
+    pub timeout_backoff: Duration,
+    /// How often [`Event::NoSource`] is repeated while wanted chunks still have no connected holder.
+    pub no_source_retry: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            local_site: "default".into(),
+            max_in_flight_per_peer: 16,
+            demand_reserved_slots: 4,
+            request_timeout: Duration::from_secs(4),
+            demand_deadline: Duration::from_secs(30),
+            local_pending_wait: Duration::from_secs(4),
+            endgame_threshold: 16,
+            endgame_max_requests: 2,
+            timeout_backoff: Duration::from_millis(500),
+            no_source_retry: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors from scheduler inputs that name something the scheduler cannot know about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// The chunk index is past the end of the image.
+    #[error("chunk index {index} is out of range: the image has {count} chunks")]
+    IndexOutOfRange {
+        /// The index given.
+        index: u32,
+        /// Chunks in the image.
+        count: u32,
+    },
+    /// The configuration cannot work.
+    #[error("invalid fetch configuration: {0}")]
+    InvalidConfig(&'static str),
+}
+
+/// What a connecting peer told us about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The site the peer announced in its `Hello`.
+    pub site: String,
+    /// Initial RTT estimate, if the caller has one.
+    pub rtt: Option<Duration>,
+}
+
+/// What the caller found when it checked a received chunk against its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkOutcome {
+    /// The bytes hash to the chunk's id.
+    Valid,
+    /// The bytes do not hash to the chunk's id (or have the wrong length).
+    Corrupt,
+}
+
+/// Whether the caller should commit a received chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The chunk was wanted and is valid: commit it; the want is done.
+    Accept,
+    /// Not wanted (any more), or corrupt: drop the bytes.
+    Discard,
+}
+
+/// Why a peer refused a request (mirrors the wire's reject reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// The peer does not hold the chunk.
+    NotFound,
+    /// The peer's queue is full; try later or elsewhere.
+    Busy,
+    /// The peer refuses to serve us at all (it banned us, or is shutting down).
+    Refused,
+}
+
+/// Something the caller must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Send a `Request` for these chunk indices to `peer`.
+    Request {
+        /// Whom to ask.
+        peer: P,
+        /// Priority to put in the request.
+        priority: Priority,
+        /// Chunk indices, ascending order not guaranteed.
+        indices: Vec<u32>,
+    },
+    /// Send a `Cancel` for these chunk indices to `peer`.
+    Cancel {
+        /// Whom to tell.
+        peer: P,
+        /// Chunk indices.
+        indices: Vec<u32>,
+    },
+    /// Tell same-site `peer` that we are fetching these chunks from another site (`Fetching`).
+    AnnounceFetching {
+        /// A same-site peer.
+        peer: P,
+        /// Chunk indices.
+        indices: Vec<u32>,
+    },
+}
+
+/// Something the caller should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<P> {
+    /// These wanted chunks are held by no connected peer: look for providers.
+    NoSource {
+        /// Up to 1024 of the indices.
+        indices: Vec<u32>,
+        /// How many wanted chunks have no source in all.
+        total: u32,
+    },
+    /// A Demand want was not delivered within [`Config::demand_deadline`]; it is no longer wanted.
+    WantFailed {
+        /// The chunk index.
+        index: u32,
+    },
+    /// The peer sent a chunk whose hash did not match; it gets no more requests from this scheduler.
+    PeerBanned {
+        /// The banned peer.
+        peer: P,
+    },
+}
+
+/// Counters for status displays and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Chunks wanted (queued or in flight).
+    pub wanted: u32,
+    /// Of those, Demand.
+    pub wanted_demand: u32,
+    /// Wanted chunks waiting for a peer.
+    pub queued: u32,
+    /// Requests in flight (a chunk requested twice in endgame counts twice).
+    pub requests_in_flight: u32,
+    /// Connected, unbanned peers.
+    pub peers: u32,
+    /// Peers banned.
+    pub banned: u32,
+    /// Wanted chunks that no connected peer holds.
+    pub without_source: u32,
+}
+
+/// Background queue key: explicit rank, then availability, then random tie-break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct BgKey {
+    rank: u32,
+    avail: u32,
+    tiebreak: u32,
+    index: u32,
+}
+
+#[derive(Debug)]
+struct Want<P> {
+    priority: Priority,
+    /// When the want became Demand (the Demand queue is FIFO on this).
+    demand_since: Option<Instant>,
+    /// When the Demand want fails.
+    demand_deadline: Option<Instant>,
+    /// Peers a request for this chunk is in flight to.
+    requested_from: Vec<P>,
+    /// The key it is queued under while unassigned Background.
+    bg_key: Option<BgKey>,
+    tiebreak: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    priority: Priority,
+    deadline: Instant,
+}
+
+/// Per-pass batch of what to send to one peer.
+#[derive(Debug, Default)]
+struct Batch {
+    demand: Vec<u32>,
+    background: Vec<u32>,
+}
+
+/// What one scheduling pass decided, emitted as actions at its end.
+#[derive(Debug)]
+struct Pass<P> {
+    batches: BTreeMap<P, Batch>,
+    /// Chunks requested from other sites in this pass (announced to same-site peers).
+    announce: Vec<u32>,
+}
+
+/// The fetch scheduler for one image. `P` is the caller's peer identifier.
+#[derive(Debug)]
+pub struct FetchScheduler<P> {
+    config: Config,
+    chunks: u32,
+    rng: ChaCha8Rng,
+
+    wants: Vec<Option<Want<P>>>,
+    wanted: ChunkBitmap,
+    wanted_demand: u32,
+    demand_queue: BTreeSet<(Instant, u32)>,
+    bg_queue: BTreeSet<BgKey>,
+    bg_unassigned: ChunkBitmap,
+    profile_rank: Option<Vec<u32>>,
+
+    /// Connected, unbanned peers holding each chunk.
+    avail: Vec<u32>,
+    /// Same-site, non-suspect peers holding each chunk.
+    local_avail: Vec<u32>,
+    /// Same-site peers with an unexpired `Fetching` announcement for each chunk.
+    local_pending: Vec<u32>,
+    /// Wanted chunks with `avail == 0`.
+    sourceless: ChunkBitmap,
+    no_source_due: Instant,
+
+    peers: BTreeMap<P, Peer>,
+    banned: BTreeSet<P>,
+    in_flight: BTreeMap<(P, u32), InFlight>,
+    request_deadlines: BTreeSet<(Instant, P, u32)>,
+    demand_deadlines: BTreeSet<(Instant, u32)>,
+    pending_expiry: BTreeSet<(Instant, P, u32)>,
+    /// Peers' cool-down ends, so that queued work is looked at again when one passes.
+    cooldowns: BTreeSet<(Instant, P)>,
+    /// Bumped whenever something could give an exhausted peer Background work again.
+    generation: u64,
+
+    actions: VecDeque<Action<P>>,
+    events: VecDeque<Event<P>>,
+}
+
+impl<P: Clone + Ord + Debug> FetchScheduler<P> {
+    /// A scheduler for an image of `chunks` chunks; `seed` drives every random tie-break.
+    pub fn new(config: Config, chunks: u32, seed: u64) -> Result<Self, FetchError> {
+        if config.max_in_flight_per_peer == 0 {
+            return Err(FetchError::InvalidConfig("max_in_flight_per_peer must be at least 1"));
+        }
+        if config.demand_reserved_slots >= config.max_in_flight_per_peer {
+            return Err(FetchError::InvalidConfig(
+                "demand_reserved_slots must leave Background at least one slot",
+            ));
+        }
+        if config.endgame_max_requests == 0 {
+            return Err(FetchError::InvalidConfig("endgame_max_requests must be at least 1"));
+        }
+        let n = chunks as usize;
+        Ok(FetchScheduler {
+            config,
+            chunks,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            wants: (0..n).map(|_| None).collect(),
+            wanted: ChunkBitmap::new(chunks),
+            wanted_demand: 0,
+            demand_queue: BTreeSet::new(),
+            bg_queue: BTreeSet::new(),
+            bg_unassigned: ChunkBitmap::new(chunks),
+            profile_rank: None,
+            avail: vec![0; n],
+            local_avail: vec![0; n],
+            local_pending: vec![0; n],
+            sourceless: ChunkBitmap::new(chunks),
+            no_source_due: Instant::ZERO,
+            peers: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
+            request_deadlines: BTreeSet::new(),
+            demand_deadlines: BTreeSet::new(),
+            pending_expiry: BTreeSet::new(),
+            cooldowns: BTreeSet::new(),
+            generation: 0,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Number of chunks in the image.
+    pub fn chunk_count(&self) -> u32 {
+        self.chunks
+    }
+
+    fn check_index(&self, index: u32) -> Result<(), FetchError> {
+        if index < self.chunks {
+            Ok(())
+        } else {
+            Err(FetchError::IndexOutOfRange {
+                index,
+                count: self.chunks,
+            })
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Inputs: wants
+    // ----------------------------------------------------------------------------------------------
+
+    /// Wants chunk `index` at `priority`. Wanting a wanted chunk again can only raise its priority
+    /// (a Demand want of a chunk already wanted as Demand keeps its original deadline).
+    pub fn handle_want(
+        &mut self,
+        now: Instant,
+        index: u32,
+        priority: Priority,
+    ) -> Result<(), FetchError> {
+        self.check_index(index)?;
+        self.want(now, index, priority);
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// Wants many chunks at once (one scheduling pass). Fails without change if any index is out of
+    /// range.
+    pub fn handle_want_many(
+        &mut self,
+        now: Instant,
+        indices: impl IntoIterator<Item = u32> + Clone,
+        priority: Priority,
+    ) -> Result<(), FetchError> {
+        for index in indices.clone() {
+            self.check_index(index)?;
+        }
+        for index in indices {
+            self.want(now, index, priority);
+        }
+        self.schedule(now);
+        Ok(())
+    }
+
+    fn want(&mut self, now: Instant, index: u32, priority: Priority) {
+        let i = index as usize;
+        match &mut self.wants[i] {
+            None => {
+                let tiebreak = self.rng.random::<u32>();
+                self.wants[i] = Some(Want {
+                    priority: Priority::Background,
+                    demand_since: None,
+                    demand_deadline: None,
+                    requested_from: Vec::new(),
+                    bg_key: None,
+                    tiebreak,
+                });
+                self.wanted.insert(index);
+                if self.avail[i] == 0 {
+                    self.mark_sourceless(now, index);
+                }
+                if priority == Priority::Demand {
+                    self.promote(now, index);
+                } else {
+                    self.enqueue(index);
+                }
+            }
+            Some(w) => {
+                if priority == Priority::Demand && w.priority == Priority::Background {
+                    self.promote(now, index);
+                }
+            }
+        }
+    }
+
+    /// Turns a Background want (queued, in flight, or just created) into a Demand want.
+    fn promote(&mut self, now: Instant, index: u32) {
+        let deadline = now + self.config.demand_deadline;
+        let Some(w) = self.wants[index as usize].as_mut() else {
+            return;
+        };
+        w.priority = Priority::Demand;
+        w.demand_since = Some(now);
+        w.demand_deadline = Some(deadline);
+        self.wanted_demand += 1;
+        self.demand_deadlines.insert((deadline, index));
+        if let Some(key) = w.bg_key.take() {
+            self.bg_queue.remove(&key);
+            self.bg_unassigned.remove(index);
+        }
+        if w.requested_from.is_empty() {
+            self.demand_queue.insert((now, index));
+            return;
+        }
+        // In flight at Background priority: ask again at Demand priority so the serving peer moves it
+        // up its queue, and move the slot accounting over.
+        let peers = w.requested_from.clone();
+        for p in peers {
+            if let Some(req) = self.in_flight.get_mut(&(p.clone(), index)) {
+                if req.priority == Priority::Background {
+                    req.priority = Priority::Demand;
+                    if let Some(peer) = self.peers.get_mut(&p) {
+                        peer.in_flight_background -= 1;
+                        peer.in_flight_demand += 1;
+                    }
+                    self.actions.push_back(Action::Request {
+                        peer: p,
+                        priority: Priority::Demand,
+                        indices: vec![index],
+                    });
+                }
+            }
+        }
+    }
+
+    /// Stops wanting chunk `index` (cancelling its requests). Unknown or unwanted indices are ignored.
+    pub fn handle_unwant(&mut self, now: Instant, index: u32) {
+        if index < self.chunks {
+            self.drop_want(index, None);
+            self.schedule(now);
+        }
+    }
+
+    /// We obtained chunk `index` some other way (local store, another image sharing the chunk, a
+    /// copy that arrived for another index with the same id): the want is done and its requests are
+    /// cancelled.
+    pub fn handle_local_have(&mut self, now: Instant, index: u32) {
+        self.handle_unwant(now, index);
+    }
+
+    /// Sets the explicit Background order (a boot profile): `order[0]` first. Chunks not listed come
+    /// after all listed ones, rarest first. Indices out of range are ignored.
+    pub fn set_priority_order(&mut self, now: Instant, order: &[u32]) {
+        let mut rank = vec![u32::MAX; self.chunks as usize];
+        for (pos, &index) in order.iter().enumerate() {
+            if let Some(r) = rank.get_mut(index as usize) {
+                if *r == u32::MAX {
+                    *r = u32::try_from(pos).unwrap_or(u32::MAX - 1);
+                }
+            }
+        }
+        self.profile_rank = Some(rank);
+        let queued: Vec<u32> = self.bg_queue.iter().map(|k| k.index).collect();
+        for index in queued {
+            self.rekey(index);
+        }
+        self.generation += 1;
+        self.schedule(now);
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Inputs: peers
+    // ----------------------------------------------------------------------------------------------
+
+    /// A peer connected (or reconnected). A banned peer stays banned and is ignored.
+    pub fn handle_peer_connected(&mut self, now: Instant, peer: P, info: PeerInfo) {
+        if self.banned.contains(&peer) {
+            return;
+        }
+        if self.peers.contains_key(&peer) {
+            self.remove_peer(now, &peer);
+        }
+        let same_site = info.site == self.config.local_site;
+        let tiebreak = self.rng.random::<u64>();
+        self.peers.insert(
+            peer,
+            Peer::new(same_site, info.rtt, self.chunks, tiebreak),
+        );
+        self.schedule(now);
+    }
+
+    /// A peer disconnected: its requests are re-queued and its chunks no longer count as available.
+    pub fn handle_peer_disconnected(&mut self, now: Instant, peer: &P) {
+        self.remove_peer(now, peer);
+        self.schedule(now);
+    }
+
+    /// A new RTT estimate for a peer (from ping).
+    pub fn handle_rtt(&mut self, now: Instant, peer: &P, rtt: Duration) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.rtt = Some(rtt);
+            self.schedule(now);
+        }
+    }
+
+    /// A peer's full Have set (replaces what we knew). It must range over this image's chunk count;
+    /// the caller validates the wire form with [`ChunkBitmap::from_wire`].
+    pub fn handle_peer_have(&mut self, now: Instant, peer: &P, have: &ChunkBitmap) {
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        if have.len() != self.chunks {
+            return;
+        }
+        let old = p.have.clone();
+        for index in old.iter().filter(|&i| !have.contains(i)) {
+            self.peer_lost_chunk(now, peer, index);
+        }
+        for index in have.iter().filter(|&i| !old.contains(i)) {
+            self.peer_gained_chunk(peer, index);
+        }
+        self.schedule(now);
+    }
+
+    /// A peer now holds these chunks too. Out-of-range indices are ignored.
+    pub fn handle_peer_have_update(&mut self, now: Instant, peer: &P, indices: &[u32]) {
+        if !self.peers.contains_key(peer) {
+            return;
+        }
+        for &index in indices {
+            if index < self.chunks {
+                self.peer_gained_chunk(peer, index);
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// A same-site peer is fetching these chunks from another site. Announcements from peers of
+    /// other sites are ignored (they do not save us a WAN crossing).
+    pub fn handle_peer_fetching(&mut self, now: Instant, peer: &P, indices: &[u32]) {
+        let until = now + self.config.local_pending_wait;
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if !p.same_site {
+            return;
+        }
+        for &index in indices {
+            if index >= self.chunks || p.have.contains(index) {
+                continue;
+            }
+            match p.pending.insert(index, until) {
+                Some(old) => {
+                    self.pending_expiry.remove(&(old, peer.clone(), index));
+                }
+                None => self.local_pending[index as usize] += 1,
+            }
+            self.pending_expiry.insert((until, peer.clone(), index));
+        }
+        self.schedule(now);
+    }
+
+    /// A chunk arrived from `peer` and the caller checked its hash. Returns whether to commit it.
+    pub fn handle_chunk(
+        &mut self,
+        now: Instant,
+        peer: &P,
+        index: u32,
+        outcome: ChunkOutcome,
+    ) -> Delivery {
+        if index >= self.chunks {
+            return Delivery::Discard;
+        }
+        if outcome == ChunkOutcome::Corrupt {
+            self.ban(now, peer);
+            self.schedule(now);
+            return Delivery::Discard;
+        }
+        let solicited = self.finish_request(peer, index).is_some();
+        if solicited {
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.consecutive_timeouts = 0;
+            }
+            self.set_suspect(peer, false);
+        }
+        let delivery = if self.wanted.contains(index) {
+            self.drop_want(index, Some(peer));
+            Delivery::Accept
+        } else {
+            Delivery::Discard
+        };
+        // A peer that sent the chunk holds it.
+        if self.peers.contains_key(peer) {
+            self.peer_gained_chunk(peer, index);
+        }
+        self.schedule(now);
+        delivery
+    }
+
+    /// A peer rejected our request for chunk `index`.
+    pub fn handle_reject(&mut self, now: Instant, peer: &P, index: u32, kind: RejectKind) {
+        if index >= self.chunks {
+            return;
+        }
+        let was_in_flight = self.finish_request(peer, index).is_some();
+        match kind {
+            RejectKind::NotFound => self.peer_lost_chunk(now, peer, index),
+            RejectKind::Busy => self.cool_down(peer, now + self.config.timeout_backoff),
+            RejectKind::Refused => {
+                self.cool_down(peer, Instant::MAX);
+                self.set_suspect(peer, true);
+                // Everything else in flight there will not come either.
+                let indices: Vec<u32> = self
+                    .in_flight
+                    .range((peer.clone(), 0)..=(peer.clone(), u32::MAX))
+                    .map(|((_, i), _)| *i)
+                    .collect();
+                for i in indices {
+                    self.finish_request(peer, i);
+                    self.requeue(i);
+                }
+            }
+        }
+        if was_in_flight {
+            self.requeue(index);
+        }
+        self.schedule(now);
+    }
+
+    /// Processes every deadline that has passed by `now`. Call it at [`Self::poll_timeout`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // Request timeouts.
+        while let Some((deadline, peer, index)) = self.request_deadlines.first().cloned() {
+            if deadline > now {
+                break;
+            }
+            self.finish_request(&peer, index);
+            self.actions.push_back(Action::Cancel {
+                peer: peer.clone(),
+                indices: vec![index],
+            });
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.consecutive_timeouts += 1;
+                let factor = 1u32 << (p.consecutive_timeouts - 1).min(16);
+                let backoff = self.config.timeout_backoff.saturating_mul(factor).min(MAX_COOLDOWN);
+                self.cool_down(&peer, now + backoff);
+            }
+            self.set_suspect(&peer, true);
+            self.requeue(index);
+        }
+        // Demand deadlines.
+        while let Some(&(deadline, index)) = self.demand_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.drop_want(index, None);
+            self.events.push_back(Event::WantFailed { index });
+        }
+        // Same-site fetch announcements we stop waiting for.
+        while let Some((until, peer, index)) = self.pending_expiry.first().cloned() {
+            if until > now {
+                break;
+            }
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.pending.remove(&index);
+            }
+            self.pending_expiry.remove(&(until, peer, index));
+            self.pending_gone(index);
+        }
+        self.schedule(now);
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Outputs
+    // ----------------------------------------------------------------------------------------------
+
+    /// The next thing to send.
+    pub fn poll_action(&mut self) -> Option<Action<P>> {
+        self.actions.pop_front()
+    }
+
+    /// The next thing to report.
+    pub fn poll_event(&mut self) -> Option<Event<P>> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = [
+            self.request_deadlines.first().map(|d| d.0),
+            self.demand_deadlines.first().map(|d| d.0),
+            self.pending_expiry.first().map(|d| d.0),
+            (self.sourceless.count() > 0).then_some(self.no_source_due),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if !self.demand_queue.is_empty() || !self.bg_queue.is_empty() {
+            // A peer coming out of cool-down may take queued work.
+            let cooldown = self.cooldowns.first().map(|c| c.0);
+            next = next.into_iter().chain(cooldown).min();
+        }
+        next
+    }
+
+    /// Whether chunk `index` is wanted.
+    pub fn is_wanted(&self, index: u32) -> bool {
+        self.wanted.contains(index)
+    }
+
+    /// The priority chunk `index` is wanted at, if it is.
+    pub fn want_priority(&self, index: u32) -> Option<Priority> {
+        self.wants
+            .get(index as usize)
+            .and_then(|w| w.as_ref().map(|w| w.priority))
+    }
+
+    /// Peers a request for chunk `index` is in flight to.
+    pub fn requested_from(&self, index: u32) -> &[P] {
+        self.wants
+            .get(index as usize)
+            .and_then(|w| w.as_ref())
+            .map_or(&[], |w| &w.requested_from)
+    }
+
+    /// Requests in flight to `peer`.
+    pub fn peer_in_flight(&self, peer: &P) -> u32 {
+        self.peers.get(peer).map_or(0, Peer::in_flight)
+    }
+
+    /// Whether `peer` is banned.
+    pub fn is_banned(&self, peer: &P) -> bool {
+        self.banned.contains(peer)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            wanted: self.wanted.count(),
+            wanted_demand: self.wanted_demand,
+            queued: (self.demand_queue.len() + self.bg_queue.len()) as u32,
+            requests_in_flight: self.in_flight.len() as u32,
+            peers: self.peers.len() as u32,
+            banned: self.banned.len() as u32,
+            without_source: self.sourceless.count(),
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Bookkeeping
+    // ----------------------------------------------------------------------------------------------
+
+    fn bg_key(&self, index: u32, tiebreak: u32) -> BgKey {
+        BgKey {
+            rank: self
+                .profile_rank
+                .as_ref()
+                .map_or(u32::MAX, |r| r[index as usize]),
+            avail: self.avail[index as usize],
+            tiebreak,
+            index,
+        }
+    }
+
+    /// Puts an unassigned want into the queue of its priority.
+    fn enqueue(&mut self, index: u32) {
+        let Some(w) = self.wants[index as usize].as_ref() else {
+            return;
+        };
+        debug_assert!(w.requested_from.is_empty());
+        match w.priority {
+            Priority::Demand => {
+                let since = w.demand_since.unwrap_or(Instant::ZERO);
+                self.demand_queue.insert((since, index));
+            }
+            Priority::Background => {
+                let key = self.bg_key(index, w.tiebreak);
+                self.bg_queue.insert(key);
+                self.bg_unassigned.insert(index);
+                if let Some(w) = self.wants[index as usize].as_mut() {
+                    w.bg_key = Some(key);
+                }
+            }
+        }
+        self.generation += 1;
+    }
+
+    /// Re-queues a want whose last request ended without the chunk.
+    fn requeue(&mut self, index: u32) {
+        if let Some(w) = &self.wants[index as usize] {
+            if w.requested_from.is_empty() && w.bg_key.is_none() {
+                let demand_queued = w
+                    .demand_since
+                    .is_some_and(|s| self.demand_queue.contains(&(s, index)));
+                if !demand_queued {
+                    self.enqueue(index);
+                }
+            }
+        }
+    }
+
+    /// Refreshes a queued Background want's key after its availability or rank changed.
+    fn rekey(&mut self, index: u32) {
+        let Some(w) = self.wants[index as usize].as_ref() else {
+            return;
+        };
+        let Some(old) = w.bg_key else {
+            return;
+        };
+        let key = self.bg_key(index, w.tiebreak);
+        if key != old {
+            self.bg_queue.remove(&old);
+            self.bg_queue.insert(key);
+            if let Some(w) = self.wants[index as usize].as_mut() {
+                w.bg_key = Some(key);
+            }
+        }
+    }
+
+    fn remove_from_queues(&mut self, index: u32) {
+        if let Some(w) = self.wants[index as usize].as_mut() {
+            if let Some(key) = w.bg_key.take() {
+                self.bg_queue.remove(&key);
+                self.bg_unassigned.remove(index);
+            }
+            if let Some(since) = w.demand_since {
+                self.demand_queue.remove(&(since, index));
+            }
+        }
+    }
+
+    /// Ends the want for `index`, cancelling requests to every peer but `delivered_by`.
+    fn drop_want(&mut self, index: u32, delivered_by: Option<&P>) {
+        self.remove_from_queues(index);
+        let Some(w) = self.wants[index as usize].take() else {
+            return;
+        };
+        self.wanted.remove(index);
+        self.sourceless.remove(index);
+        if let Some(deadline) = w.demand_deadline {
+            self.demand_deadlines.remove(&(deadline, index));
+        }
+        if w.priority == Priority::Demand {
+            self.wanted_demand -= 1;
+        }
+        for p in w.requested_from {
+            if let Some(req) = self.in_flight.remove(&(p.clone(), index)) {
+                self.request_deadlines
+                    .remove(&(req.deadline, p.clone(), index));
+                if let Some(peer) = self.peers.get_mut(&p) {
+                    match req.priority {
+                        Priority::Demand => peer.in_flight_demand -= 1,
+                        Priority::Background => peer.in_flight_background -= 1,
+                    }
+                }
+            }
+            if delivered_by != Some(&p) {
+                self.actions.push_back(Action::Cancel {
+                    peer: p,
+                    indices: vec![index],
+                });
+            }
+        }
+    }
+
+    /// Removes the request for `index` in flight to `peer`, if any; the want stays as it is.
+    fn finish_request(&mut self, peer: &P, index: u32) -> Option<InFlight> {
+        let req = self.in_flight.remove(&(peer.clone(), index))?;
+        self.request_deadlines
+            .remove(&(req.deadline, peer.clone(), index));
+        if let Some(p) = self.peers.get_mut(peer) {
+            match req.priority {
+                Priority::Demand => p.in_flight_demand -= 1,
+                Priority::Background => p.in_flight_background -= 1,
+            }
+        }
+        if let Some(w) = self.wants[index as usize].as_mut() {
+            w.requested_from.retain(|q| q != peer);
+        }
+        Some(req)
+    }
+
+    fn mark_sourceless(&mut self, now: Instant, index: u32) {
+        if self.sourceless.insert(index) {
+            // Report new sourceless chunks at the end of this pass.
+            self.no_source_due = self.no_source_due.min(now);
+        }
+    }
+
+    fn peer_gained_chunk(&mut self, peer: &P, index: u32) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if !p.have.insert(index) {
+            return;
+        }
+        p.exhausted_gen = None;
+        let local = p.counts_as_local();
+        let pending = p.pending.remove(&index);
+        let i = index as usize;
+        self.avail[i] += 1;
+        if local {
+            self.local_avail[i] += 1;
+        }
+        if let Some(until) = pending {
+            self.pending_expiry.remove(&(until, peer.clone(), index));
+            self.pending_gone(index);
+        }
+        self.sourceless.remove(index);
+        self.rekey(index);
+    }
+
+    fn peer_lost_chunk(&mut self, now: Instant, peer: &P, index: u32) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if !p.have.remove(index) {
+            return;
+        }
+        let local = p.counts_as_local();
+        self.chunk_unavailable(now, index, local);
+    }
+
+    /// One holder of `index` is gone; `local` if it counted as held inside our site.
+    fn chunk_unavailable(&mut self, now: Instant, index: u32, local: bool) {
+        let i = index as usize;
+        self.avail[i] -= 1;
+        if local {
+            self.local_lost(index);
+        }
+        if self.avail[i] == 0 && self.wanted.contains(index) {
+            self.mark_sourceless(now, index);
+        }
+        self.rekey(index);
+    }
+
+    fn local_lost(&mut self, index: u32) {
+        let i = index as usize;
+        self.local_avail[i] -= 1;
+        if self.local_avail[i] == 0 {
+            // Other sites' peers may now be asked for it.
+            self.generation += 1;
+        }
+    }
+
+    /// Marks a peer suspect (it timed out or refused us) or clears that mark (it delivered).
+    fn set_suspect(&mut self, peer: &P, suspect: bool) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if p.suspect == suspect {
+            return;
+        }
+        let was_local = p.counts_as_local();
+        p.suspect = suspect;
+        let is_local = p.counts_as_local();
+        if was_local == is_local {
+            return;
+        }
+        let have: Vec<u32> = p.have.iter().collect();
+        for index in have {
+            if is_local {
+                self.local_avail[index as usize] += 1;
+            } else {
+                self.local_lost(index);
+            }
+        }
+    }
+
+    fn pending_gone(&mut self, index: u32) {
+        let i = index as usize;
+        self.local_pending[i] -= 1;
+        if self.local_pending[i] == 0 {
+            self.generation += 1;
+        }
+    }
+
+    fn remove_peer(&mut self, now: Instant, peer: &P) {
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        let have: Vec<u32> = p.have.iter().collect();
+        let pending: Vec<(u32, Instant)> = p.pending.iter().map(|(&i, &t)| (i, t)).collect();
+        let local = p.counts_as_local();
+        let cooldown = p.cooldown_until;
+        let requests: Vec<u32> = self
+            .in_flight
+            .range((peer.clone(), 0)..=(peer.clone(), u32::MAX))
+            .map(|((_, i), _)| *i)
+            .collect();
+        for index in requests {
+            self.finish_request(peer, index);
+            self.requeue(index);
+        }
+        for (index, until) in pending {
+            self.pending_expiry.remove(&(until, peer.clone(), index));
+            self.pending_gone(index);
+        }
+        self.cooldowns.remove(&(cooldown, peer.clone()));
+        self.peers.remove(peer);
+        for index in have {
+            self.chunk_unavailable(now, index, local);
+        }
+        self.generation += 1;
+    }
+
+    /// Gives `peer` no new requests before `until` (extending any cool-down it already has).
+    fn cool_down(&mut self, peer: &P, until: Instant) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if until <= p.cooldown_until {
+            return;
+        }
+        self.cooldowns.remove(&(p.cooldown_until, peer.clone()));
+        p.cooldown_until = until;
+        if until != Instant::MAX {
+            self.cooldowns.insert((until, peer.clone()));
+        }
+    }
+
+    fn ban(&mut self, now: Instant, peer: &P) {
+        if self.banned.insert(peer.clone()) {
+            self.remove_peer(now, peer);
+            self.events.push_back(Event::PeerBanned { peer: peer.clone() });
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // The scheduling pass
+    // ----------------------------------------------------------------------------------------------
+
+    /// Whether `peer` may be asked for `index` now, by the locality rules alone.
+    fn locality_allows(&self, peer: &Peer, index: u32) -> bool {
+        let i = index as usize;
+        peer.same_site || (self.local_avail[i] == 0 && self.local_pending[i] == 0)
+    }
+
+    /// The best peer to ask for `index` at `priority`, skipping `exclude`.
+    fn best_source(&self, now: Instant, index: u32, priority: Priority, exclude: &[P]) -> Option<P> {
+        let limit = self.slot_limit(priority);
+        self.peers
+            .iter()
+            .filter(|(id, p)| {
+                p.have.contains(index)
+                    && p.usable(now)
+                    && p.in_flight() < limit
+                    && self.locality_allows(p, index)
+                    && !exclude.contains(id)
+            })
+            .min_by_key(|(_, p)| p.rank())
+            .map(|(id, _)| id.clone())
+    }
+
+    fn slot_limit(&self, priority: Priority) -> u32 {
+        match priority {
+            Priority::Demand => self.config.max_in_flight_per_peer,
+            Priority::Background => {
+                self.config.max_in_flight_per_peer - self.config.demand_reserved_slots
+            }
+        }
+    }
+
+    /// The best queued Background chunk for `peer`, if any.
+    fn pick_background(&self, peer: &Peer) -> Option<u32> {
+        let ok = |index: u32| peer.have.contains(index) && self.locality_allows(peer, index);
+        let mut scanned = 0;
+        for key in &self.bg_queue {
+            if ok(key.index) {
+                return Some(key.index);
+            }
+            scanned += 1;
+            if scanned == SCAN_BUDGET {
+                break;
+            }
+        }
+        if scanned < SCAN_BUDGET {
+            return None;
+        }
+        // The peer holds little of what is queued: intersect bitmaps instead of walking the queue.
+        peer.have
+            .iter_and(&self.bg_unassigned)
+            .filter(|&i| self.locality_allows(peer, i))
+            .filter_map(|i| self.wants[i as usize].as_ref().and_then(|w| w.bg_key))
+            .min()
+            .map(|k| k.index)
+    }
+
+    fn assign(&mut self, now: Instant, index: u32, peer: &P, priority: Priority, pass: &mut Pass<P>) {
+        self.remove_from_queues(index);
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let rtt = p.rtt.unwrap_or(Duration::ZERO);
+        let deadline = now + self.config.request_timeout + rtt.saturating_mul(4);
+        match priority {
+            Priority::Demand => p.in_flight_demand += 1,
+            Priority::Background => p.in_flight_background += 1,
+        }
+        let remote = !p.same_site;
+        self.in_flight
+            .insert((peer.clone(), index), InFlight { priority, deadline });
+        self.request_deadlines.insert((deadline, peer.clone(), index));
+        if let Some(w) = self.wants[index as usize].as_mut() {
+            w.requested_from.push(peer.clone());
+        }
+        let batch = pass.batches.entry(peer.clone()).or_default();
+        match priority {
+            Priority::Demand => batch.demand.push(index),
+            Priority::Background => batch.background.push(index),
+        }
+        if remote {
+            pass.announce.push(index);
+        }
+    }
+
+    fn schedule(&mut self, now: Instant) {
+        // Cool-downs that ended: this pass looks at those peers again, and `poll_timeout` only ever
+        // reports instants after `now`.
+        while self.cooldowns.first().is_some_and(|c| c.0 <= now) {
+            self.cooldowns.pop_first();
+        }
+        let mut pass = Pass {
+            batches: BTreeMap::new(),
+            announce: Vec::new(),
+        };
+
+        // 1. Demand, oldest first.
+        let demand: Vec<u32> = self.demand_queue.iter().map(|&(_, i)| i).collect();
+        for index in demand {
+            if let Some(peer) = self.best_source(now, index, Priority::Demand, &[]) {
+                self.assign(now, index, &peer, Priority::Demand, &mut pass);
+            }
+        }
+
+        // 2. Background: best-ranked peer with a free slot picks next, round robin by rank.
+        if !self.bg_queue.is_empty() {
+            let limit = self.slot_limit(Priority::Background);
+            let generation = self.generation;
+            let mut heap: BinaryHeap<std::cmp::Reverse<(RankKey, P)>> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| {
+                    p.usable(now) && p.in_flight() < limit && p.exhausted_gen != Some(generation)
+                })
+                .map(|(id, p)| std::cmp::Reverse((p.rank(), id.clone())))
+                .collect();
+            while let Some(std::cmp::Reverse((_, id))) = heap.pop() {
+                let Some(p) = self.peers.get(&id) else {
+                    continue;
+                };
+                match self.pick_background(p) {
+                    Some(index) => {
+                        self.assign(now, index, &id, Priority::Background, &mut pass);
+                        if let Some(p) = self.peers.get(&id) {
+                            if p.in_flight() < limit && !self.bg_queue.is_empty() {
+                                heap.push(std::cmp::Reverse((p.rank(), id)));
+                            }
+                        }
+                    }
+                    None => {
+                        if let Some(p) = self.peers.get_mut(&id) {
+                            p.exhausted_gen = Some(generation);
+                        }
+                    }
+                }
+                if self.bg_queue.is_empty() {
+                    break;
+                }
+            }
+        }
+
+        // 3. Endgame: a pull is finishing (Background work remains), everything wanted is in flight
+        //    and little remains. Lazy Demand-only reads are never duplicated.
+        let wanted = self.wanted.count();
+        if wanted > self.wanted_demand
+            && wanted <= self.config.endgame_threshold
+            && self.demand_queue.is_empty()
+            && self.bg_queue.is_empty()
+        {
+            let indices: Vec<u32> = self.wanted.iter().collect();
+            for index in indices {
+                let Some(w) = self.wants[index as usize].as_ref() else {
+                    continue;
+                };
+                if w.requested_from.len() >= self.config.endgame_max_requests as usize {
+                    continue;
+                }
+                let priority = w.priority;
+                let exclude = w.requested_from.clone();
+                if let Some(peer) = self.best_source(now, index, priority, &exclude) {
+                    self.assign(now, index, &peer, priority, &mut pass);
+                }
+            }
+        }
+
+        // 4. Emit requests, then tell same-site peers what we fetch from other sites.
+        for (peer, batch) in pass.batches {
+            if !batch.demand.is_empty() {
+                self.actions.push_back(Action::Request {
+                    peer: peer.clone(),
+                    priority: Priority::Demand,
+                    indices: batch.demand,
+                });
+            }
+            if !batch.background.is_empty() {
+                self.actions.push_back(Action::Request {
+                    peer,
+                    priority: Priority::Background,
+                    indices: batch.background,
+                });
+            }
+        }
+        if !pass.announce.is_empty() {
+            let neighbours: Vec<P> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.same_site)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for peer in neighbours {
+                self.actions.push_back(Action::AnnounceFetching {
+                    peer,
+                    indices: pass.announce.clone(),
+                });
+            }
+        }
+
+        // 5. Report wanted chunks nobody connected holds.
+        if self.sourceless.count() > 0 && now >= self.no_source_due {
+            let indices: Vec<u32> = self.sourceless.iter().take(MAX_REPORTED_INDICES).collect();
+            self.events.push_back(Event::NoSource {
+                indices,
+                total: self.sourceless.count(),
+            });
+            self.no_source_due = now + self.config.no_source_retry;
+        }
+    }
+}

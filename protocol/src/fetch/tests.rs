@@ -1,0 +1,842 @@
+//! Tests of the fetch scheduler: one unit test per rule, and property tests that drive it in virtual
+//! time against random peers.
+
+use super::*;
+use proptest::prelude::*;
+
+fn t(ms: u64) -> Instant {
+    Instant::from_nanos(ms * 1_000_000)
+}
+
+fn cfg() -> Config {
+    Config {
+        local_site: "dc1".into(),
+        ..Config::default()
+    }
+}
+
+fn info(site: &str, rtt_ms: u64) -> PeerInfo {
+    PeerInfo {
+        site: site.into(),
+        rtt: Some(Duration::from_millis(rtt_ms)),
+    }
+}
+
+fn full(n: u32) -> ChunkBitmap {
+    ChunkBitmap::full(n)
+}
+
+fn bitmap(n: u32, indices: &[u32]) -> ChunkBitmap {
+    let mut b = ChunkBitmap::new(n);
+    for &i in indices {
+        b.insert(i);
+    }
+    b
+}
+
+fn drain_actions(s: &mut FetchScheduler<u32>) -> Vec<Action<u32>> {
+    std::iter::from_fn(|| s.poll_action()).collect()
+}
+
+fn drain_events(s: &mut FetchScheduler<u32>) -> Vec<Event<u32>> {
+    std::iter::from_fn(|| s.poll_event()).collect()
+}
+
+/// (peer, priority, index) of every Request action.
+fn requests(actions: &[Action<u32>]) -> Vec<(u32, Priority, u32)> {
+    let mut out = Vec::new();
+    for a in actions {
+        if let Action::Request {
+            peer,
+            priority,
+            indices,
+        } = a
+        {
+            out.extend(indices.iter().map(|&i| (*peer, *priority, i)));
+        }
+    }
+    out
+}
+
+fn cancels(actions: &[Action<u32>]) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    for a in actions {
+        if let Action::Cancel { peer, indices } = a {
+            out.extend(indices.iter().map(|&i| (*peer, i)));
+        }
+    }
+    out
+}
+
+#[test]
+fn rejects_unworkable_config_and_bad_indices() {
+    let bad = Config {
+        demand_reserved_slots: 16,
+        ..cfg()
+    };
+    assert!(matches!(
+        FetchScheduler::<u32>::new(bad, 4, 0),
+        Err(FetchError::InvalidConfig(_))
+    ));
+    let mut s = FetchScheduler::<u32>::new(cfg(), 4, 0).unwrap();
+    assert_eq!(
+        s.handle_want(t(0), 4, Priority::Demand),
+        Err(FetchError::IndexOutOfRange { index: 4, count: 4 })
+    );
+    assert_eq!(
+        s.handle_want_many(t(0), [1, 2, 9], Priority::Background),
+        Err(FetchError::IndexOutOfRange { index: 9, count: 4 })
+    );
+    assert_eq!(s.stats().wanted, 0, "a failed want_many changes nothing");
+}
+
+#[test]
+fn demand_goes_before_background_and_keeps_reserved_slots() {
+    let config = Config {
+        max_in_flight_per_peer: 4,
+        demand_reserved_slots: 1,
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 100, 1).unwrap();
+    s.handle_peer_connected(t(0), 7, info("dc1", 1));
+    s.handle_peer_have(t(0), &7, &full(100));
+    s.handle_want_many(t(0), 0..50, Priority::Background).unwrap();
+    let reqs = requests(&drain_actions(&mut s));
+    assert_eq!(reqs.len(), 3, "Background may use 3 of 4 slots");
+    assert!(reqs.iter().all(|r| r.1 == Priority::Background));
+    // A Demand want gets the reserved slot at once.
+    s.handle_want(t(1), 80, Priority::Demand).unwrap();
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(7, Priority::Demand, 80)]
+    );
+    assert_eq!(s.peer_in_flight(&7), 4);
+    // When a slot frees, queued Demand wants go before the 47 queued Background ones.
+    s.handle_want(t(2), 90, Priority::Demand).unwrap();
+    assert!(requests(&drain_actions(&mut s)).is_empty(), "no slot free");
+    let first_bg = reqs[0].2;
+    assert_eq!(s.handle_chunk(t(3), &7, first_bg, ChunkOutcome::Valid), Delivery::Accept);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(7, Priority::Demand, 90)]
+    );
+}
+
+#[test]
+fn demand_wants_are_served_in_arrival_order() {
+    let config = Config {
+        max_in_flight_per_peer: 2,
+        demand_reserved_slots: 1,
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 10, 1).unwrap();
+    s.handle_want(t(0), 5, Priority::Demand).unwrap();
+    s.handle_want(t(1), 2, Priority::Demand).unwrap();
+    s.handle_want(t(2), 8, Priority::Demand).unwrap();
+    s.handle_peer_connected(t(3), 1, info("dc1", 1));
+    s.handle_peer_have(t(3), &1, &full(10));
+    let reqs: Vec<u32> = requests(&drain_actions(&mut s)).iter().map(|r| r.2).collect();
+    assert_eq!(reqs, vec![5, 2]);
+}
+
+#[test]
+fn background_want_promoted_while_in_flight_is_rerequested_at_demand() {
+    let mut s = FetchScheduler::new(cfg(), 4, 1).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(4));
+    s.handle_want(t(0), 3, Priority::Background).unwrap();
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Background, 3)]
+    );
+    s.handle_want(t(1), 3, Priority::Demand).unwrap();
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 3)]
+    );
+    assert_eq!(s.want_priority(3), Some(Priority::Demand));
+    assert_eq!(s.stats().requests_in_flight, 1, "same request, upgraded");
+}
+
+#[test]
+fn background_is_rarest_first() {
+    let mut s = FetchScheduler::new(
+        Config {
+            max_in_flight_per_peer: 2,
+            demand_reserved_slots: 1,
+            ..cfg()
+        },
+        4,
+        3,
+    )
+    .unwrap();
+    // Chunk 2 is held by one peer, the rest by three.
+    for p in 1..=3 {
+        s.handle_peer_connected(t(0), p, info("dc1", 1));
+    }
+    s.handle_peer_have(t(0), &1, &full(4));
+    s.handle_peer_have(t(0), &2, &bitmap(4, &[0, 1, 3]));
+    s.handle_peer_have(t(0), &3, &bitmap(4, &[0, 1, 3]));
+    drain_actions(&mut s);
+    s.handle_want_many(t(1), 0..4, Priority::Background).unwrap();
+    let reqs = requests(&drain_actions(&mut s));
+    assert_eq!(reqs.len(), 3, "one background slot per peer");
+    assert!(
+        reqs.contains(&(1, Priority::Background, 2)),
+        "the only holder of the rarest chunk fetches it: {reqs:?}"
+    );
+}
+
+#[test]
+fn priority_order_overrides_rarity() {
+    let mut s = FetchScheduler::new(
+        Config {
+            max_in_flight_per_peer: 2,
+            demand_reserved_slots: 1,
+            ..cfg()
+        },
+        6,
+        3,
+    )
+    .unwrap();
+    s.set_priority_order(t(0), &[4, 1, 99]);
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(6));
+    s.handle_want_many(t(0), 0..6, Priority::Background).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Background, 4)]);
+    s.handle_chunk(t(1), &1, 4, ChunkOutcome::Valid);
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Background, 1)]);
+}
+
+#[test]
+fn same_site_first_then_lowest_rtt() {
+    let mut s = FetchScheduler::new(cfg(), 8, 5).unwrap();
+    s.handle_peer_connected(t(0), 10, info("far", 165));
+    s.handle_peer_connected(t(0), 11, info("near", 31));
+    s.handle_peer_connected(t(0), 12, info("dc1", 3));
+    for p in [10, 11] {
+        s.handle_peer_have(t(0), &p, &full(8));
+    }
+    s.handle_peer_have(t(0), &12, &bitmap(8, &[0]));
+    drain_actions(&mut s);
+    s.handle_want(t(1), 0, Priority::Demand).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(12, Priority::Demand, 0)]);
+    s.handle_want(t(1), 1, Priority::Demand).unwrap();
+    let actions = drain_actions(&mut s);
+    assert_eq!(requests(&actions), vec![(11, Priority::Demand, 1)]);
+    assert!(
+        actions.contains(&Action::AnnounceFetching {
+            peer: 12,
+            indices: vec![1]
+        }),
+        "a WAN fetch is announced to same-site peers: {actions:?}"
+    );
+}
+
+#[test]
+fn load_spreads_among_equally_near_peers() {
+    let mut s = FetchScheduler::new(cfg(), 64, 5).unwrap();
+    for p in 0..4 {
+        s.handle_peer_connected(t(0), p, info("dc1", 1));
+        s.handle_peer_have(t(0), &p, &full(64));
+    }
+    s.handle_want_many(t(0), 0..24, Priority::Background)
+        .unwrap();
+    drain_actions(&mut s);
+    for p in 0..4 {
+        assert_eq!(s.peer_in_flight(&p), 6, "peer {p}");
+    }
+}
+
+#[test]
+fn local_holder_is_waited_for_instead_of_the_wan() {
+    let config = Config {
+        max_in_flight_per_peer: 2,
+        demand_reserved_slots: 1,
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 8, 5).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_connected(t(0), 2, info("dc2", 30));
+    s.handle_peer_have(t(0), &1, &full(8));
+    s.handle_peer_have(t(0), &2, &full(8));
+    s.handle_want_many(t(0), 0..4, Priority::Background).unwrap();
+    let reqs = requests(&drain_actions(&mut s));
+    assert_eq!(reqs.len(), 1, "local peer's one background slot only: {reqs:?}");
+    assert_eq!(reqs[0].0, 1);
+    // The local peer leaves: now the WAN is the only way.
+    s.handle_peer_disconnected(t(1), &1);
+    let reqs = requests(&drain_actions(&mut s));
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].0, 2);
+}
+
+#[test]
+fn same_site_fetch_announcement_defers_our_wan_fetch_for_a_bounded_time() {
+    let mut s = FetchScheduler::new(cfg(), 4, 5).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_connected(t(0), 2, info("dc2", 30));
+    s.handle_peer_have(t(0), &2, &full(4));
+    s.handle_peer_fetching(t(0), &1, &[0]);
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    assert!(requests(&drain_actions(&mut s)).is_empty(), "wait for the site's copy");
+    // The neighbour got it: fetch locally.
+    s.handle_peer_have_update(t(100), &1, &[0]);
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 0)]);
+    assert_eq!(s.handle_chunk(t(110), &1, 0, ChunkOutcome::Valid), Delivery::Accept);
+
+    // Another chunk: the announcement expires, so we cross the WAN ourselves.
+    s.handle_peer_fetching(t(200), &1, &[1]);
+    s.handle_want(t(200), 1, Priority::Demand).unwrap();
+    assert!(requests(&drain_actions(&mut s)).is_empty());
+    let expiry = s.poll_timeout().unwrap();
+    assert!(expiry <= t(200) + cfg().local_pending_wait);
+    s.handle_timeout(expiry);
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 1)]);
+
+    // Announcements from other sites do not defer anything.
+    s.handle_peer_fetching(t(300), &2, &[2]);
+    s.handle_want(t(300), 2, Priority::Demand).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 2)]);
+}
+
+#[test]
+fn timeout_requeues_elsewhere_cancels_and_cools_down() {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(4));
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 0)]);
+    s.handle_peer_connected(t(10), 2, info("dc1", 2));
+    s.handle_peer_have(t(10), &2, &full(4));
+    let deadline = s.poll_timeout().unwrap();
+    assert_eq!(deadline, t(0) + Duration::from_secs(4) + Duration::from_millis(4));
+    s.handle_timeout(deadline);
+    let actions = drain_actions(&mut s);
+    assert_eq!(cancels(&actions), vec![(1, 0)]);
+    assert_eq!(requests(&actions), vec![(2, Priority::Demand, 0)]);
+    // Peer 1 is cooling down: a new want goes to peer 2 although 1 is nearer.
+    s.handle_want(deadline, 1, Priority::Demand).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 1)]);
+}
+
+#[test]
+fn a_dead_local_holder_does_not_keep_us_off_the_wan() {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_connected(t(0), 2, info("dc2", 30));
+    s.handle_peer_have(t(0), &1, &full(4));
+    s.handle_peer_have(t(0), &2, &full(4));
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 0)]);
+    let deadline = s.poll_timeout().unwrap();
+    s.handle_timeout(deadline);
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 0)]);
+}
+
+#[test]
+fn disconnect_requeues_on_another_peer() {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    for p in [1, 2] {
+        s.handle_peer_connected(t(0), p, info("dc1", p as u64));
+        s.handle_peer_have(t(0), &p, &full(4));
+    }
+    s.handle_want(t(0), 3, Priority::Demand).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 3)]);
+    s.handle_peer_disconnected(t(1), &1);
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 3)]);
+}
+
+#[test]
+fn reject_not_found_forgets_the_chunk_and_busy_cools_down() {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    for p in [1, 2] {
+        s.handle_peer_connected(t(0), p, info("dc1", p as u64));
+        s.handle_peer_have(t(0), &p, &full(4));
+    }
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    drain_actions(&mut s);
+    s.handle_reject(t(1), &1, 0, RejectKind::NotFound);
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 0)]);
+    s.handle_chunk(t(2), &2, 0, ChunkOutcome::Valid);
+    // Peer 1 still has chunk 1, but says Busy: chunk 1 goes to peer 2.
+    s.handle_want(t(3), 1, Priority::Demand).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 1)]);
+    s.handle_reject(t(4), &1, 1, RejectKind::Busy);
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 1)]);
+}
+
+#[test]
+fn corrupt_chunk_bans_the_sender_and_requeues() {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    for p in [1, 2] {
+        s.handle_peer_connected(t(0), p, info("dc1", p as u64));
+        s.handle_peer_have(t(0), &p, &full(4));
+    }
+    s.handle_want_many(t(0), [0, 1], Priority::Demand).unwrap();
+    let reqs = requests(&drain_actions(&mut s));
+    assert_eq!(reqs.len(), 2);
+    let from_1: Vec<u32> = reqs.iter().filter(|r| r.0 == 1).map(|r| r.2).collect();
+    assert!(!from_1.is_empty());
+    assert_eq!(
+        s.handle_chunk(t(1), &1, from_1[0], ChunkOutcome::Corrupt),
+        Delivery::Discard
+    );
+    assert_eq!(drain_events(&mut s), vec![Event::PeerBanned { peer: 1 }]);
+    assert!(s.is_banned(&1));
+    let reqs = requests(&drain_actions(&mut s));
+    assert!(reqs.iter().all(|r| r.0 == 2), "{reqs:?}");
+    assert!(reqs.iter().any(|r| r.2 == from_1[0]));
+    // A banned peer that reconnects stays out.
+    s.handle_peer_connected(t(2), 1, info("dc1", 1));
+    s.handle_peer_have(t(2), &1, &full(4));
+    s.handle_want(t(2), 3, Priority::Demand).unwrap();
+    assert!(requests(&drain_actions(&mut s)).iter().all(|r| r.0 == 2));
+    assert_eq!(s.stats().peers, 1);
+}
+
+#[test]
+fn no_source_is_reported_and_repeated() {
+    let mut s = FetchScheduler::new(cfg(), 8, 9).unwrap();
+    s.handle_want_many(t(0), [2, 5], Priority::Background).unwrap();
+    assert_eq!(
+        drain_events(&mut s),
+        vec![Event::NoSource {
+            indices: vec![2, 5],
+            total: 2
+        }]
+    );
+    assert_eq!(s.poll_timeout(), Some(t(5000)));
+    s.handle_timeout(t(5000));
+    assert_eq!(drain_events(&mut s).len(), 1, "repeated after no_source_retry");
+    s.handle_peer_connected(t(5001), 1, info("dc1", 1));
+    s.handle_peer_have(t(5001), &1, &bitmap(8, &[2, 5]));
+    assert_eq!(s.stats().without_source, 0);
+    s.handle_timeout(t(20_000));
+    assert!(drain_events(&mut s).iter().all(|e| !matches!(e, Event::NoSource { .. })));
+}
+
+#[test]
+fn unservable_demand_fails_after_the_deadline() {
+    let mut s = FetchScheduler::new(cfg(), 8, 9).unwrap();
+    s.handle_want(t(0), 4, Priority::Demand).unwrap();
+    drain_events(&mut s);
+    let mut now = t(0);
+    while let Some(next) = s.poll_timeout() {
+        assert!(next <= t(30_000), "the want must fail by its deadline");
+        now = next;
+        s.handle_timeout(now);
+        if !s.is_wanted(4) {
+            break;
+        }
+    }
+    assert_eq!(now, t(30_000));
+    assert!(drain_events(&mut s).contains(&Event::WantFailed { index: 4 }));
+    assert_eq!(s.stats().wanted_demand, 0);
+}
+
+#[test]
+fn endgame_duplicates_the_tail_and_cancels_the_loser() {
+    let config = Config {
+        endgame_threshold: 2,
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 4, 9).unwrap();
+    for p in [1, 2] {
+        s.handle_peer_connected(t(0), p, info("dc1", p as u64));
+        s.handle_peer_have(t(0), &p, &full(4));
+    }
+    s.handle_want_many(t(0), 0..4, Priority::Background).unwrap();
+    let reqs = requests(&drain_actions(&mut s));
+    assert_eq!(reqs.len(), 4, "not endgame yet: one request per chunk");
+    for r in reqs.iter().take(2) {
+        s.handle_chunk(t(1), &r.0, r.2, ChunkOutcome::Valid);
+    }
+    let dups = requests(&drain_actions(&mut s));
+    assert_eq!(dups.len(), 2, "each remaining chunk asked from the other peer: {dups:?}");
+    for d in &dups {
+        assert_eq!(s.requested_from(d.2).len(), 2);
+    }
+    let (winner, index) = (dups[0].0, dups[0].2);
+    assert_eq!(s.handle_chunk(t(2), &winner, index, ChunkOutcome::Valid), Delivery::Accept);
+    let loser = if winner == 1 { 2 } else { 1 };
+    assert_eq!(cancels(&drain_actions(&mut s)), vec![(loser, index)]);
+    assert_eq!(
+        s.handle_chunk(t(3), &loser, index, ChunkOutcome::Valid),
+        Delivery::Discard,
+        "a late duplicate is not committed twice"
+    );
+}
+
+#[test]
+fn lazy_demand_reads_are_not_duplicated() {
+    let mut s = FetchScheduler::new(cfg(), 100, 9).unwrap();
+    for p in [1, 2] {
+        s.handle_peer_connected(t(0), p, info("dc1", p as u64));
+        s.handle_peer_have(t(0), &p, &full(100));
+    }
+    s.handle_want(t(0), 7, Priority::Demand).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)).len(), 1);
+}
+
+#[test]
+fn local_have_cancels_in_flight_requests() {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(4));
+    s.handle_want(t(0), 2, Priority::Demand).unwrap();
+    drain_actions(&mut s);
+    s.handle_local_have(t(1), 2);
+    assert_eq!(cancels(&drain_actions(&mut s)), vec![(1, 2)]);
+    assert_eq!(s.stats().requests_in_flight, 0);
+    assert_eq!(s.peer_in_flight(&1), 0);
+}
+
+// --------------------------------------------------------------------------------------------------
+// Property tests: the scheduler in virtual time against random peers.
+// --------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct SimPeer {
+    site: u8,
+    rtt_ms: u64,
+    have: Vec<bool>,
+    behaviour: Behaviour,
+    /// Disconnects at this virtual millisecond (and reconnects 2 s later), if set.
+    flap_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    Honest,
+    Corrupt,
+    /// Never answers.
+    Dead,
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    chunks: u32,
+    peers: Vec<SimPeer>,
+    /// (at ms, index, priority)
+    wants: Vec<(u64, u32, Priority)>,
+    seed: u64,
+    max_in_flight: u32,
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (1u32..48, 1usize..7, any::<u64>(), 2u32..6).prop_flat_map(|(chunks, npeers, seed, max_in_flight)| {
+        let peer = (
+            0u8..3,
+            1u64..200,
+            proptest::collection::vec(any::<bool>(), chunks as usize),
+            prop_oneof![6 => Just(Behaviour::Honest), 1 => Just(Behaviour::Corrupt), 1 => Just(Behaviour::Dead)],
+            proptest::option::weighted(0.3, 0u64..20_000),
+        )
+            .prop_map(|(site, rtt_ms, have, behaviour, flap_at)| SimPeer {
+                site,
+                rtt_ms,
+                have,
+                behaviour,
+                flap_at,
+            });
+        let want = (0u64..5_000, 0..chunks, prop_oneof![Just(Priority::Demand), Just(Priority::Background)]);
+        (
+            proptest::collection::vec(peer, npeers),
+            proptest::collection::vec(want, 1..40),
+        )
+            .prop_map(move |(peers, wants)| Scenario {
+                chunks,
+                peers,
+                wants,
+                seed,
+                max_in_flight,
+            })
+    })
+}
+
+/// Simulated events in time order (ties in insertion order).
+#[derive(Debug, Default)]
+struct SimQueue {
+    queue: BTreeSet<(u64, usize)>,
+    events: Vec<Option<SimEvent>>,
+}
+
+impl SimQueue {
+    fn push(&mut self, at: u64, e: SimEvent) {
+        self.queue.insert((at, self.events.len()));
+        self.events.push(Some(e));
+    }
+
+    fn next_at(&self) -> Option<u64> {
+        self.queue.first().map(|e| e.0)
+    }
+
+    fn pop(&mut self) -> SimEvent {
+        let (_, id) = self.queue.pop_first().unwrap();
+        self.events[id].take().unwrap()
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SimEvent {
+    Want(u32, Priority),
+    /// A response from a peer for a request (peer, index, connection epoch).
+    Response(u32, u32, u32),
+    Disconnect(u32),
+    Reconnect(u32),
+}
+
+/// Everything observable about one run, for the determinism check.
+#[derive(Debug, PartialEq, Eq, Default)]
+struct Trace {
+    actions: Vec<(u64, Action<u32>)>,
+    events: Vec<(u64, Event<u32>)>,
+    delivered: Vec<(u64, u32)>,
+}
+
+fn site_name(site: u8) -> String {
+    format!("dc{}", site + 1)
+}
+
+/// Runs a scenario to quiescence, checking the invariants after every step. Returns the trace.
+fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
+    let config = Config {
+        local_site: "dc1".into(),
+        max_in_flight_per_peer: sc.max_in_flight,
+        demand_reserved_slots: 1,
+        ..Config::default()
+    };
+    let mut s = FetchScheduler::<u32>::new(config.clone(), sc.chunks, sc.seed).unwrap();
+    let mut queue = SimQueue::default();
+    let mut connected = vec![false; sc.peers.len()];
+    let mut epoch = vec![0u32; sc.peers.len()];
+    let mut trace = Trace::default();
+    let mut ever_wanted = BTreeSet::new();
+    let mut demand_wanted_at: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut delivered = BTreeSet::new();
+    let mut failed = BTreeSet::new();
+    let mut banned = BTreeSet::new();
+
+    for (i, p) in sc.peers.iter().enumerate() {
+        queue.push(0, SimEvent::Reconnect(i as u32));
+        if let Some(at) = p.flap_at {
+            queue.push(at, SimEvent::Disconnect(i as u32));
+            queue.push(at + 2_000, SimEvent::Reconnect(i as u32));
+        }
+    }
+    for &(at, index, priority) in &sc.wants {
+        queue.push(at, SimEvent::Want(index, priority));
+    }
+
+    let mut now_ms = 0u64;
+    for _step in 0..200_000 {
+        let timer = s.poll_timeout().map(|t| t.as_nanos().div_ceil(1_000_000));
+        let next_ev = queue.next_at();
+        let (at, is_timer) = match (timer, next_ev) {
+            (None, None) => break,
+            (Some(tm), Some(ev)) if tm <= ev => (tm, true),
+            (Some(tm), None) => (tm, true),
+            (_, Some(ev)) => (ev, false),
+        };
+        prop_assert!(at >= now_ms, "time went backwards");
+        now_ms = at;
+        let now = t(now_ms);
+        if now_ms > 600_000 {
+            break;
+        }
+        if is_timer {
+            s.handle_timeout(now);
+        } else {
+            match queue.pop() {
+                SimEvent::Want(index, priority) => {
+                    if !delivered.contains(&index) {
+                        ever_wanted.insert(index);
+                        if priority == Priority::Demand {
+                            demand_wanted_at.entry(index).or_insert(now_ms);
+                        }
+                        s.handle_want(now, index, priority).unwrap();
+                    }
+                }
+                SimEvent::Disconnect(p) => {
+                    if connected[p as usize] {
+                        connected[p as usize] = false;
+                        epoch[p as usize] += 1;
+                        s.handle_peer_disconnected(now, &p);
+                    }
+                }
+                SimEvent::Reconnect(p) => {
+                    if !connected[p as usize] {
+                        connected[p as usize] = true;
+                        epoch[p as usize] += 1;
+                        let sp = &sc.peers[p as usize];
+                        s.handle_peer_connected(
+                            now,
+                            p,
+                            PeerInfo {
+                                site: site_name(sp.site),
+                                rtt: Some(Duration::from_millis(sp.rtt_ms)),
+                            },
+                        );
+                        let mut have = ChunkBitmap::new(sc.chunks);
+                        for (i, &h) in sp.have.iter().enumerate() {
+                            if h {
+                                have.insert(i as u32);
+                            }
+                        }
+                        s.handle_peer_have(now, &p, &have);
+                    }
+                }
+                SimEvent::Response(p, index, ep) => {
+                    if connected[p as usize] && epoch[p as usize] == ep {
+                        let outcome = match sc.peers[p as usize].behaviour {
+                            Behaviour::Corrupt => ChunkOutcome::Corrupt,
+                            _ => ChunkOutcome::Valid,
+                        };
+                        if s.handle_chunk(now, &p, index, outcome) == Delivery::Accept {
+                            prop_assert!(outcome == ChunkOutcome::Valid);
+                            prop_assert!(delivered.insert(index), "chunk {index} accepted twice");
+                            trace.delivered.push((now_ms, index));
+                        }
+                    }
+                }
+            }
+        }
+        // Drain outputs and check them.
+        while let Some(a) = s.poll_action() {
+            if let Action::Request { peer, indices, .. } = &a {
+                prop_assert!(!banned.contains(peer), "request to banned peer {peer}");
+                prop_assert!(connected[*peer as usize], "request to disconnected peer {peer}");
+                let sp = &sc.peers[*peer as usize];
+                for &i in indices {
+                    prop_assert!(sp.have[i as usize], "peer {peer} asked for chunk {i} it lacks");
+                    if sp.behaviour != Behaviour::Dead {
+                        queue.push(
+                            now_ms + sp.rtt_ms,
+                            SimEvent::Response(*peer, i, epoch[*peer as usize]),
+                        );
+                    }
+                }
+            }
+            trace.actions.push((now_ms, a));
+        }
+        while let Some(e) = s.poll_event() {
+            match &e {
+                Event::PeerBanned { peer } => {
+                    prop_assert_eq!(sc.peers[*peer as usize].behaviour, Behaviour::Corrupt);
+                    banned.insert(*peer);
+                }
+                Event::WantFailed { index } => {
+                    failed.insert(*index);
+                }
+                Event::NoSource { .. } => {}
+            }
+            trace.events.push((now_ms, e));
+        }
+        check_invariants(&s, &config, sc, &connected, &banned, now)?;
+    }
+
+    // Liveness: every wanted chunk that some honest peer holds and that is not a failed Demand want
+    // was delivered. Honest holders are connected at the end (flapping peers reconnect).
+    for &index in &ever_wanted {
+        let honest_holder = sc.peers.iter().any(|p| {
+            p.behaviour == Behaviour::Honest && p.have[index as usize]
+        });
+        if honest_holder {
+            prop_assert!(
+                delivered.contains(&index) || failed.contains(&index),
+                "chunk {index} held by an honest peer was never delivered"
+            );
+            if failed.contains(&index) {
+                // A Demand want may only fail if honest holders were unreachable for its whole
+                // deadline: here that means it was wanted while they were all flapping or dead.
+                let since = demand_wanted_at.get(&index).copied().unwrap_or(0);
+                prop_assert!(
+                    sc.peers.iter().any(|p| p.flap_at.is_some() || p.behaviour == Behaviour::Dead),
+                    "demand want {index} (since {since} ms) failed although honest peers were always up"
+                );
+            }
+        }
+    }
+    Ok(trace)
+}
+
+fn check_invariants(
+    s: &FetchScheduler<u32>,
+    config: &Config,
+    sc: &Scenario,
+    connected: &[bool],
+    banned: &BTreeSet<u32>,
+    now: Instant,
+) -> Result<(), TestCaseError> {
+    for (id, p) in &s.peers {
+        prop_assert!(!banned.contains(id), "banned peer {id} still tracked");
+        prop_assert!(connected[*id as usize]);
+        prop_assert!(p.in_flight() <= config.max_in_flight_per_peer, "peer {id} over its limit");
+        prop_assert!(
+            p.in_flight_background <= config.max_in_flight_per_peer - config.demand_reserved_slots,
+            "background used reserved slots"
+        );
+        let counted = s.in_flight.keys().filter(|(q, _)| q == id).count() as u32;
+        prop_assert_eq!(counted, p.in_flight());
+    }
+    // A queued Demand want has no peer that could take it now (checked independently of
+    // `best_source`): it never waits behind Background work or idle slots.
+    for &(_, index) in &s.demand_queue {
+        let i = index as usize;
+        let local_holder = s
+            .peers
+            .values()
+            .any(|p| p.same_site && !p.suspect && p.have.contains(index));
+        for (id, p) in &s.peers {
+            let could = p.have.contains(index)
+                && p.cooldown_until <= now
+                && p.in_flight() < config.max_in_flight_per_peer
+                && (p.same_site || (!local_holder && s.local_pending[i] == 0));
+            prop_assert!(!could, "demand want {index} queued while peer {id} could serve it");
+        }
+    }
+    // Queue membership is consistent.
+    for index in 0..sc.chunks {
+        let w = s.wants[index as usize].as_ref();
+        prop_assert_eq!(w.is_some(), s.wanted.contains(index));
+        if let Some(w) = w {
+            let queued_bg = w.bg_key.is_some();
+            let queued_demand = w.demand_since.is_some_and(|t| s.demand_queue.contains(&(t, index)));
+            let in_flight = !w.requested_from.is_empty();
+            prop_assert_eq!(
+                u8::from(queued_bg) + u8::from(queued_demand) + u8::from(in_flight),
+                1,
+                "chunk {} must be in exactly one of bg queue / demand queue / in flight",
+                index
+            );
+            prop_assert_eq!(queued_bg, s.bg_unassigned.contains(index));
+        }
+        let avail = s.peers.values().filter(|p| p.have.contains(index)).count() as u32;
+        prop_assert_eq!(s.avail[index as usize], avail);
+        let local = s
+            .peers
+            .values()
+            .filter(|p| p.same_site && !p.suspect && p.have.contains(index))
+            .count() as u32;
+        prop_assert_eq!(s.local_avail[index as usize], local);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::SourceParallel("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn scheduler_delivers_safely_and_deterministically(sc in scenario()) {
+        let first = run(&sc)?;
+        let second = run(&sc)?;
+        prop_assert!(first == second, "same seed, different run (seed {})", sc.seed);
+    }
+}
