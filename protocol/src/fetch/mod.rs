@@ -307,6 +307,12 @@ pub struct FetchScheduler<P> {
     cooldowns: BTreeSet<(Instant, P)>,
     /// Bumped whenever something could give an exhausted peer Background work again.
     generation: u64,
+    /// Queued Demand wants to look at in the next pass: new, re-queued, or with a new holder.
+    demand_fresh: BTreeSet<u32>,
+    /// Peers that freed a slot since the last pass (they may take queued Demand wants).
+    demand_freed: BTreeSet<P>,
+    /// Something changed for every queued Demand want (locality, a cool-down ended): look at all.
+    demand_rescan: bool,
 
     actions: VecDeque<Action<P>>,
     events: VecDeque<Event<P>>,
@@ -316,7 +322,9 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
     /// A scheduler for an image of `chunks` chunks; `seed` drives every random tie-break.
     pub fn new(config: Config, chunks: u32, seed: u64) -> Result<Self, FetchError> {
         if config.max_in_flight_per_peer == 0 {
-            return Err(FetchError::InvalidConfig("max_in_flight_per_peer must be at least 1"));
+            return Err(FetchError::InvalidConfig(
+                "max_in_flight_per_peer must be at least 1",
+            ));
         }
         if config.demand_reserved_slots >= config.max_in_flight_per_peer {
             return Err(FetchError::InvalidConfig(
@@ -324,7 +332,9 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             ));
         }
         if config.endgame_max_requests == 0 {
-            return Err(FetchError::InvalidConfig("endgame_max_requests must be at least 1"));
+            return Err(FetchError::InvalidConfig(
+                "endgame_max_requests must be at least 1",
+            ));
         }
         let n = chunks as usize;
         Ok(FetchScheduler {
@@ -351,6 +361,9 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             pending_expiry: BTreeSet::new(),
             cooldowns: BTreeSet::new(),
             generation: 0,
+            demand_fresh: BTreeSet::new(),
+            demand_freed: BTreeSet::new(),
+            demand_rescan: false,
             actions: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -461,6 +474,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         }
         if w.requested_from.is_empty() {
             self.demand_queue.insert((now, index));
+            self.demand_fresh.insert(index);
             return;
         }
         // In flight at Background priority: ask again at Demand priority so the serving peer moves it
@@ -515,7 +529,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         for index in queued {
             self.rekey(index);
         }
-        self.generation += 1;
+        self.bump_generation();
         self.schedule(now);
     }
 
@@ -533,10 +547,8 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         }
         let same_site = info.site == self.config.local_site;
         let tiebreak = self.rng.random::<u64>();
-        self.peers.insert(
-            peer,
-            Peer::new(same_site, info.rtt, self.chunks, tiebreak),
-        );
+        self.peers
+            .insert(peer, Peer::new(same_site, info.rtt, self.chunks, tiebreak));
         self.schedule(now);
     }
 
@@ -693,7 +705,11 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.consecutive_timeouts += 1;
                 let factor = 1u32 << (p.consecutive_timeouts - 1).min(16);
-                let backoff = self.config.timeout_backoff.saturating_mul(factor).min(MAX_COOLDOWN);
+                let backoff = self
+                    .config
+                    .timeout_backoff
+                    .saturating_mul(factor)
+                    .min(MAX_COOLDOWN);
                 self.cool_down(&peer, now + backoff);
             }
             self.set_suspect(&peer, true);
@@ -823,6 +839,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             Priority::Demand => {
                 let since = w.demand_since.unwrap_or(Instant::ZERO);
                 self.demand_queue.insert((since, index));
+                self.demand_fresh.insert(index);
             }
             Priority::Background => {
                 let key = self.bg_key(index, w.tiebreak);
@@ -833,7 +850,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                 }
             }
         }
-        self.generation += 1;
+        self.bump_generation();
     }
 
     /// Re-queues a want whose last request ended without the chunk.
@@ -903,6 +920,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                         Priority::Demand => peer.in_flight_demand -= 1,
                         Priority::Background => peer.in_flight_background -= 1,
                     }
+                    self.demand_freed.insert(p.clone());
                 }
             }
             if delivered_by != Some(&p) {
@@ -924,6 +942,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                 Priority::Demand => p.in_flight_demand -= 1,
                 Priority::Background => p.in_flight_background -= 1,
             }
+            self.demand_freed.insert(peer.clone());
         }
         if let Some(w) = self.wants[index as usize].as_mut() {
             w.requested_from.retain(|q| q != peer);
@@ -959,6 +978,11 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         }
         self.sourceless.remove(index);
         self.rekey(index);
+        if let Some(w) = &self.wants[i] {
+            if w.priority == Priority::Demand && w.requested_from.is_empty() {
+                self.demand_fresh.insert(index);
+            }
+        }
     }
 
     fn peer_lost_chunk(&mut self, now: Instant, peer: &P, index: u32) {
@@ -990,7 +1014,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         self.local_avail[i] -= 1;
         if self.local_avail[i] == 0 {
             // Other sites' peers may now be asked for it.
-            self.generation += 1;
+            self.bump_generation();
         }
     }
 
@@ -1022,7 +1046,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         let i = index as usize;
         self.local_pending[i] -= 1;
         if self.local_pending[i] == 0 {
-            self.generation += 1;
+            self.bump_generation();
         }
     }
 
@@ -1052,7 +1076,13 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         for index in have {
             self.chunk_unavailable(now, index, local);
         }
+        self.bump_generation();
+    }
+
+    /// Something changed that may give queued work to peers that had none they could take.
+    fn bump_generation(&mut self) {
         self.generation += 1;
+        self.demand_rescan = true;
     }
 
     /// Gives `peer` no new requests before `until` (extending any cool-down it already has).
@@ -1073,7 +1103,8 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
     fn ban(&mut self, now: Instant, peer: &P) {
         if self.banned.insert(peer.clone()) {
             self.remove_peer(now, peer);
-            self.events.push_back(Event::PeerBanned { peer: peer.clone() });
+            self.events
+                .push_back(Event::PeerBanned { peer: peer.clone() });
         }
     }
 
@@ -1088,7 +1119,13 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
     }
 
     /// The best peer to ask for `index` at `priority`, skipping `exclude`.
-    fn best_source(&self, now: Instant, index: u32, priority: Priority, exclude: &[P]) -> Option<P> {
+    fn best_source(
+        &self,
+        now: Instant,
+        index: u32,
+        priority: Priority,
+        exclude: &[P],
+    ) -> Option<P> {
         let limit = self.slot_limit(priority);
         self.peers
             .iter()
@@ -1137,7 +1174,14 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             .map(|k| k.index)
     }
 
-    fn assign(&mut self, now: Instant, index: u32, peer: &P, priority: Priority, pass: &mut Pass<P>) {
+    fn assign(
+        &mut self,
+        now: Instant,
+        index: u32,
+        peer: &P,
+        priority: Priority,
+        pass: &mut Pass<P>,
+    ) {
         self.remove_from_queues(index);
         let Some(p) = self.peers.get_mut(peer) else {
             return;
@@ -1151,7 +1195,8 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         let remote = !p.same_site;
         self.in_flight
             .insert((peer.clone(), index), InFlight { priority, deadline });
-        self.request_deadlines.insert((deadline, peer.clone(), index));
+        self.request_deadlines
+            .insert((deadline, peer.clone(), index));
         if let Some(w) = self.wants[index as usize].as_mut() {
             w.requested_from.push(peer.clone());
         }
@@ -1170,17 +1215,64 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         // reports instants after `now`.
         while self.cooldowns.first().is_some_and(|c| c.0 <= now) {
             self.cooldowns.pop_first();
+            self.demand_rescan = true;
         }
         let mut pass = Pass {
             batches: BTreeMap::new(),
             announce: Vec::new(),
         };
 
-        // 1. Demand, oldest first.
-        let demand: Vec<u32> = self.demand_queue.iter().map(|&(_, i)| i).collect();
-        for index in demand {
-            if let Some(peer) = self.best_source(now, index, Priority::Demand, &[]) {
-                self.assign(now, index, &peer, Priority::Demand, &mut pass);
+        // 1. Demand, oldest first. Only what may have changed is looked at: every queued want after a
+        //    global change, else the new ones (best peer each) and the peers that freed a slot (the
+        //    oldest wants each can take).
+        let rescan = std::mem::take(&mut self.demand_rescan);
+        let fresh = std::mem::take(&mut self.demand_fresh);
+        let freed = std::mem::take(&mut self.demand_freed);
+        if !self.demand_queue.is_empty() {
+            let queued: Vec<(Instant, u32)> = if rescan {
+                self.demand_queue.iter().copied().collect()
+            } else {
+                let mut v: Vec<(Instant, u32)> = fresh
+                    .iter()
+                    .filter_map(|&i| {
+                        let since = self.wants[i as usize].as_ref()?.demand_since?;
+                        self.demand_queue
+                            .contains(&(since, i))
+                            .then_some((since, i))
+                    })
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            for (_, index) in queued {
+                if let Some(peer) = self.best_source(now, index, Priority::Demand, &[]) {
+                    self.assign(now, index, &peer, Priority::Demand, &mut pass);
+                }
+            }
+            if !rescan {
+                let limit = self.slot_limit(Priority::Demand);
+                let mut freed: Vec<(RankKey, P)> = freed
+                    .into_iter()
+                    .filter_map(|id| self.peers.get(&id).map(|p| (p.rank(), id)))
+                    .collect();
+                freed.sort();
+                for (_, id) in freed {
+                    let takes: Vec<u32> = match self.peers.get(&id) {
+                        Some(p) if p.usable(now) && p.in_flight() < limit => {
+                            let room = (limit - p.in_flight()) as usize;
+                            self.demand_queue
+                                .iter()
+                                .map(|&(_, i)| i)
+                                .filter(|&i| p.have.contains(i) && self.locality_allows(p, i))
+                                .take(room)
+                                .collect()
+                        }
+                        _ => continue,
+                    };
+                    for index in takes {
+                        self.assign(now, index, &id, Priority::Demand, &mut pass);
+                    }
+                }
             }
         }
 

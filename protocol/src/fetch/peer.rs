@@ -75,7 +75,12 @@ impl Peer {
     }
 
     pub(crate) fn rank(&self) -> RankKey {
-        (!self.same_site, self.rtt_bucket(), self.in_flight(), self.tiebreak)
+        (
+            !self.same_site,
+            self.rtt_bucket(),
+            self.in_flight(),
+            self.tiebreak,
+        )
     }
 
     pub(crate) fn usable(&self, now: Instant) -> bool {
@@ -106,6 +111,9 @@ mod tests {
         assert!(far.rank() < unknown.rank());
         local.in_flight_background = 3;
         let idle_local = Peer::new(true, Some(Duration::from_millis(5)), 1, 100);
-        assert!(idle_local.rank() < local.rank(), "load breaks ties before the random key");
+        assert!(
+            idle_local.rank() < local.rank(),
+            "load breaks ties before the random key"
+        );
     }
 }

@@ -100,7 +100,8 @@ fn demand_goes_before_background_and_keeps_reserved_slots() {
     let mut s = FetchScheduler::new(config, 100, 1).unwrap();
     s.handle_peer_connected(t(0), 7, info("dc1", 1));
     s.handle_peer_have(t(0), &7, &full(100));
-    s.handle_want_many(t(0), 0..50, Priority::Background).unwrap();
+    s.handle_want_many(t(0), 0..50, Priority::Background)
+        .unwrap();
     let reqs = requests(&drain_actions(&mut s));
     assert_eq!(reqs.len(), 3, "Background may use 3 of 4 slots");
     assert!(reqs.iter().all(|r| r.1 == Priority::Background));
@@ -115,7 +116,10 @@ fn demand_goes_before_background_and_keeps_reserved_slots() {
     s.handle_want(t(2), 90, Priority::Demand).unwrap();
     assert!(requests(&drain_actions(&mut s)).is_empty(), "no slot free");
     let first_bg = reqs[0].2;
-    assert_eq!(s.handle_chunk(t(3), &7, first_bg, ChunkOutcome::Valid), Delivery::Accept);
+    assert_eq!(
+        s.handle_chunk(t(3), &7, first_bg, ChunkOutcome::Valid),
+        Delivery::Accept
+    );
     assert_eq!(
         requests(&drain_actions(&mut s)),
         vec![(7, Priority::Demand, 90)]
@@ -135,7 +139,10 @@ fn demand_wants_are_served_in_arrival_order() {
     s.handle_want(t(2), 8, Priority::Demand).unwrap();
     s.handle_peer_connected(t(3), 1, info("dc1", 1));
     s.handle_peer_have(t(3), &1, &full(10));
-    let reqs: Vec<u32> = requests(&drain_actions(&mut s)).iter().map(|r| r.2).collect();
+    let reqs: Vec<u32> = requests(&drain_actions(&mut s))
+        .iter()
+        .map(|r| r.2)
+        .collect();
     assert_eq!(reqs, vec![5, 2]);
 }
 
@@ -178,7 +185,8 @@ fn background_is_rarest_first() {
     s.handle_peer_have(t(0), &2, &bitmap(4, &[0, 1, 3]));
     s.handle_peer_have(t(0), &3, &bitmap(4, &[0, 1, 3]));
     drain_actions(&mut s);
-    s.handle_want_many(t(1), 0..4, Priority::Background).unwrap();
+    s.handle_want_many(t(1), 0..4, Priority::Background)
+        .unwrap();
     let reqs = requests(&drain_actions(&mut s));
     assert_eq!(reqs.len(), 3, "one background slot per peer");
     assert!(
@@ -202,10 +210,17 @@ fn priority_order_overrides_rarity() {
     s.set_priority_order(t(0), &[4, 1, 99]);
     s.handle_peer_connected(t(0), 1, info("dc1", 1));
     s.handle_peer_have(t(0), &1, &full(6));
-    s.handle_want_many(t(0), 0..6, Priority::Background).unwrap();
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Background, 4)]);
+    s.handle_want_many(t(0), 0..6, Priority::Background)
+        .unwrap();
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Background, 4)]
+    );
     s.handle_chunk(t(1), &1, 4, ChunkOutcome::Valid);
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Background, 1)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Background, 1)]
+    );
 }
 
 #[test]
@@ -220,7 +235,10 @@ fn same_site_first_then_lowest_rtt() {
     s.handle_peer_have(t(0), &12, &bitmap(8, &[0]));
     drain_actions(&mut s);
     s.handle_want(t(1), 0, Priority::Demand).unwrap();
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(12, Priority::Demand, 0)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(12, Priority::Demand, 0)]
+    );
     s.handle_want(t(1), 1, Priority::Demand).unwrap();
     let actions = drain_actions(&mut s);
     assert_eq!(requests(&actions), vec![(11, Priority::Demand, 1)]);
@@ -260,9 +278,14 @@ fn local_holder_is_waited_for_instead_of_the_wan() {
     s.handle_peer_connected(t(0), 2, info("dc2", 30));
     s.handle_peer_have(t(0), &1, &full(8));
     s.handle_peer_have(t(0), &2, &full(8));
-    s.handle_want_many(t(0), 0..4, Priority::Background).unwrap();
+    s.handle_want_many(t(0), 0..4, Priority::Background)
+        .unwrap();
     let reqs = requests(&drain_actions(&mut s));
-    assert_eq!(reqs.len(), 1, "local peer's one background slot only: {reqs:?}");
+    assert_eq!(
+        reqs.len(),
+        1,
+        "local peer's one background slot only: {reqs:?}"
+    );
     assert_eq!(reqs[0].0, 1);
     // The local peer leaves: now the WAN is the only way.
     s.handle_peer_disconnected(t(1), &1);
@@ -279,11 +302,20 @@ fn same_site_fetch_announcement_defers_our_wan_fetch_for_a_bounded_time() {
     s.handle_peer_have(t(0), &2, &full(4));
     s.handle_peer_fetching(t(0), &1, &[0]);
     s.handle_want(t(0), 0, Priority::Demand).unwrap();
-    assert!(requests(&drain_actions(&mut s)).is_empty(), "wait for the site's copy");
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "wait for the site's copy"
+    );
     // The neighbour got it: fetch locally.
     s.handle_peer_have_update(t(100), &1, &[0]);
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 0)]);
-    assert_eq!(s.handle_chunk(t(110), &1, 0, ChunkOutcome::Valid), Delivery::Accept);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 0)]
+    );
+    assert_eq!(
+        s.handle_chunk(t(110), &1, 0, ChunkOutcome::Valid),
+        Delivery::Accept
+    );
 
     // Another chunk: the announcement expires, so we cross the WAN ourselves.
     s.handle_peer_fetching(t(200), &1, &[1]);
@@ -292,12 +324,18 @@ fn same_site_fetch_announcement_defers_our_wan_fetch_for_a_bounded_time() {
     let expiry = s.poll_timeout().unwrap();
     assert!(expiry <= t(200) + cfg().local_pending_wait);
     s.handle_timeout(expiry);
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 1)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(2, Priority::Demand, 1)]
+    );
 
     // Announcements from other sites do not defer anything.
     s.handle_peer_fetching(t(300), &2, &[2]);
     s.handle_want(t(300), 2, Priority::Demand).unwrap();
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 2)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(2, Priority::Demand, 2)]
+    );
 }
 
 #[test]
@@ -306,18 +344,27 @@ fn timeout_requeues_elsewhere_cancels_and_cools_down() {
     s.handle_peer_connected(t(0), 1, info("dc1", 1));
     s.handle_peer_have(t(0), &1, &full(4));
     s.handle_want(t(0), 0, Priority::Demand).unwrap();
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 0)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 0)]
+    );
     s.handle_peer_connected(t(10), 2, info("dc1", 2));
     s.handle_peer_have(t(10), &2, &full(4));
     let deadline = s.poll_timeout().unwrap();
-    assert_eq!(deadline, t(0) + Duration::from_secs(4) + Duration::from_millis(4));
+    assert_eq!(
+        deadline,
+        t(0) + Duration::from_secs(4) + Duration::from_millis(4)
+    );
     s.handle_timeout(deadline);
     let actions = drain_actions(&mut s);
     assert_eq!(cancels(&actions), vec![(1, 0)]);
     assert_eq!(requests(&actions), vec![(2, Priority::Demand, 0)]);
     // Peer 1 is cooling down: a new want goes to peer 2 although 1 is nearer.
     s.handle_want(deadline, 1, Priority::Demand).unwrap();
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 1)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(2, Priority::Demand, 1)]
+    );
 }
 
 #[test]
@@ -328,10 +375,16 @@ fn a_dead_local_holder_does_not_keep_us_off_the_wan() {
     s.handle_peer_have(t(0), &1, &full(4));
     s.handle_peer_have(t(0), &2, &full(4));
     s.handle_want(t(0), 0, Priority::Demand).unwrap();
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 0)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 0)]
+    );
     let deadline = s.poll_timeout().unwrap();
     s.handle_timeout(deadline);
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 0)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(2, Priority::Demand, 0)]
+    );
 }
 
 #[test]
@@ -342,9 +395,15 @@ fn disconnect_requeues_on_another_peer() {
         s.handle_peer_have(t(0), &p, &full(4));
     }
     s.handle_want(t(0), 3, Priority::Demand).unwrap();
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 3)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 3)]
+    );
     s.handle_peer_disconnected(t(1), &1);
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 3)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(2, Priority::Demand, 3)]
+    );
 }
 
 #[test]
@@ -357,13 +416,22 @@ fn reject_not_found_forgets_the_chunk_and_busy_cools_down() {
     s.handle_want(t(0), 0, Priority::Demand).unwrap();
     drain_actions(&mut s);
     s.handle_reject(t(1), &1, 0, RejectKind::NotFound);
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 0)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(2, Priority::Demand, 0)]
+    );
     s.handle_chunk(t(2), &2, 0, ChunkOutcome::Valid);
     // Peer 1 still has chunk 1, but says Busy: chunk 1 goes to peer 2.
     s.handle_want(t(3), 1, Priority::Demand).unwrap();
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, Priority::Demand, 1)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 1)]
+    );
     s.handle_reject(t(4), &1, 1, RejectKind::Busy);
-    assert_eq!(requests(&drain_actions(&mut s)), vec![(2, Priority::Demand, 1)]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(2, Priority::Demand, 1)]
+    );
 }
 
 #[test]
@@ -398,7 +466,8 @@ fn corrupt_chunk_bans_the_sender_and_requeues() {
 #[test]
 fn no_source_is_reported_and_repeated() {
     let mut s = FetchScheduler::new(cfg(), 8, 9).unwrap();
-    s.handle_want_many(t(0), [2, 5], Priority::Background).unwrap();
+    s.handle_want_many(t(0), [2, 5], Priority::Background)
+        .unwrap();
     assert_eq!(
         drain_events(&mut s),
         vec![Event::NoSource {
@@ -408,12 +477,20 @@ fn no_source_is_reported_and_repeated() {
     );
     assert_eq!(s.poll_timeout(), Some(t(5000)));
     s.handle_timeout(t(5000));
-    assert_eq!(drain_events(&mut s).len(), 1, "repeated after no_source_retry");
+    assert_eq!(
+        drain_events(&mut s).len(),
+        1,
+        "repeated after no_source_retry"
+    );
     s.handle_peer_connected(t(5001), 1, info("dc1", 1));
     s.handle_peer_have(t(5001), &1, &bitmap(8, &[2, 5]));
     assert_eq!(s.stats().without_source, 0);
     s.handle_timeout(t(20_000));
-    assert!(drain_events(&mut s).iter().all(|e| !matches!(e, Event::NoSource { .. })));
+    assert!(
+        drain_events(&mut s)
+            .iter()
+            .all(|e| !matches!(e, Event::NoSource { .. }))
+    );
 }
 
 #[test]
@@ -446,19 +523,27 @@ fn endgame_duplicates_the_tail_and_cancels_the_loser() {
         s.handle_peer_connected(t(0), p, info("dc1", p as u64));
         s.handle_peer_have(t(0), &p, &full(4));
     }
-    s.handle_want_many(t(0), 0..4, Priority::Background).unwrap();
+    s.handle_want_many(t(0), 0..4, Priority::Background)
+        .unwrap();
     let reqs = requests(&drain_actions(&mut s));
     assert_eq!(reqs.len(), 4, "not endgame yet: one request per chunk");
     for r in reqs.iter().take(2) {
         s.handle_chunk(t(1), &r.0, r.2, ChunkOutcome::Valid);
     }
     let dups = requests(&drain_actions(&mut s));
-    assert_eq!(dups.len(), 2, "each remaining chunk asked from the other peer: {dups:?}");
+    assert_eq!(
+        dups.len(),
+        2,
+        "each remaining chunk asked from the other peer: {dups:?}"
+    );
     for d in &dups {
         assert_eq!(s.requested_from(d.2).len(), 2);
     }
     let (winner, index) = (dups[0].0, dups[0].2);
-    assert_eq!(s.handle_chunk(t(2), &winner, index, ChunkOutcome::Valid), Delivery::Accept);
+    assert_eq!(
+        s.handle_chunk(t(2), &winner, index, ChunkOutcome::Valid),
+        Delivery::Accept
+    );
     let loser = if winner == 1 { 2 } else { 1 };
     assert_eq!(cancels(&drain_actions(&mut s)), vec![(loser, index)]);
     assert_eq!(
@@ -706,10 +791,16 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
         while let Some(a) = s.poll_action() {
             if let Action::Request { peer, indices, .. } = &a {
                 prop_assert!(!banned.contains(peer), "request to banned peer {peer}");
-                prop_assert!(connected[*peer as usize], "request to disconnected peer {peer}");
+                prop_assert!(
+                    connected[*peer as usize],
+                    "request to disconnected peer {peer}"
+                );
                 let sp = &sc.peers[*peer as usize];
                 for &i in indices {
-                    prop_assert!(sp.have[i as usize], "peer {peer} asked for chunk {i} it lacks");
+                    prop_assert!(
+                        sp.have[i as usize],
+                        "peer {peer} asked for chunk {i} it lacks"
+                    );
                     if sp.behaviour != Behaviour::Dead {
                         queue.push(
                             now_ms + sp.rtt_ms,
@@ -739,9 +830,10 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
     // Liveness: every wanted chunk that some honest peer holds and that is not a failed Demand want
     // was delivered. Honest holders are connected at the end (flapping peers reconnect).
     for &index in &ever_wanted {
-        let honest_holder = sc.peers.iter().any(|p| {
-            p.behaviour == Behaviour::Honest && p.have[index as usize]
-        });
+        let honest_holder = sc
+            .peers
+            .iter()
+            .any(|p| p.behaviour == Behaviour::Honest && p.have[index as usize]);
         if honest_holder {
             prop_assert!(
                 delivered.contains(&index) || failed.contains(&index),
@@ -752,7 +844,9 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                 // deadline: here that means it was wanted while they were all flapping or dead.
                 let since = demand_wanted_at.get(&index).copied().unwrap_or(0);
                 prop_assert!(
-                    sc.peers.iter().any(|p| p.flap_at.is_some() || p.behaviour == Behaviour::Dead),
+                    sc.peers
+                        .iter()
+                        .any(|p| p.flap_at.is_some() || p.behaviour == Behaviour::Dead),
                     "demand want {index} (since {since} ms) failed although honest peers were always up"
                 );
             }
@@ -772,7 +866,10 @@ fn check_invariants(
     for (id, p) in &s.peers {
         prop_assert!(!banned.contains(id), "banned peer {id} still tracked");
         prop_assert!(connected[*id as usize]);
-        prop_assert!(p.in_flight() <= config.max_in_flight_per_peer, "peer {id} over its limit");
+        prop_assert!(
+            p.in_flight() <= config.max_in_flight_per_peer,
+            "peer {id} over its limit"
+        );
         prop_assert!(
             p.in_flight_background <= config.max_in_flight_per_peer - config.demand_reserved_slots,
             "background used reserved slots"
@@ -793,7 +890,10 @@ fn check_invariants(
                 && p.cooldown_until <= now
                 && p.in_flight() < config.max_in_flight_per_peer
                 && (p.same_site || (!local_holder && s.local_pending[i] == 0));
-            prop_assert!(!could, "demand want {index} queued while peer {id} could serve it");
+            prop_assert!(
+                !could,
+                "demand want {index} queued while peer {id} could serve it"
+            );
         }
     }
     // Queue membership is consistent.
@@ -802,7 +902,9 @@ fn check_invariants(
         prop_assert_eq!(w.is_some(), s.wanted.contains(index));
         if let Some(w) = w {
             let queued_bg = w.bg_key.is_some();
-            let queued_demand = w.demand_since.is_some_and(|t| s.demand_queue.contains(&(t, index)));
+            let queued_demand = w
+                .demand_since
+                .is_some_and(|t| s.demand_queue.contains(&(t, index)));
             let in_flight = !w.requested_from.is_empty();
             prop_assert_eq!(
                 u8::from(queued_bg) + u8::from(queued_demand) + u8::from(in_flight),
