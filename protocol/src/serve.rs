@@ -9,6 +9,11 @@
 //! starts waiting for them). Each peer may have at most [`Config::max_queued_per_peer`] chunks
 //! queued; requests past that are refused as busy, and the requester tries elsewhere.
 //!
+//! At most [`Config::max_active_uploads`] chunks are being sent at once: [`ServeQueue::poll_next`]
+//! hands out no more until the caller reports one finished with [`ServeQueue::handle_sent`]. Sending
+//! a few chunks at a time, rather than every request at once, is what makes the priority order mean
+//! something on a saturated uplink.
+//!
 //! It does not read chunks or decide whether we hold them (the caller answers `NotFound` before
 //! queueing) and it has no timers: a request waits until served, cancelled, or its peer leaves.
 
@@ -22,12 +27,15 @@ use crate::priority::Priority;
 pub struct Config {
     /// Most chunks queued for one peer; more are refused as busy.
     pub max_queued_per_peer: usize,
+    /// Most chunks being sent at once (handed out by `poll_next`, not yet `handle_sent`).
+    pub max_active_uploads: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             max_queued_per_peer: 256,
+            max_active_uploads: 8,
         }
     }
 }
@@ -73,6 +81,7 @@ pub struct ServeQueue<P> {
     demand_rotation: VecDeque<P>,
     background_rotation: VecDeque<P>,
     len: usize,
+    active: usize,
 }
 
 impl<P: Clone + Ord> ServeQueue<P> {
@@ -84,6 +93,7 @@ impl<P: Clone + Ord> ServeQueue<P> {
             demand_rotation: VecDeque::new(),
             background_rotation: VecDeque::new(),
             len: 0,
+            active: 0,
         }
     }
 
@@ -175,10 +185,27 @@ impl<P: Clone + Ord> ServeQueue<P> {
         }
     }
 
-    /// The next chunk to serve, if any.
+    /// Chunks handed out by [`Self::poll_next`] and not yet reported sent.
+    pub fn active_uploads(&self) -> usize {
+        self.active
+    }
+
+    /// The next chunk to serve, if any and if fewer than `max_active_uploads` are being sent.
     pub fn poll_next(&mut self) -> Option<Serve<P>> {
-        self.next_from(Priority::Demand)
-            .or_else(|| self.next_from(Priority::Background))
+        if self.active >= self.config.max_active_uploads {
+            return None;
+        }
+        let next = self
+            .next_from(Priority::Demand)
+            .or_else(|| self.next_from(Priority::Background));
+        self.active += usize::from(next.is_some());
+        next
+    }
+
+    /// A chunk handed out by [`Self::poll_next`] has been sent (or its sending failed or was
+    /// abandoned): its upload slot is free.
+    pub fn handle_sent(&mut self) {
+        self.active = self.active.saturating_sub(1);
     }
 
     fn next_from(&mut self, priority: Priority) -> Option<Serve<P>> {
@@ -235,7 +262,10 @@ mod tests {
 
     #[test]
     fn demand_first_then_round_robin() {
-        let mut q = ServeQueue::new(Config::default());
+        let mut q = ServeQueue::new(Config {
+            max_active_uploads: usize::MAX,
+            ..Config::default()
+        });
         q.handle_request(&1, Priority::Background, &[c(1), c(2), c(3)]);
         q.handle_request(&2, Priority::Background, &[c(4)]);
         q.handle_request(&3, Priority::Demand, &[c(5), c(6)]);
@@ -260,6 +290,7 @@ mod tests {
     fn upgrade_duplicate_busy_cancel_and_gone() {
         let mut q = ServeQueue::new(Config {
             max_queued_per_peer: 2,
+            max_active_uploads: 100,
         });
         assert_eq!(
             q.handle_request(&1, Priority::Background, &[c(1), c(2), c(3)]),
@@ -276,6 +307,22 @@ mod tests {
         q.handle_request(&6, Priority::Demand, &[c(2)]);
         q.handle_peer_gone(&5);
         assert_eq!(drain(&mut q), vec![(6, 2, Priority::Demand)]);
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn active_uploads_are_bounded() {
+        let mut q = ServeQueue::new(Config {
+            max_active_uploads: 2,
+            ..Config::default()
+        });
+        q.handle_request(&1, Priority::Background, &[c(1), c(2), c(3)]);
+        assert!(q.poll_next().is_some());
+        assert!(q.poll_next().is_some());
+        assert_eq!(q.poll_next(), None, "two uploads already active");
+        assert_eq!(q.active_uploads(), 2);
+        q.handle_sent();
+        assert_eq!(q.poll_next().map(|s| s.chunk), Some(c(3)));
         assert_eq!(q.len(), 0);
     }
 
@@ -302,7 +349,7 @@ mod tests {
         /// lost, per-peer limits hold.
         #[test]
         fn matches_model(ops in proptest::collection::vec(op(), 1..200)) {
-            let mut q = ServeQueue::new(Config { max_queued_per_peer: 6 });
+            let mut q = ServeQueue::new(Config { max_queued_per_peer: 6, max_active_uploads: usize::MAX });
             let mut model: BTreeMap<(u8, u8), Priority> = BTreeMap::new();
             for op in ops {
                 match op {
