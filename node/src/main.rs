@@ -1,23 +1,370 @@
-//! `vmswarm`: the node binary operators run on every compute node.
-//!
-//! This crate will hold the libp2p swarm, the chunk store, the NBD server and the control socket
-//! (issue #3 and #4). It drives the state machines of `vmswarm-protocol` and makes no scheduling
-//! decision of its own. Until the daemon lands, the binary only reports its version and the wire
-//! protocol version it speaks.
+//! `vmswarm`: the node binary. `serve` runs the daemon; every other subcommand talks to the daemon
+//! of its data dir over the control socket.
 
-use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+use vmswarm_node::config::FileConfig;
+use vmswarm_node::control::{self, Request};
+use vmswarm_node::daemon;
 
 /// Peer-to-peer VM image distribution node.
 #[derive(Debug, Parser)]
 #[command(name = "vmswarm", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    /// Data dir (default: $VMSWARM_DATA, then the user's data dir + /vmswarm).
+    #[arg(long, global = true)]
+    data: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    println!(
-        "vmswarm {} (wire protocol v{}): the node daemon is not built yet; see README.md",
-        env!("CARGO_PKG_VERSION"),
-        vmswarm_protocol::wire::PROTOCOL_VERSION
-    );
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node (foreground; stops cleanly on SIGINT/SIGTERM).
+    Serve {
+        /// QUIC listen address (repeatable).
+        #[arg(long)]
+        listen: Vec<Multiaddr>,
+        /// This node's site (data center) name.
+        #[arg(long)]
+        site: Option<String>,
+        /// A peer to join through, with /p2p/<peer id> (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<Multiaddr>,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// TOML configuration file (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// TEST ONLY: corrupt every chunk this node serves.
+        #[arg(long, hide = true)]
+        corrupt_served_chunks: bool,
+    },
+    /// Chunk an image file into the store and provide it; the last line printed is the image id.
+    Publish {
+        /// The image file.
+        file: PathBuf,
+        /// Image name (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Chunk size: a power of two from 64KiB to 16MiB.
+        #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+        chunk_size: u32,
+    },
+    /// Fetch an image from the swarm; exits 0 only when every byte is verified.
+    Pull {
+        /// Image id (64 hex digits).
+        image: String,
+        /// Write the verified image to this file.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Images held, fully or partly.
+    Images {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connected peers.
+    Peers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Node status: id, addresses, peers, images, counters.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every stored chunk; quarantine bad ones.
+    Verify,
+}
+
+/// Parses `256KiB`, `1MiB`, `65536`.
+fn parse_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("KiB") {
+        (n, 1u64 << 10)
+    } else if let Some(n) = t.strip_suffix("MiB") {
+        (n, 1 << 20)
+    } else {
+        (t, 1)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (use e.g. 256KiB, 1MiB or a byte count)"))?;
+    u32::try_from(n * mult).map_err(|_| format!("{s:?} is too large"))
+}
+
+fn data_dir(cli: &Option<PathBuf>, file: Option<&FileConfig>) -> Result<PathBuf> {
+    if let Some(d) = cli {
+        return Ok(d.clone());
+    }
+    if let Some(d) = file.and_then(|f| f.data.clone()) {
+        return Ok(d);
+    }
+    if let Some(d) = std::env::var_os("VMSWARM_DATA") {
+        return Ok(PathBuf::from(d));
+    }
+    dirs::data_dir()
+        .map(|d| d.join("vmswarm"))
+        .context("no --data given, $VMSWARM_DATA unset, and no user data dir known")
+}
+
+fn prepare_data_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("data dir {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmswarm: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmswarm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve {
+            listen,
+            site,
+            bootstrap,
+            metrics,
+            config,
+            corrupt_served_chunks,
+        } => {
+            let file = match &config {
+                Some(p) => FileConfig::load(p)?,
+                None => FileConfig::default(),
+            };
+            let data = data_dir(&cli.data, Some(&file))?;
+            prepare_data_dir(&data)?;
+            let mut fetch = vmswarm_protocol::fetch::Config::default();
+            file.apply(&mut fetch);
+            let listen = if !listen.is_empty() {
+                listen
+            } else if !file.listen.is_empty() {
+                file.listen.clone()
+            } else {
+                vec!["/ip4/0.0.0.0/udp/7400/quic-v1".parse()?]
+            };
+            let opts = daemon::Options {
+                data_dir: data,
+                listen,
+                site: site
+                    .or(file.site.clone())
+                    .unwrap_or_else(|| "default".into()),
+                bootstrap: if bootstrap.is_empty() {
+                    file.bootstrap.clone()
+                } else {
+                    bootstrap
+                },
+                metrics: metrics.or(file.metrics),
+                fetch,
+                serve: vmswarm_protocol::serve::Config::default(),
+                corrupt_served_chunks,
+            };
+            daemon::run(opts).await?;
+            Ok(())
+        }
+        Command::Publish {
+            file,
+            name,
+            chunk_size,
+        } => {
+            vmswarm_protocol::manifest::check_chunk_size(chunk_size)
+                .with_context(|| format!("--chunk-size {chunk_size}"))?;
+            let path = std::fs::canonicalize(&file)
+                .with_context(|| format!("cannot read image file {}", file.display()))?;
+            if !path.is_file() {
+                bail!("{} is not a regular file", path.display());
+            }
+            let data = data_dir(&cli.data, None)?;
+            let result = control::call(
+                &data,
+                &Request::Publish {
+                    path,
+                    name,
+                    chunk_size,
+                },
+                |_, _, _| {},
+            )
+            .await?;
+            println!("name:   {}", result["name"].as_str().unwrap_or_default());
+            println!("size:   {} bytes", result["size"]);
+            println!(
+                "chunks: {} x {} bytes",
+                result["chunks"], result["chunk_size"]
+            );
+            println!("{}", result["image"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Pull { image, output } => {
+            let image_id: vmswarm_protocol::ImageId = image
+                .parse()
+                .with_context(|| format!("bad image id {image:?}"))?;
+            let output = match output {
+                Some(o) => Some(absolute(&o)?),
+                None => None,
+            };
+            let data = data_dir(&cli.data, None)?;
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} chunks {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let result = control::call(
+                &data,
+                &Request::Pull {
+                    image: image_id.to_string(),
+                    output,
+                },
+                |done, total, bytes| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                    bar.set_message(format!("{:.1} MiB fetched", bytes as f64 / 1048576.0));
+                },
+            )
+            .await;
+            bar.finish_and_clear();
+            let result = result?;
+            println!(
+                "pulled {} ({} bytes, {} fetched){}",
+                result["image"].as_str().unwrap_or_default(),
+                result["size"],
+                result["bytes_fetched"],
+                result["output"]
+                    .as_str()
+                    .map(|o| format!(" -> {o}"))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Images { json } => {
+            let v =
+                control::call(&data_dir(&cli.data, None)?, &Request::Images, |_, _, _| {}).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for i in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {:<24} {:>6}/{:<6} chunks{}",
+                        i["id"].as_str().unwrap_or_default(),
+                        i["name"].as_str().unwrap_or_default(),
+                        i["present"],
+                        i["chunks"],
+                        if i["pulling"].as_bool() == Some(true) {
+                            "  (pulling)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Peers { json } => {
+            let v =
+                control::call(&data_dir(&cli.data, None)?, &Request::Peers, |_, _, _| {}).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (id, p) in v.as_object().into_iter().flatten() {
+                    println!(
+                        "{id}  site={}  rtt={}",
+                        p["site"].as_str().unwrap_or("?"),
+                        p["rtt_ms"]
+                            .as_f64()
+                            .map(|r| format!("{r:.2}ms"))
+                            .unwrap_or_else(|| "?".into())
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let v =
+                control::call(&data_dir(&cli.data, None)?, &Request::Status, |_, _, _| {}).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("peer id:  {}", v["peer_id"].as_str().unwrap_or_default());
+                println!("site:     {}", v["site"].as_str().unwrap_or_default());
+                println!(
+                    "peers:    {}",
+                    v["peers"].as_object().map_or(0, |m| m.len())
+                );
+                println!(
+                    "images:   {}",
+                    v["images"].as_array().map_or(0, |a| a.len())
+                );
+                println!("in:       {} bytes", v["metrics"]["bytes_in"]);
+                println!("out:      {} bytes", v["metrics"]["bytes_out"]);
+                println!("fetching: {} chunks in flight", v["fetches_in_flight"]);
+            }
+            Ok(())
+        }
+        Command::Verify => {
+            let v =
+                control::call(&data_dir(&cli.data, None)?, &Request::Verify, |_, _, _| {}).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmswarm_protocol::manifest::DEFAULT_CHUNK_SIZE;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256KiB"), Ok(262_144));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("65536"), Ok(65_536));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("9999999MiB").is_err());
+        assert_eq!(DEFAULT_CHUNK_SIZE, 262_144);
+    }
 }

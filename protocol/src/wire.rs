@@ -380,6 +380,9 @@ pub enum Message {
         /// The image.
         image: ImageId,
     },
+    /// Acknowledges a message that has no other answer (`HaveUpdate`, `Fetching`, `Cancel`) on
+    /// transports where every message gets a reply (libp2p request-response).
+    Ack,
 }
 
 impl Message {
@@ -397,6 +400,7 @@ impl Message {
             Message::GetManifest { .. } => "get_manifest",
             Message::Manifest { .. } => "manifest",
             Message::ManifestNotFound { .. } => "manifest_not_found",
+            Message::Ack => "ack",
         }
     }
 
@@ -437,7 +441,8 @@ impl Message {
             }
             Message::Reject { .. }
             | Message::GetManifest { .. }
-            | Message::ManifestNotFound { .. } => Ok(()),
+            | Message::ManifestNotFound { .. }
+            | Message::Ack => Ok(()),
         }
     }
 }
@@ -597,6 +602,7 @@ pub(crate) mod strategies {
             (image_id(), vec(any::<u8>(), 0..=max_bytes))
                 .prop_map(|(image, bytes)| Message::Manifest { image, bytes }),
             image_id().prop_map(|image| Message::ManifestNotFound { image }),
+            Just(Message::Ack),
         ]
     }
 }
@@ -866,6 +872,7 @@ mod tests {
                 bytes: vec![],
             },
             Message::ManifestNotFound { image },
+            Message::Ack,
         ];
         let kinds: std::collections::BTreeSet<_> = all.iter().map(Message::kind).collect();
         assert_eq!(kinds.len(), all.len());

@@ -30,7 +30,9 @@
 //!   for the life of the scheduler ([`Event::PeerBanned`]) and re-queues the chunk. Wanted chunks
 //!   that no connected peer holds are reported ([`Event::NoSource`]) so the caller can look for
 //!   providers. A Demand want not delivered within [`Config::demand_deadline`] fails
-//!   ([`Event::WantFailed`]) instead of waiting forever.
+//!   ([`Event::WantFailed`]) instead of waiting forever, and so does any want that has had no
+//!   connected holder for [`Config::unavailable_deadline`] (a pull of an image nobody fully holds
+//!   ends with the missing chunks named, instead of hanging).
 //! - **Endgame.** When every wanted chunk is in flight and at most [`Config::endgame_threshold`]
 //!   remain, each is also requested from up to [`Config::endgame_max_requests`] peers; the first valid
 //!   copy wins and the others are cancelled.
@@ -86,6 +88,9 @@ pub struct Config {
     pub timeout_backoff: Duration,
     /// How often [`Event::NoSource`] is repeated while wanted chunks still have no connected holder.
     pub no_source_retry: Duration,
+    /// A want (of either priority) that has had no connected holder for this long fails with
+    /// [`Event::WantFailed`]. It should leave the caller time to find and connect providers.
+    pub unavailable_deadline: Duration,
 }
 
 impl Default for Config {
@@ -101,6 +106,7 @@ impl Default for Config {
             endgame_max_requests: 2,
             timeout_backoff: Duration::from_millis(500),
             no_source_retry: Duration::from_secs(5),
+            unavailable_deadline: Duration::from_secs(60),
         }
     }
 }
@@ -197,16 +203,27 @@ pub enum Event<P> {
         /// How many wanted chunks have no source in all.
         total: u32,
     },
-    /// A Demand want was not delivered within [`Config::demand_deadline`]; it is no longer wanted.
+    /// A want failed and is no longer wanted.
     WantFailed {
         /// The chunk index.
         index: u32,
+        /// Why.
+        reason: FailReason,
     },
     /// The peer sent a chunk whose hash did not match; it gets no more requests from this scheduler.
     PeerBanned {
         /// The banned peer.
         peer: P,
     },
+}
+
+/// Why a want failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// A Demand want was not delivered within [`Config::demand_deadline`].
+    DemandDeadline,
+    /// No connected peer held the chunk for [`Config::unavailable_deadline`].
+    Unavailable,
 }
 
 /// Counters for status displays and tests.
@@ -244,6 +261,8 @@ struct Want<P> {
     demand_since: Option<Instant>,
     /// When the Demand want fails.
     demand_deadline: Option<Instant>,
+    /// When the want fails if it still has no connected holder.
+    unavailable_deadline: Option<Instant>,
     /// Peers a request for this chunk is in flight to.
     requested_from: Vec<P>,
     /// The key it is queued under while unassigned Background.
@@ -302,6 +321,7 @@ pub struct FetchScheduler<P> {
     in_flight: BTreeMap<(P, u32), InFlight>,
     request_deadlines: BTreeSet<(Instant, P, u32)>,
     demand_deadlines: BTreeSet<(Instant, u32)>,
+    unavailable_deadlines: BTreeSet<(Instant, u32)>,
     pending_expiry: BTreeSet<(Instant, P, u32)>,
     /// Peers' cool-down ends, so that queued work is looked at again when one passes.
     cooldowns: BTreeSet<(Instant, P)>,
@@ -358,6 +378,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             in_flight: BTreeMap::new(),
             request_deadlines: BTreeSet::new(),
             demand_deadlines: BTreeSet::new(),
+            unavailable_deadlines: BTreeSet::new(),
             pending_expiry: BTreeSet::new(),
             cooldowns: BTreeSet::new(),
             generation: 0,
@@ -435,6 +456,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                     priority: Priority::Background,
                     demand_since: None,
                     demand_deadline: None,
+                    unavailable_deadline: None,
                     requested_from: Vec::new(),
                     bg_key: None,
                     tiebreak,
@@ -721,7 +743,20 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                 break;
             }
             self.drop_want(index, None);
-            self.events.push_back(Event::WantFailed { index });
+            self.events.push_back(Event::WantFailed {
+                index,
+                reason: FailReason::DemandDeadline,
+            });
+        }
+        while let Some(&(deadline, index)) = self.unavailable_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.drop_want(index, None);
+            self.events.push_back(Event::WantFailed {
+                index,
+                reason: FailReason::Unavailable,
+            });
         }
         // Same-site fetch announcements we stop waiting for.
         while let Some((until, peer, index)) = self.pending_expiry.first().cloned() {
@@ -756,6 +791,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         let mut next = [
             self.request_deadlines.first().map(|d| d.0),
             self.demand_deadlines.first().map(|d| d.0),
+            self.unavailable_deadlines.first().map(|d| d.0),
             self.pending_expiry.first().map(|d| d.0),
             (self.sourceless.count() > 0).then_some(self.no_source_due),
         ]
@@ -908,6 +944,9 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         if let Some(deadline) = w.demand_deadline {
             self.demand_deadlines.remove(&(deadline, index));
         }
+        if let Some(deadline) = w.unavailable_deadline {
+            self.unavailable_deadlines.remove(&(deadline, index));
+        }
         if w.priority == Priority::Demand {
             self.wanted_demand -= 1;
         }
@@ -954,6 +993,21 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         if self.sourceless.insert(index) {
             // Report new sourceless chunks at the end of this pass.
             self.no_source_due = self.no_source_due.min(now);
+            let deadline = now + self.config.unavailable_deadline;
+            if let Some(w) = self.wants[index as usize].as_mut() {
+                w.unavailable_deadline = Some(deadline);
+                self.unavailable_deadlines.insert((deadline, index));
+            }
+        }
+    }
+
+    fn clear_sourceless(&mut self, index: u32) {
+        if self.sourceless.remove(index) {
+            if let Some(w) = self.wants[index as usize].as_mut() {
+                if let Some(deadline) = w.unavailable_deadline.take() {
+                    self.unavailable_deadlines.remove(&(deadline, index));
+                }
+            }
         }
     }
 
@@ -976,7 +1030,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             self.pending_expiry.remove(&(until, peer.clone(), index));
             self.pending_gone(index);
         }
-        self.sourceless.remove(index);
+        self.clear_sourceless(index);
         self.rekey(index);
         if let Some(w) = &self.wants[i] {
             if w.priority == Priority::Demand && w.requested_from.is_empty() {

@@ -508,8 +508,41 @@ fn unservable_demand_fails_after_the_deadline() {
         }
     }
     assert_eq!(now, t(30_000));
-    assert!(drain_events(&mut s).contains(&Event::WantFailed { index: 4 }));
+    assert!(drain_events(&mut s).contains(&Event::WantFailed {
+        index: 4,
+        reason: FailReason::DemandDeadline
+    }));
     assert_eq!(s.stats().wanted_demand, 0);
+}
+
+#[test]
+fn background_want_without_any_holder_fails_after_the_unavailable_deadline() {
+    let mut s = FetchScheduler::new(cfg(), 8, 9).unwrap();
+    s.handle_want_many(t(0), [1, 2], Priority::Background)
+        .unwrap();
+    // Chunk 2 finds a holder after 10 s; chunk 1 never does.
+    s.handle_peer_connected(t(10_000), 1, info("dc1", 1));
+    s.handle_peer_have(t(10_000), &1, &bitmap(8, &[2]));
+    s.handle_chunk(t(10_001), &1, 2, ChunkOutcome::Valid);
+    while let Some(next) = s.poll_timeout() {
+        assert!(next <= t(60_000));
+        s.handle_timeout(next);
+        if !s.is_wanted(1) {
+            assert_eq!(next, t(60_000));
+            break;
+        }
+    }
+    let failed: Vec<_> = drain_events(&mut s)
+        .into_iter()
+        .filter(|e| matches!(e, Event::WantFailed { .. }))
+        .collect();
+    assert_eq!(
+        failed,
+        vec![Event::WantFailed {
+            index: 1,
+            reason: FailReason::Unavailable
+        }]
+    );
 }
 
 #[test]
@@ -817,7 +850,7 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                     prop_assert_eq!(sc.peers[*peer as usize].behaviour, Behaviour::Corrupt);
                     banned.insert(*peer);
                 }
-                Event::WantFailed { index } => {
+                Event::WantFailed { index, .. } => {
                     failed.insert(*index);
                 }
                 Event::NoSource { .. } => {}

@@ -1,0 +1,122 @@
+//! The optional TOML configuration file of `vmswarm serve` (`--config FILE`).
+//!
+//! Every field is optional; command-line flags win over the file, and the file over the defaults.
+//! Unknown fields are an error (a typo must not be silently ignored).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use libp2p::Multiaddr;
+use serde::Deserialize;
+
+/// The file's contents.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Data dir.
+    pub data: Option<std::path::PathBuf>,
+    /// QUIC listen addresses.
+    #[serde(default)]
+    pub listen: Vec<Multiaddr>,
+    /// Site name.
+    pub site: Option<String>,
+    /// Bootstrap peers.
+    #[serde(default)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Prometheus endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// Fetch tuning.
+    #[serde(default)]
+    pub fetch: FetchTuning,
+}
+
+/// Fetch scheduler settings that operators may tune (milliseconds for durations).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FetchTuning {
+    /// Most requests in flight per peer.
+    pub max_in_flight_per_peer: Option<u32>,
+    /// Base request timeout.
+    pub request_timeout_ms: Option<u64>,
+    /// Deadline of a Demand want.
+    pub demand_deadline_ms: Option<u64>,
+    /// How long a want may have no connected holder before it fails.
+    pub unavailable_deadline_ms: Option<u64>,
+}
+
+/// Errors reading the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong, with line and column.
+        source: toml::de::Error,
+    },
+}
+
+impl FileConfig {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Applies the tuning to a scheduler configuration.
+    pub fn apply(&self, c: &mut vmswarm_protocol::fetch::Config) {
+        use std::time::Duration;
+        let f = &self.fetch;
+        if let Some(v) = f.max_in_flight_per_peer {
+            c.max_in_flight_per_peer = v;
+        }
+        if let Some(v) = f.request_timeout_ms {
+            c.request_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = f.demand_deadline_ms {
+            c.demand_deadline = Duration::from_millis(v);
+        }
+        if let Some(v) = f.unavailable_deadline_ms {
+            c.unavailable_deadline = Duration::from_millis(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "site = \"dc1\"\nlisten = [\"/ip4/127.0.0.1/udp/0/quic-v1\"]\n[fetch]\nrequest_timeout_ms = 900\n",
+        )
+        .unwrap();
+        let c = FileConfig::load(&p).unwrap();
+        assert_eq!(c.site.as_deref(), Some("dc1"));
+        let mut f = vmswarm_protocol::fetch::Config::default();
+        c.apply(&mut f);
+        assert_eq!(f.request_timeout.as_millis(), 900);
+        std::fs::write(&p, "sitee = \"dc1\"\n").unwrap();
+        let err = FileConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("sitee"), "{err}");
+    }
+}

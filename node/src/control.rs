@@ -1,0 +1,191 @@
+//! The control socket: how `vmswarm publish | pull | images | peers | status | verify` talk to the
+//! daemon that owns a data dir.
+//!
+//! A unix stream socket at `DATA/control.sock`, mode 0600 (only the daemon's user may drive it).
+//! Each connection carries one request as a JSON line; the daemon answers with zero or more
+//! `progress` lines and then exactly one `done` or `error` line. This module defines the messages and
+//! the client; the daemon implements the commands.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// The socket's file name inside the data dir.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// A command for the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Node id, addresses, peers, images, counters.
+    Status,
+    /// Connected peers.
+    Peers,
+    /// Images held, fully or partly.
+    Images,
+    /// Chunk a local file into the store and provide it.
+    Publish {
+        /// Absolute path of the image file (the daemon reads it).
+        path: PathBuf,
+        /// Image name (defaults to the file name).
+        name: Option<String>,
+        /// Chunk size in bytes.
+        chunk_size: u32,
+    },
+    /// Fetch an image from the swarm (and write it to `output`, if given).
+    Pull {
+        /// Image id, 64 hex digits.
+        image: String,
+        /// Absolute path to write the verified image to.
+        output: Option<PathBuf>,
+    },
+    /// Re-hash every stored chunk; quarantine bad ones.
+    Verify,
+}
+
+/// One line of the daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// Progress of a long command.
+    Progress {
+        /// Chunks held (zero chunks included).
+        done: u64,
+        /// Chunks in the image.
+        total: u64,
+        /// Bytes fetched so far by this command.
+        bytes: u64,
+    },
+    /// The command succeeded.
+    Done {
+        /// Command-specific result.
+        result: serde_json::Value,
+    },
+    /// The command failed.
+    Error {
+        /// What went wrong, for a person.
+        message: String,
+    },
+}
+
+/// Errors of the control client.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon listens on the data dir's socket.
+    #[error(
+        "no vmswarm daemon is running for data dir {dir} (start one with `vmswarm serve --data {dir}`)"
+    )]
+    NoDaemon {
+        /// The data dir.
+        dir: PathBuf,
+    },
+    /// Talking to the daemon failed.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The daemon answered something unreadable.
+    #[error("control socket {path}: bad reply {line:?}: {reason}")]
+    BadReply {
+        /// The socket.
+        path: PathBuf,
+        /// The line.
+        line: String,
+        /// The parse error.
+        reason: String,
+    },
+    /// The daemon closed the connection without a final answer (it stopped or crashed).
+    #[error("the daemon closed the control connection before answering (did it stop?)")]
+    Closed,
+    /// The daemon reported an error.
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// Sends `request` to the daemon of `data_dir`; calls `on_progress` for each progress line and returns
+/// the final result.
+pub async fn call(
+    data_dir: &Path,
+    request: &Request,
+    mut on_progress: impl FnMut(u64, u64, u64),
+) -> Result<serde_json::Value, ControlError> {
+    let path = data_dir.join(SOCKET_NAME);
+    let io = |source| ControlError::Io {
+        path: path.clone(),
+        source,
+    };
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ControlError::NoDaemon {
+                dir: data_dir.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let (rd, mut wr) = stream.into_split();
+    let mut line = serde_json::to_string(request).map_err(|e| ControlError::BadReply {
+        path: path.clone(),
+        line: String::new(),
+        reason: e.to_string(),
+    })?;
+    line.push('\n');
+    wr.write_all(line.as_bytes()).await.map_err(io)?;
+    let mut lines = BufReader::new(rd).lines();
+    while let Some(line) = lines.next_line().await.map_err(io)? {
+        let reply: Reply = serde_json::from_str(&line).map_err(|e| ControlError::BadReply {
+            path: path.clone(),
+            line: line.clone(),
+            reason: e.to_string(),
+        })?;
+        match reply {
+            Reply::Progress { done, total, bytes } => on_progress(done, total, bytes),
+            Reply::Done { result } => return Ok(result),
+            Reply::Error { message } => return Err(ControlError::Remote(message)),
+        }
+    }
+    Err(ControlError::Closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_tagged_json() {
+        let r = Request::Pull {
+            image: "ab".into(),
+            output: None,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"cmd":"pull","image":"ab","output":null}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let e: Reply = serde_json::from_str(r#"{"type":"error","message":"x"}"#).unwrap();
+        assert_eq!(
+            e,
+            Reply::Error {
+                message: "x".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn no_daemon_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = call(dir.path(), &Request::Status, |_, _, _| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ControlError::NoDaemon { .. }));
+        assert!(err.to_string().contains("vmswarm serve --data"));
+    }
+}

@@ -1,0 +1,1075 @@
+//! `vmswarm serve`: the long-running node.
+//!
+//! One tokio task owns all mutable state. It reacts to libp2p events, control-socket commands,
+//! finished store operations and timers, and after each reaction drains the protocol state machines:
+//! - one `vmswarm_protocol::fetch::FetchScheduler` per image being pulled decides which chunk to
+//!   request from which peer, when to give up, and whom to ban;
+//! - one `vmswarm_protocol::serve::ServeQueue` decides which incoming request to answer next and how
+//!   many chunks are sent at once.
+//!
+//! This module only carries their decisions out (sends requests, verifies and stores chunks, answers
+//! peers) and feeds them what happened. Store I/O runs on tokio's blocking pool; its results come back
+//! to the owning task as messages. Shutdown (SIGINT/SIGTERM) removes the control socket and
+//! `node.json`; the data-dir lock is released when the process ends.
+
+mod inbound;
+mod transfer;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use futures::StreamExt;
+use libp2p::kad::{self, RecordKey};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use vmswarm_protocol::bitfield::ChunkBitmap;
+use vmswarm_protocol::fetch;
+use vmswarm_protocol::manifest::Manifest;
+use vmswarm_protocol::serve::{self, ServeQueue};
+use vmswarm_protocol::wire::{Capabilities, Hello, Message, PROTOCOL_VERSION};
+use vmswarm_protocol::{ChunkId, ImageId, Instant};
+
+use crate::control::{self, Reply, Request};
+use crate::metrics::Metrics;
+use crate::net::{self, Behaviour, BehaviourEvent};
+use crate::store::{ChunkStore, DataDirLock, StoreError};
+use transfer::{Transfer, Waiter};
+
+/// How long a pull waits for some peer to hand over the manifest before it fails.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often pending manifest lookups ask the DHT for providers again.
+const PROVIDER_RETRY: Duration = Duration::from_secs(3);
+/// How often Have updates are flushed to interested peers.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Everything `vmswarm serve` is told.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The data dir (store, identity, control socket, node.json).
+    pub data_dir: PathBuf,
+    /// QUIC listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Our site (data center) name, announced in `Hello`.
+    pub site: String,
+    /// Peers to join through (each with a `/p2p/<peer id>` suffix).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Address for the Prometheus endpoint, if wanted.
+    pub metrics: Option<SocketAddr>,
+    /// Fetch scheduler settings (its `local_site` is overwritten with `site`).
+    pub fetch: fetch::Config,
+    /// Serve queue settings.
+    pub serve: serve::Config,
+    /// TEST ONLY: flip a byte in every chunk we serve (to test that peers detect and ban us).
+    pub corrupt_served_chunks: bool,
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The data dir could not be prepared or locked.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The identity key could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    /// The swarm could not be built.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    /// A listen address was refused.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A bootstrap address has no `/p2p/<peer id>` suffix.
+    #[error("bootstrap address {0} must end in /p2p/<peer id> (see node.json of that node)")]
+    BootstrapWithoutPeerId(Multiaddr),
+    /// The control socket or metrics endpoint could not be bound, or node.json not written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path or address.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What `node.json` says about a running node.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct NodeInfo {
+    /// The node's peer id.
+    pub peer_id: String,
+    /// Addresses other nodes can bootstrap from (with `/p2p/<peer id>`).
+    pub listen_addrs: Vec<String>,
+    /// The node's site.
+    pub site: String,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// What an outbound request was for.
+#[derive(Debug, Clone)]
+enum Outbound {
+    Hello,
+    Have(ImageId),
+    Chunk {
+        image: ImageId,
+        index: u32,
+        sent: StdInstant,
+    },
+    /// A repeated request for a chunk already in flight (priority upgrade): answered with `Ack`.
+    Upgrade,
+    Manifest(ImageId),
+    Ack,
+}
+
+/// A connected peer.
+#[derive(Debug, Default)]
+struct PeerState {
+    /// Its site, once its `Hello` arrived.
+    site: Option<String>,
+    rtt: Option<Duration>,
+}
+
+/// An image we hold a manifest for (fully or partly).
+#[derive(Debug)]
+struct Image {
+    manifest: Arc<Manifest>,
+    /// Chunks held, zero chunks included.
+    present: ChunkBitmap,
+    /// Indices of each chunk id (an id may occur several times in one image).
+    by_id: HashMap<ChunkId, Vec<u32>>,
+    /// Peers that told us they share this image (they get our Have updates).
+    interested: HashSet<PeerId>,
+    /// Indices completed since the last Have update flush.
+    unannounced: Vec<u32>,
+}
+
+impl Image {
+    fn new(manifest: Manifest, present: ChunkBitmap) -> Self {
+        let mut by_id: HashMap<ChunkId, Vec<u32>> = HashMap::new();
+        for (i, id) in manifest.chunks.iter().enumerate() {
+            by_id.entry(*id).or_default().push(i as u32);
+        }
+        Image {
+            manifest: Arc::new(manifest),
+            present,
+            by_id,
+            interested: HashSet::new(),
+            unannounced: Vec::new(),
+        }
+    }
+}
+
+/// A pull waiting for its manifest.
+#[derive(Debug)]
+struct PendingManifest {
+    waiters: Vec<Waiter>,
+    since: StdInstant,
+    last_lookup: StdInstant,
+    /// Peers already asked.
+    asked: HashSet<PeerId>,
+    /// A good copy arrived and is being stored.
+    storing: bool,
+}
+
+/// Results of blocking store work, sent back to the owning task.
+enum IoDone {
+    Stored {
+        image: ImageId,
+        id: ChunkId,
+        result: Result<(), StoreError>,
+    },
+    Read {
+        peer: PeerId,
+        id: ChunkId,
+        request_id: request_response::InboundRequestId,
+        channel: ResponseChannel<Message>,
+        result: Result<Option<Vec<u8>>, StoreError>,
+    },
+    ManifestStored {
+        manifest: Manifest,
+        present: Result<ChunkBitmap, StoreError>,
+    },
+    Published {
+        reply: mpsc::UnboundedSender<Reply>,
+        result: Result<(Manifest, ChunkBitmap, serde_json::Value), StoreError>,
+    },
+    Exported {
+        reply: mpsc::UnboundedSender<Reply>,
+        result: Result<serde_json::Value, StoreError>,
+    },
+    Verified {
+        reply: mpsc::UnboundedSender<Reply>,
+        result: Result<serde_json::Value, StoreError>,
+    },
+}
+
+/// A control command and where to send its replies.
+struct Command {
+    request: Request,
+    reply: mpsc::UnboundedSender<Reply>,
+}
+
+/// The daemon's state; see the module docs.
+struct Daemon {
+    opts: Options,
+    swarm: Swarm<Behaviour>,
+    store: Arc<ChunkStore>,
+    metrics: Arc<Metrics>,
+    epoch: StdInstant,
+    peers: HashMap<PeerId, PeerState>,
+    banned: HashSet<PeerId>,
+    images: HashMap<ImageId, Image>,
+    transfers: HashMap<ImageId, Transfer>,
+    pending_manifests: HashMap<ImageId, PendingManifest>,
+    outbound: HashMap<OutboundRequestId, Outbound>,
+    serve: ServeQueue<PeerId>,
+    serve_channels:
+        HashMap<(PeerId, ChunkId), (request_response::InboundRequestId, ResponseChannel<Message>)>,
+    serving: HashSet<request_response::InboundRequestId>,
+    io_tx: mpsc::UnboundedSender<IoDone>,
+    listen_addrs: Vec<Multiaddr>,
+    seed_counter: u64,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
+    opts.fetch.local_site = opts.site.clone();
+    let lock = DataDirLock::acquire(&opts.data_dir)?;
+    let store = Arc::new(ChunkStore::open(&opts.data_dir.join("store"))?);
+    let keypair = crate::identity::load_or_create(&opts.data_dir)?;
+    let mut swarm = net::build_swarm(keypair)?;
+    for addr in &opts.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| DaemonError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    for addr in &opts.bootstrap {
+        let Some(peer) = peer_id_of(addr) else {
+            return Err(DaemonError::BootstrapWithoutPeerId(addr.clone()));
+        };
+        swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        if let Err(e) = swarm.dial(addr.clone()) {
+            tracing::warn!(%addr, "dialing bootstrap peer: {e}");
+        }
+    }
+    if !opts.bootstrap.is_empty() {
+        let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
+
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Io {
+                what: "binding the metrics endpoint",
+                path: addr.to_string(),
+                source,
+            })?;
+        tokio::spawn(crate::metrics::serve_http(listener, metrics.clone()));
+    }
+
+    let socket_path = opts.data_dir.join(control::SOCKET_NAME);
+    // The lock guarantees no other daemon owns this socket: a leftover file is from a dead one.
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = UnixListener::bind(&socket_path).map_err(|source| DaemonError::Io {
+        what: "binding the control socket",
+        path: socket_path.display().to_string(),
+        source,
+    })?;
+    set_mode_0600(&socket_path)?;
+
+    let (io_tx, mut io_rx) = mpsc::unbounded_channel();
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
+    tokio::spawn(accept_control(listener, cmd_tx));
+
+    let mut d = Daemon {
+        serve: ServeQueue::new(opts.serve.clone()),
+        opts,
+        swarm,
+        store,
+        metrics,
+        epoch: StdInstant::now(),
+        peers: HashMap::new(),
+        banned: HashSet::new(),
+        images: HashMap::new(),
+        transfers: HashMap::new(),
+        pending_manifests: HashMap::new(),
+        outbound: HashMap::new(),
+        serve_channels: HashMap::new(),
+        serving: HashSet::new(),
+        io_tx,
+        listen_addrs: Vec::new(),
+        seed_counter: 0,
+    };
+    d.load_images();
+
+    let mut flush = tokio::time::interval(FLUSH_INTERVAL);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| DaemonError::Io {
+            what: "installing the SIGTERM handler",
+            path: String::new(),
+            source,
+        })?;
+    loop {
+        let deadline = d.next_deadline();
+        tokio::select! {
+            event = d.swarm.select_next_some() => d.on_swarm_event(event),
+            Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
+            Some(done) = io_rx.recv() => d.on_io(done),
+            _ = sleep_until(deadline) => d.on_timeout(),
+            _ = flush.tick() => d.on_flush(),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        d.pump();
+    }
+    tracing::info!("shutting down");
+    let _ = std::fs::remove_file(&socket_path);
+    let _ = std::fs::remove_file(d.opts.data_dir.join("node.json"));
+    drop(lock);
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<StdInstant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => futures::future::pending().await,
+    }
+}
+
+fn set_mode_0600(path: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        DaemonError::Io {
+            what: "restricting the control socket",
+            path: path.display().to_string(),
+            source,
+        }
+    })
+}
+
+/// The `/p2p/<peer id>` of an address, if it has one.
+pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// Accepts control connections and forwards their one request each.
+async fn accept_control(listener: UnixListener, cmds: mpsc::UnboundedSender<Command>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let cmds = cmds.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
+            match lines.next_line().await {
+                Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
+                    Ok(request) => {
+                        if cmds
+                            .send(Command {
+                                request,
+                                reply: reply_tx,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reply_tx.send(Reply::Error {
+                            message: format!("malformed control request: {e}"),
+                        });
+                    }
+                },
+                _ => return,
+            }
+            while let Some(reply) = reply_rx.recv().await {
+                let last = !matches!(reply, Reply::Progress { .. });
+                let Ok(mut line) = serde_json::to_string(&reply) else {
+                    return;
+                };
+                line.push('\n');
+                if wr.write_all(line.as_bytes()).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+impl Daemon {
+    fn now(&self) -> Instant {
+        Instant::from_duration(self.epoch.elapsed())
+    }
+
+    fn to_std(&self, t: Instant) -> StdInstant {
+        self.epoch + t.since_epoch()
+    }
+
+    fn site_of(&self, peer: &PeerId) -> String {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.site.clone())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    fn hello(&self) -> Message {
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            site: self.opts.site.clone(),
+            capabilities: Capabilities::SERVE,
+            agent: format!("vmswarm/{}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
+    fn send(&mut self, peer: PeerId, msg: Message, kind: Outbound) {
+        let id = self.swarm.behaviour_mut().msg.send_request(&peer, msg);
+        self.outbound.insert(id, kind);
+    }
+
+    /// Registers every image in the store, provides it, and resumes unfinished pulls.
+    fn load_images(&mut self) {
+        for id in self.store.images() {
+            let manifest = match self.store.manifest(&id) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(image = %id, "reading stored manifest: {e}");
+                    continue;
+                }
+            };
+            let present = self.store.image_status(&manifest).present;
+            let complete = present.is_full();
+            self.images.insert(id, Image::new(manifest, present));
+            self.provide(id);
+            if !complete {
+                tracing::info!(image = %id, "resuming unfinished pull");
+                self.start_transfer(id, Vec::new());
+            }
+        }
+    }
+
+    fn provide(&mut self, image: ImageId) {
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .start_providing(RecordKey::new(&image.0))
+        {
+            tracing::warn!(%image, "providing: {e}");
+        }
+    }
+
+    fn lookup_providers(&mut self, image: ImageId) {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .get_providers(RecordKey::new(&image.0));
+    }
+
+    fn next_deadline(&self) -> Option<StdInstant> {
+        let sched = self
+            .transfers
+            .values()
+            .filter_map(|t| t.sched.poll_timeout())
+            .min()
+            .map(|t| self.to_std(t));
+        let manifests = self
+            .pending_manifests
+            .values()
+            .map(|p| (p.since + MANIFEST_TIMEOUT).min(p.last_lookup + PROVIDER_RETRY))
+            .min();
+        let lookups = self.transfers.values().map(|t| t.next_lookup).min();
+        sched.into_iter().chain(manifests).chain(lookups).min()
+    }
+
+    fn on_timeout(&mut self) {
+        let now = self.now();
+        for t in self.transfers.values_mut() {
+            if t.sched.poll_timeout().is_some_and(|d| d <= now) {
+                t.sched.handle_timeout(now);
+            }
+        }
+        let std_now = StdInstant::now();
+        let mut expired = Vec::new();
+        let mut relookup = Vec::new();
+        for (image, t) in &mut self.transfers {
+            if std_now >= t.next_lookup {
+                t.next_lookup = std_now + PROVIDER_RETRY;
+                relookup.push(*image);
+            }
+        }
+        for (image, p) in &mut self.pending_manifests {
+            if p.storing {
+                continue;
+            }
+            if std_now >= p.since + MANIFEST_TIMEOUT {
+                expired.push(*image);
+            } else if std_now >= p.last_lookup + PROVIDER_RETRY {
+                p.last_lookup = std_now;
+                relookup.push(*image);
+            }
+        }
+        for image in relookup {
+            self.lookup_providers(image);
+        }
+        for image in expired {
+            if let Some(p) = self.pending_manifests.remove(&image) {
+                for w in p.waiters {
+                    w.fail(format!(
+                        "no peer provided the manifest of image {image} within {}s: is the image published and its node reachable?",
+                        MANIFEST_TIMEOUT.as_secs()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn on_flush(&mut self) {
+        let mut sends = Vec::new();
+        for (image, img) in &mut self.images {
+            if img.unannounced.is_empty() {
+                continue;
+            }
+            let indices = std::mem::take(&mut img.unannounced);
+            for peer in &img.interested {
+                sends.push((*peer, *image, indices.clone()));
+            }
+        }
+        for (peer, image, indices) in sends {
+            if self.peers.contains_key(&peer) {
+                self.send(peer, Message::HaveUpdate { image, indices }, Outbound::Ack);
+            }
+        }
+        for t in self.transfers.values_mut() {
+            t.report_progress();
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+                self.write_node_json();
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if self.banned.contains(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if num_established.get() == 1 {
+                    self.peers.entry(peer_id).or_default();
+                    let hello = self.hello();
+                    self.send(peer_id, hello, Outbound::Hello);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => self.on_peer_gone(peer_id),
+            SwarmEvent::Behaviour(BehaviourEvent::Msg(e)) => self.on_msg_event(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                let now = self.now();
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.rtt = Some(rtt);
+                }
+                for t in self.transfers.values_mut() {
+                    t.sched.handle_rtt(now, &peer, rtt);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result:
+                    kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        providers,
+                        ..
+                    })),
+                ..
+            })) => {
+                let me = *self.swarm.local_peer_id();
+                for p in providers {
+                    if p != me && !self.banned.contains(&p) && !self.swarm.is_connected(&p) {
+                        let _ = self.swarm.dial(p);
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, "dial failed: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_peer_gone(&mut self, peer: PeerId) {
+        let now = self.now();
+        self.peers.remove(&peer);
+        for t in self.transfers.values_mut() {
+            t.sched.handle_peer_disconnected(now, &peer);
+        }
+        for img in self.images.values_mut() {
+            img.interested.remove(&peer);
+        }
+        self.serve.handle_peer_gone(&peer);
+        self.serve_channels.retain(|(p, _), _| *p != peer);
+        for p in self.pending_manifests.values_mut() {
+            p.asked.remove(&peer);
+        }
+    }
+
+    /// A peer's `Hello` arrived: it can now take part in transfers.
+    fn on_peer_ready(&mut self, peer: PeerId, hello: &Hello) {
+        if let Err(e) = hello.check() {
+            tracing::warn!(%peer, "incompatible peer: {e}");
+            let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        }
+        let first = {
+            let state = self.peers.entry(peer).or_default();
+            let first = state.site.is_none();
+            state.site = Some(hello.site.clone());
+            first
+        };
+        if !first || self.banned.contains(&peer) {
+            return;
+        }
+        let now = self.now();
+        let rtt = self.peers.get(&peer).and_then(|p| p.rtt);
+        let images: Vec<ImageId> = self.transfers.keys().copied().collect();
+        for image in images {
+            if let Some(t) = self.transfers.get_mut(&image) {
+                t.sched.handle_peer_connected(
+                    now,
+                    peer,
+                    fetch::PeerInfo {
+                        site: hello.site.clone(),
+                        rtt,
+                    },
+                );
+            }
+            let have = self.have_message(image);
+            self.send(peer, have, Outbound::Have(image));
+        }
+        let pending: Vec<ImageId> = self.pending_manifests.keys().copied().collect();
+        for image in pending {
+            self.ask_manifest(peer, image);
+        }
+    }
+
+    fn ask_manifest(&mut self, peer: PeerId, image: ImageId) {
+        if let Some(p) = self.pending_manifests.get_mut(&image) {
+            if p.asked.insert(peer) {
+                self.send(
+                    peer,
+                    Message::GetManifest { image },
+                    Outbound::Manifest(image),
+                );
+            }
+        }
+    }
+
+    fn have_message(&self, image: ImageId) -> Message {
+        let chunks = match self.images.get(&image) {
+            Some(img) => img.present.to_wire(),
+            None => ChunkBitmap::new(0).to_wire(),
+        };
+        Message::Have { image, chunks }
+    }
+
+    fn write_node_json(&self) {
+        let me = *self.swarm.local_peer_id();
+        let info = NodeInfo {
+            peer_id: me.to_string(),
+            listen_addrs: self
+                .listen_addrs
+                .iter()
+                .map(|a| a.clone().with_p2p(me).unwrap_or_else(|a| a).to_string())
+                .collect(),
+            site: self.opts.site.clone(),
+            pid: std::process::id(),
+        };
+        let path = self.opts.data_dir.join("node.json");
+        let tmp = self.opts.data_dir.join("node.json.tmp");
+        let result = serde_json::to_vec_pretty(&info)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            tracing::error!(path = %path.display(), "writing node.json: {e}");
+        }
+    }
+
+    /// Drains the state machines and carries out what they decided.
+    fn pump(&mut self) {
+        let images: Vec<ImageId> = self.transfers.keys().copied().collect();
+        for image in images {
+            self.pump_transfer(image);
+        }
+        self.pump_serve();
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let Command { request, reply } = cmd;
+        match request {
+            Request::Status => {
+                let _ = reply.send(Reply::Done {
+                    result: self.status_json(),
+                });
+            }
+            Request::Peers => {
+                let _ = reply.send(Reply::Done {
+                    result: self.peers_json(),
+                });
+            }
+            Request::Images => {
+                let _ = reply.send(Reply::Done {
+                    result: self.images_json(),
+                });
+            }
+            Request::Publish {
+                path,
+                name,
+                chunk_size,
+            } => {
+                let store = self.store.clone();
+                let io = self.io_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = publish_blocking(&store, &path, name, chunk_size);
+                    let _ = io.send(IoDone::Published { reply, result });
+                });
+            }
+            Request::Pull { image, output } => self.on_pull(image, output, reply),
+            Request::Verify => {
+                let store = self.store.clone();
+                let io = self.io_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = store.verify().map(|r| {
+                        let ids = |v: &[ChunkId]| v.iter().map(|i| i.to_string()).collect::<Vec<_>>();
+                        serde_json::json!({
+                            "clean": r.is_clean(),
+                            "chunks_checked": r.chunks_checked,
+                            "bytes_checked": r.bytes_checked,
+                            "corrupt_chunks": ids(&r.corrupt_chunks),
+                            "vanished_chunks": ids(&r.vanished_chunks),
+                            "manifests_checked": r.manifests_checked,
+                            "corrupt_manifests": r.corrupt_manifests.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                            "quarantine_dir": r.quarantine_dir.display().to_string(),
+                        })
+                    });
+                    let _ = io.send(IoDone::Verified { reply, result });
+                });
+            }
+        }
+    }
+
+    fn on_pull(
+        &mut self,
+        image: String,
+        output: Option<PathBuf>,
+        reply: mpsc::UnboundedSender<Reply>,
+    ) {
+        let id: ImageId = match image.parse() {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = reply.send(Reply::Error {
+                    message: format!("bad image id {image:?}: {e}"),
+                });
+                return;
+            }
+        };
+        let waiter = Waiter::new(reply, output);
+        if let Some(img) = self.images.get(&id) {
+            if img.present.is_full() {
+                self.finish_waiter(id, waiter);
+                return;
+            }
+        }
+        if let Some(t) = self.transfers.get_mut(&id) {
+            t.add_waiter(waiter);
+            return;
+        }
+        if self.images.contains_key(&id) {
+            self.start_transfer(id, vec![waiter]);
+            return;
+        }
+        // Manifest first: ask every connected peer and the DHT.
+        let now = StdInstant::now();
+        match self.pending_manifests.get_mut(&id) {
+            Some(p) => p.waiters.push(waiter),
+            None => {
+                self.pending_manifests.insert(
+                    id,
+                    PendingManifest {
+                        waiters: vec![waiter],
+                        since: now,
+                        last_lookup: now,
+                        asked: HashSet::new(),
+                        storing: false,
+                    },
+                );
+                self.lookup_providers(id);
+                let ready: Vec<PeerId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.site.is_some())
+                    .map(|(id, _)| *id)
+                    .collect();
+                for peer in ready {
+                    self.ask_manifest(peer, id);
+                }
+            }
+        }
+    }
+
+    /// Answers a pull waiter for a complete image (exporting it if asked to).
+    fn finish_waiter(&mut self, image: ImageId, waiter: Waiter) {
+        let Some(img) = self.images.get(&image) else {
+            waiter.fail(format!("image {image} is not held"));
+            return;
+        };
+        let manifest = img.manifest.clone();
+        let (reply, output, bytes) = waiter.into_parts();
+        let summary = serde_json::json!({
+            "image": image.to_string(),
+            "name": manifest.name,
+            "size": manifest.image_size,
+            "chunks": manifest.chunk_count(),
+            "bytes_fetched": bytes,
+        });
+        match output {
+            None => {
+                let _ = reply.send(Reply::Done { result: summary });
+            }
+            Some(path) => {
+                let store = self.store.clone();
+                let io = self.io_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = export_blocking(&store, &manifest, &path).map(|()| {
+                        let mut s = summary;
+                        s["output"] = serde_json::Value::String(path.display().to_string());
+                        s
+                    });
+                    let _ = io.send(IoDone::Exported { reply, result });
+                });
+            }
+        }
+    }
+
+    fn on_io(&mut self, done: IoDone) {
+        match done {
+            IoDone::Stored { image, id, result } => self.on_stored(image, id, result),
+            IoDone::Read {
+                peer,
+                id,
+                request_id,
+                channel,
+                result,
+            } => self.on_read(peer, id, request_id, channel, result),
+            IoDone::ManifestStored { manifest, present } => {
+                let id = manifest.id();
+                let present = match present {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if let Some(p) = self.pending_manifests.remove(&id) {
+                            for w in p.waiters {
+                                w.fail(format!("storing the manifest of {id}: {e}"));
+                            }
+                        }
+                        return;
+                    }
+                };
+                self.images.insert(id, Image::new(manifest, present));
+                self.provide(id);
+                let waiters = self
+                    .pending_manifests
+                    .remove(&id)
+                    .map(|p| p.waiters)
+                    .unwrap_or_default();
+                if self.images.get(&id).is_some_and(|i| i.present.is_full()) {
+                    for w in waiters {
+                        self.finish_waiter(id, w);
+                    }
+                } else {
+                    self.start_transfer(id, waiters);
+                }
+            }
+            IoDone::Published { reply, result } => match result {
+                Ok((manifest, present, summary)) => {
+                    let id = manifest.id();
+                    self.images.insert(id, Image::new(manifest, present));
+                    self.provide(id);
+                    let _ = reply.send(Reply::Done { result: summary });
+                }
+                Err(e) => {
+                    let _ = reply.send(Reply::Error {
+                        message: e.to_string(),
+                    });
+                }
+            },
+            IoDone::Exported { reply, result } | IoDone::Verified { reply, result } => {
+                let _ = reply.send(match result {
+                    Ok(result) => Reply::Done { result },
+                    Err(e) => Reply::Error {
+                        message: e.to_string(),
+                    },
+                });
+            }
+        }
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let in_flight: u32 = self
+            .transfers
+            .values()
+            .map(|t| t.sched.stats().requests_in_flight)
+            .sum();
+        let st = self.store.stats();
+        let store =
+            serde_json::json!({ "chunks": st.chunks, "bytes": st.bytes, "images": st.images });
+        serde_json::json!({
+            "peer_id": self.swarm.local_peer_id().to_string(),
+            "site": self.opts.site,
+            "listen_addrs": self.listen_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "peers": self.peers_json(),
+            "images": self.images_json(),
+            "fetches_in_flight": in_flight,
+            "serving": { "queued": self.serve.len(), "active": self.serve.active_uploads() },
+            "banned": self.banned.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "store": store,
+            "metrics": self.metrics.snapshot(),
+        })
+    }
+
+    fn peers_json(&self) -> serde_json::Value {
+        let peers: BTreeMap<String, serde_json::Value> = self
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                (
+                    id.to_string(),
+                    serde_json::json!({
+                        "site": p.site,
+                        "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                    }),
+                )
+            })
+            .collect();
+        serde_json::to_value(peers).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn images_json(&self) -> serde_json::Value {
+        let mut v: Vec<serde_json::Value> = self
+            .images
+            .iter()
+            .map(|(id, img)| {
+                serde_json::json!({
+                    "id": id.to_string(),
+                    "name": img.manifest.name,
+                    "size": img.manifest.image_size,
+                    "chunks": img.manifest.chunk_count(),
+                    "present": img.present.count(),
+                    "complete": img.present.is_full(),
+                    "pulling": self.transfers.contains_key(id),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        serde_json::Value::Array(v)
+    }
+}
+
+fn publish_blocking(
+    store: &ChunkStore,
+    path: &Path,
+    name: Option<String>,
+    chunk_size: u32,
+) -> Result<(Manifest, ChunkBitmap, serde_json::Value), StoreError> {
+    let file = std::fs::File::open(path).map_err(|source| StoreError::Io {
+        action: "open image file",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let name = name.unwrap_or_else(|| {
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into())
+    });
+    let (manifest, stats) = store.import_image(
+        std::io::BufReader::with_capacity(1 << 20, file),
+        chunk_size,
+        name,
+        None,
+        BTreeMap::new(),
+    )?;
+    let present = store.image_status(&manifest).present;
+    let summary = serde_json::json!({
+        "image": manifest.id().to_string(),
+        "name": manifest.name,
+        "size": manifest.image_size,
+        "chunk_size": manifest.chunk_size,
+        "chunks": manifest.chunk_count(),
+        "stored_chunks": stats.stored_chunks,
+        "deduplicated_chunks": stats.deduplicated_chunks,
+        "stored_bytes": stats.stored_bytes,
+        "zero_chunks": stats.zero_chunks,
+    });
+    Ok((manifest, present, summary))
+}
+
+fn export_blocking(store: &ChunkStore, manifest: &Manifest, path: &Path) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        action: "write image",
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("vmswarm-partial");
+    let file = std::fs::File::create(&tmp).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    if let Err(e) = store.export_image(manifest, &mut out) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

@@ -1,0 +1,446 @@
+//! Pulling one image: carrying out the fetch scheduler's decisions and reporting to `pull` clients.
+//!
+//! A [`Transfer`] exists while an image is incomplete and wanted. Its scheduler gets every ready peer
+//! and every missing chunk (Background); this module turns the scheduler's actions into requests,
+//! verifies each chunk against the manifest before the scheduler hears of it, stores accepted chunks
+//! on the blocking pool, and ends the transfer when every chunk is stored — or, if the scheduler gave
+//! up on some chunk, fails its waiters naming the missing chunks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant as StdInstant;
+
+use libp2p::PeerId;
+use libp2p::request_response::OutboundRequestId;
+use tokio::sync::mpsc;
+use vmswarm_protocol::fetch::{
+    self, Action, ChunkOutcome, Delivery, Event, FailReason, FetchScheduler,
+};
+use vmswarm_protocol::wire::Message;
+use vmswarm_protocol::{ChunkId, ImageId, Priority};
+
+use super::{Daemon, IoDone, Outbound};
+use crate::control::Reply;
+
+/// Most missing chunks named in a failed pull's message.
+const MAX_NAMED_MISSING: usize = 20;
+
+/// A `pull` client waiting for an image.
+#[derive(Debug)]
+pub(super) struct Waiter {
+    reply: mpsc::UnboundedSender<Reply>,
+    output: Option<PathBuf>,
+    bytes: u64,
+}
+
+impl Waiter {
+    pub(super) fn new(reply: mpsc::UnboundedSender<Reply>, output: Option<PathBuf>) -> Self {
+        Waiter {
+            reply,
+            output,
+            bytes: 0,
+        }
+    }
+
+    pub(super) fn fail(self, message: String) {
+        let _ = self.reply.send(Reply::Error { message });
+    }
+
+    pub(super) fn into_parts(self) -> (mpsc::UnboundedSender<Reply>, Option<PathBuf>, u64) {
+        (self.reply, self.output, self.bytes)
+    }
+}
+
+/// An image being pulled.
+#[derive(Debug)]
+pub(super) struct Transfer {
+    pub(super) sched: FetchScheduler<PeerId>,
+    waiters: Vec<Waiter>,
+    /// Chunk requests in flight, by (peer, index).
+    in_flight: HashMap<(PeerId, u32), OutboundRequestId>,
+    /// Chunks accepted and being written to the store.
+    storing: u32,
+    failed: BTreeMap<u32, FailReason>,
+    done: u64,
+    total: u64,
+    reported: Option<u64>,
+    /// When to ask the DHT for providers again (pullers become providers as they go).
+    pub(super) next_lookup: StdInstant,
+}
+
+impl Transfer {
+    pub(super) fn add_waiter(&mut self, w: Waiter) {
+        self.waiters.push(w);
+        self.reported = None;
+    }
+
+    /// Sends a progress line to waiters if anything changed.
+    pub(super) fn report_progress(&mut self) {
+        if self.reported == Some(self.done) {
+            return;
+        }
+        self.reported = Some(self.done);
+        self.waiters.retain(|w| {
+            w.reply
+                .send(Reply::Progress {
+                    done: self.done,
+                    total: self.total,
+                    bytes: w.bytes,
+                })
+                .is_ok()
+        });
+    }
+}
+
+impl Daemon {
+    /// Starts pulling `image` (its manifest is known) for `waiters`.
+    pub(super) fn start_transfer(&mut self, image: ImageId, waiters: Vec<Waiter>) {
+        let Some(img) = self.images.get(&image) else {
+            return;
+        };
+        let chunks = img.manifest.chunk_count();
+        let missing: Vec<u32> = (0..chunks).filter(|&i| !img.present.contains(i)).collect();
+        let done = u64::from(img.present.count());
+        self.seed_counter += 1;
+        let seed = u64::from_le_bytes(image.0[..8].try_into().unwrap_or([0; 8]))
+            ^ self.seed_counter
+            ^ u64::from(std::process::id());
+        let mut sched = match FetchScheduler::new(self.opts.fetch.clone(), chunks, seed) {
+            Ok(s) => s,
+            Err(e) => {
+                for w in waiters {
+                    w.fail(format!("fetch configuration: {e}"));
+                }
+                return;
+            }
+        };
+        let now = self.now();
+        let ready: Vec<(PeerId, String, Option<std::time::Duration>)> = self
+            .peers
+            .iter()
+            .filter(|(id, _)| !self.banned.contains(id))
+            .filter_map(|(id, p)| p.site.clone().map(|s| (*id, s, p.rtt)))
+            .collect();
+        for (peer, site, rtt) in &ready {
+            sched.handle_peer_connected(
+                now,
+                *peer,
+                fetch::PeerInfo {
+                    site: site.clone(),
+                    rtt: *rtt,
+                },
+            );
+        }
+        // Indices are in range by construction (0..chunks).
+        let _ = sched.handle_want_many(now, missing.iter().copied(), Priority::Background);
+        self.transfers.insert(
+            image,
+            Transfer {
+                sched,
+                waiters,
+                in_flight: HashMap::new(),
+                storing: 0,
+                failed: BTreeMap::new(),
+                done,
+                total: u64::from(chunks),
+                reported: None,
+                next_lookup: StdInstant::now() + super::PROVIDER_RETRY,
+            },
+        );
+        for (peer, _, _) in ready {
+            let have = self.have_message(image);
+            self.send(peer, have, Outbound::Have(image));
+        }
+        self.lookup_providers(image);
+    }
+
+    /// Carries out what `image`'s scheduler decided, and ends the transfer when it is over.
+    pub(super) fn pump_transfer(&mut self, image: ImageId) {
+        let Some(t) = self.transfers.get_mut(&image) else {
+            return;
+        };
+        let actions: Vec<Action<PeerId>> = std::iter::from_fn(|| t.sched.poll_action()).collect();
+        let events: Vec<Event<PeerId>> = std::iter::from_fn(|| t.sched.poll_event()).collect();
+        let Some(manifest) = self.images.get(&image).map(|i| i.manifest.clone()) else {
+            return;
+        };
+        for action in actions {
+            match action {
+                Action::Request {
+                    peer,
+                    priority,
+                    indices,
+                } => {
+                    for index in indices {
+                        let id = manifest.chunks[index as usize];
+                        let msg = Message::Request {
+                            priority,
+                            chunks: vec![id],
+                        };
+                        let already = self
+                            .transfers
+                            .get(&image)
+                            .is_some_and(|t| t.in_flight.contains_key(&(peer, index)));
+                        if already {
+                            self.send(peer, msg, Outbound::Upgrade);
+                        } else {
+                            let req = self.swarm.behaviour_mut().msg.send_request(&peer, msg);
+                            self.outbound.insert(
+                                req,
+                                Outbound::Chunk {
+                                    image,
+                                    index,
+                                    sent: StdInstant::now(),
+                                },
+                            );
+                            if let Some(t) = self.transfers.get_mut(&image) {
+                                t.in_flight.insert((peer, index), req);
+                            }
+                        }
+                    }
+                }
+                Action::Cancel { peer, indices } => {
+                    let chunks: Vec<ChunkId> = indices
+                        .iter()
+                        .map(|&i| manifest.chunks[i as usize])
+                        .collect();
+                    if let Some(t) = self.transfers.get_mut(&image) {
+                        for i in &indices {
+                            t.in_flight.remove(&(peer, *i));
+                        }
+                    }
+                    for part in chunks.chunks(vmswarm_protocol::wire::MAX_REQUEST_CHUNKS) {
+                        self.send(
+                            peer,
+                            Message::Cancel {
+                                chunks: part.to_vec(),
+                            },
+                            Outbound::Ack,
+                        );
+                    }
+                }
+                Action::AnnounceFetching { peer, indices } => {
+                    self.send(peer, Message::Fetching { image, indices }, Outbound::Ack);
+                }
+            }
+        }
+        for event in events {
+            match event {
+                Event::NoSource { total, .. } => {
+                    tracing::debug!(%image, total, "chunks without a connected source; asking the DHT");
+                    self.lookup_providers(image);
+                }
+                Event::WantFailed { index, reason } => {
+                    if let Some(t) = self.transfers.get_mut(&image) {
+                        t.failed.insert(index, reason);
+                    }
+                }
+                Event::PeerBanned { peer } => self.ban(peer),
+            }
+        }
+        self.maybe_finish(image);
+    }
+
+    fn maybe_finish(&mut self, image: ImageId) {
+        let Some(t) = self.transfers.get(&image) else {
+            return;
+        };
+        if t.sched.stats().wanted > 0 || t.storing > 0 {
+            return;
+        }
+        let Some(t) = self.transfers.remove(&image) else {
+            return;
+        };
+        let complete = self.images.get(&image).is_some_and(|i| i.present.is_full());
+        if complete {
+            tracing::info!(%image, "image complete");
+            for w in t.waiters {
+                self.finish_waiter(image, w);
+            }
+            return;
+        }
+        let manifest = self.images.get(&image).map(|i| i.manifest.clone());
+        let mut named = Vec::new();
+        for (&index, reason) in t.failed.iter().take(MAX_NAMED_MISSING) {
+            let id = manifest
+                .as_ref()
+                .map(|m| m.chunks[index as usize].to_string())
+                .unwrap_or_default();
+            let why = match reason {
+                FailReason::Unavailable => "no connected peer holds it",
+                FailReason::DemandDeadline => "not delivered in time",
+            };
+            named.push(format!("  chunk {index} ({id}): {why}"));
+        }
+        let more = t.failed.len().saturating_sub(MAX_NAMED_MISSING);
+        let message = format!(
+            "pull of image {image} failed: {} of {} chunks could not be fetched\n{}{}",
+            t.failed.len(),
+            t.total,
+            named.join("\n"),
+            if more > 0 {
+                format!("\n  ... and {more} more")
+            } else {
+                String::new()
+            }
+        );
+        tracing::warn!("{message}");
+        for w in t.waiters {
+            w.fail(message.clone());
+        }
+    }
+
+    /// A chunk response arrived for a request of ours.
+    pub(super) fn on_chunk_response(
+        &mut self,
+        peer: PeerId,
+        image: ImageId,
+        index: u32,
+        sent: StdInstant,
+        response: Message,
+    ) {
+        let now = self.now();
+        let site = self.site_of(&peer);
+        let Some(manifest) = self.images.get(&image).map(|i| i.manifest.clone()) else {
+            return;
+        };
+        let Some(t) = self.transfers.get_mut(&image) else {
+            return;
+        };
+        let was_in_flight = t.in_flight.remove(&(peer, index)).is_some();
+        match response {
+            Message::Chunk { id, data } => {
+                self.metrics.bytes_in(&site, data.len() as u64);
+                let expected = manifest.chunks[index as usize];
+                let valid = id == expected
+                    && manifest.chunk_len(index) == Some(data.len() as u32)
+                    && expected.verify(&data);
+                let outcome = if valid {
+                    ChunkOutcome::Valid
+                } else {
+                    self.metrics
+                        .chunks_corrupt
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(%peer, %image, index, "corrupt chunk received");
+                    ChunkOutcome::Corrupt
+                };
+                if t.sched.handle_chunk(now, &peer, index, outcome) == Delivery::Accept {
+                    self.metrics.fetch_latency(sent.elapsed());
+                    self.metrics
+                        .chunks_fetched
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    for w in &mut t.waiters {
+                        w.bytes += data.len() as u64;
+                    }
+                    t.storing += 1;
+                    let store = self.store.clone();
+                    let io = self.io_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = store.put(&expected, &data).map(|_| ());
+                        let _ = io.send(IoDone::Stored {
+                            image,
+                            id: expected,
+                            result,
+                        });
+                    });
+                }
+            }
+            Message::Reject { reason, .. } => {
+                if was_in_flight {
+                    use vmswarm_protocol::wire::RejectReason;
+                    let kind = match reason {
+                        RejectReason::NotFound => fetch::RejectKind::NotFound,
+                        RejectReason::Busy => fetch::RejectKind::Busy,
+                        RejectReason::Banned | RejectReason::Shutdown => fetch::RejectKind::Refused,
+                    };
+                    t.sched.handle_reject(now, &peer, index, kind);
+                }
+            }
+            other => {
+                tracing::warn!(%peer, kind = other.kind(), "protocol violation: unexpected answer to a chunk request");
+                t.sched
+                    .handle_chunk(now, &peer, index, ChunkOutcome::Corrupt);
+            }
+        }
+    }
+
+    /// A chunk request of ours failed at the transport level.
+    pub(super) fn on_chunk_failure(
+        &mut self,
+        peer: PeerId,
+        image: ImageId,
+        index: u32,
+        hostile: bool,
+    ) {
+        let now = self.now();
+        let Some(t) = self.transfers.get_mut(&image) else {
+            return;
+        };
+        if t.in_flight.remove(&(peer, index)).is_none() {
+            return; // cancelled by us
+        }
+        if hostile {
+            t.sched
+                .handle_chunk(now, &peer, index, ChunkOutcome::Corrupt);
+        } else {
+            t.sched
+                .handle_reject(now, &peer, index, fetch::RejectKind::Busy);
+        }
+    }
+
+    /// A chunk accepted for `image` has been written (or failed to be).
+    pub(super) fn on_stored(
+        &mut self,
+        image: ImageId,
+        id: ChunkId,
+        result: Result<(), crate::store::StoreError>,
+    ) {
+        let now = self.now();
+        if let Some(t) = self.transfers.get_mut(&image) {
+            t.storing = t.storing.saturating_sub(1);
+        }
+        if let Err(e) = result {
+            tracing::error!(%image, chunk = %id, "storing chunk: {e}");
+            if let Some(t) = self.transfers.remove(&image) {
+                for w in t.waiters {
+                    w.fail(format!(
+                        "pull of image {image} stopped: storing chunk {id}: {e}"
+                    ));
+                }
+            }
+            return;
+        }
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
+        let indices = img.by_id.get(&id).cloned().unwrap_or_default();
+        for &i in &indices {
+            if img.present.insert(i) {
+                img.unannounced.push(i);
+            }
+        }
+        let done = u64::from(img.present.count());
+        if let Some(t) = self.transfers.get_mut(&image) {
+            t.done = done;
+            for &i in &indices {
+                if t.sched.is_wanted(i) {
+                    t.sched.handle_local_have(now, i);
+                }
+            }
+        }
+        self.maybe_finish(image);
+    }
+
+    /// Bans `peer` everywhere: it sent a corrupt chunk to one of our transfers.
+    pub(super) fn ban(&mut self, peer: PeerId) {
+        if !self.banned.insert(peer) {
+            return;
+        }
+        tracing::warn!(%peer, "banning peer: it sent a corrupt chunk");
+        self.metrics
+            .bans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.swarm.disconnect_peer_id(peer);
+        self.on_peer_gone(peer);
+    }
+}

@@ -1,0 +1,20 @@
+//! # vmswarm-node: the node operators run on every compute node
+//!
+//! - [`daemon`]: `vmswarm serve`, the event loop that drives the protocol state machines.
+//! - [`net`]: libp2p transport (QUIC) and behaviours (Kademlia, identify, ping, request-response).
+//! - [`store`]: the durable, content-addressed chunk store.
+//! - [`control`]: the unix control socket the other subcommands use.
+//! - [`identity`]: the node's persistent Ed25519 identity.
+//! - [`metrics`]: counters and the Prometheus endpoint.
+//! - [`config`]: the TOML configuration file.
+//!
+//! Scheduling decisions (which chunk, from whom, when to give up, whom to ban, what to serve next)
+//! are made by `vmswarm-protocol`, never here.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod identity;
+pub mod metrics;
+pub mod net;
+pub mod store;

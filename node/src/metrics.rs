@@ -1,0 +1,245 @@
+//! Node counters, for `status --json` and the opt-in Prometheus endpoint.
+//!
+//! Bytes in and out are kept per peer site; chunk fetch latency (request sent to verified chunk) goes
+//! into a fixed-bucket histogram. The endpoint is a minimal HTTP/1.1 responder for `GET /metrics` on
+//! the address the operator gives (text exposition format 0.0.4); it serves nothing else.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Upper bounds of the fetch latency buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Counters shared by the daemon's tasks.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    bytes_in_by_site: Mutex<BTreeMap<String, u64>>,
+    bytes_out_by_site: Mutex<BTreeMap<String, u64>>,
+    /// Verified chunks fetched from peers.
+    pub chunks_fetched: AtomicU64,
+    /// Chunks sent to peers.
+    pub chunks_served: AtomicU64,
+    /// Chunks that failed verification.
+    pub chunks_corrupt: AtomicU64,
+    /// Peers banned.
+    pub bans: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+/// A copy of the counters, for `status --json`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default, PartialEq)]
+pub struct Snapshot {
+    /// Bytes received from peers, by their site.
+    pub bytes_in_by_site: BTreeMap<String, u64>,
+    /// Bytes sent to peers, by their site.
+    pub bytes_out_by_site: BTreeMap<String, u64>,
+    /// Total bytes received.
+    pub bytes_in: u64,
+    /// Total bytes sent.
+    pub bytes_out: u64,
+    /// Verified chunks fetched.
+    pub chunks_fetched: u64,
+    /// Chunks served.
+    pub chunks_served: u64,
+    /// Corrupt chunks received.
+    pub chunks_corrupt: u64,
+    /// Peers banned.
+    pub bans: u64,
+    /// Chunk fetches measured.
+    pub fetch_latency_count: u64,
+    /// Mean fetch latency in milliseconds.
+    pub fetch_latency_mean_ms: f64,
+}
+
+fn add(map: &Mutex<BTreeMap<String, u64>>, site: &str, n: u64) {
+    // A poisoned lock only means another thread panicked mid-update of a counter; keep counting.
+    let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+    *m.entry(site.to_owned()).or_default() += n;
+}
+
+fn get(map: &Mutex<BTreeMap<String, u64>>) -> BTreeMap<String, u64> {
+    map.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+impl Metrics {
+    /// Counts bytes received from a peer of `site`.
+    pub fn bytes_in(&self, site: &str, n: u64) {
+        add(&self.bytes_in_by_site, site, n);
+    }
+
+    /// Counts bytes sent to a peer of `site`.
+    pub fn bytes_out(&self, site: &str, n: u64) {
+        add(&self.bytes_out_by_site, site, n);
+    }
+
+    /// Records one chunk fetch latency.
+    pub fn fetch_latency(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(
+            d.as_micros().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> Snapshot {
+        let bytes_in_by_site = get(&self.bytes_in_by_site);
+        let bytes_out_by_site = get(&self.bytes_out_by_site);
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let sum = self.latency_sum_micros.load(Ordering::Relaxed);
+        Snapshot {
+            bytes_in: bytes_in_by_site.values().sum(),
+            bytes_out: bytes_out_by_site.values().sum(),
+            bytes_in_by_site,
+            bytes_out_by_site,
+            chunks_fetched: self.chunks_fetched.load(Ordering::Relaxed),
+            chunks_served: self.chunks_served.load(Ordering::Relaxed),
+            chunks_corrupt: self.chunks_corrupt.load(Ordering::Relaxed),
+            bans: self.bans.load(Ordering::Relaxed),
+            fetch_latency_count: count,
+            fetch_latency_mean_ms: if count == 0 {
+                0.0
+            } else {
+                sum as f64 / count as f64 / 1000.0
+            },
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let s = self.snapshot();
+        let mut out = String::new();
+        let mut family = |name: &str, help: &str, kind: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        family(
+            "vmswarm_bytes_in_total",
+            "Bytes received from peers, by peer site.",
+            "counter",
+        );
+        family(
+            "vmswarm_bytes_out_total",
+            "Bytes sent to peers, by peer site.",
+            "counter",
+        );
+        for (site, n) in &s.bytes_in_by_site {
+            let _ = writeln!(out, "vmswarm_bytes_in_total{{site=\"{site}\"}} {n}");
+        }
+        for (site, n) in &s.bytes_out_by_site {
+            let _ = writeln!(out, "vmswarm_bytes_out_total{{site=\"{site}\"}} {n}");
+        }
+        for (name, help, v) in [
+            (
+                "vmswarm_chunks_fetched_total",
+                "Verified chunks fetched from peers.",
+                s.chunks_fetched,
+            ),
+            (
+                "vmswarm_chunks_served_total",
+                "Chunks served to peers.",
+                s.chunks_served,
+            ),
+            (
+                "vmswarm_chunks_corrupt_total",
+                "Chunks received that failed verification.",
+                s.chunks_corrupt,
+            ),
+            (
+                "vmswarm_bans_total",
+                "Peers banned for sending corrupt chunks.",
+                s.bans,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP vmswarm_fetch_latency_seconds Chunk request to verified chunk.\n# TYPE vmswarm_fetch_latency_seconds histogram"
+        );
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            let n = self.latency_buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "vmswarm_fetch_latency_seconds_bucket{{le=\"{bound}\"}} {n}"
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "vmswarm_fetch_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(out, "vmswarm_fetch_latency_seconds_sum {sum}");
+        let _ = writeln!(out, "vmswarm_fetch_latency_seconds_count {count}");
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve_http(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics ") {
+                ("200 OK", metrics.render())
+            } else {
+                ("404 Not Found", "only GET /metrics is served\n".to_owned())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_renders() {
+        let m = Metrics::default();
+        m.bytes_in("dc1", 10);
+        m.bytes_in("dc2", 5);
+        m.bytes_out("dc1", 7);
+        m.fetch_latency(Duration::from_millis(3));
+        let s = m.snapshot();
+        assert_eq!((s.bytes_in, s.bytes_out), (15, 7));
+        let text = m.render();
+        assert!(text.contains("vmswarm_bytes_in_total{site=\"dc2\"} 5"));
+        assert!(text.contains("vmswarm_fetch_latency_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("vmswarm_fetch_latency_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("vmswarm_fetch_latency_seconds_count 1"));
+    }
+}

@@ -1,0 +1,87 @@
+//! The libp2p side of the node: transport, behaviours and the swarm.
+//!
+//! QUIC (quinn + rustls, encrypted and authenticated by each node's Ed25519 identity) is the only
+//! transport. Kademlia (our own protocol name, server mode) finds peers and per-image provider
+//! records; identify tells us peers' listen addresses; ping measures RTT for the fetch scheduler;
+//! request-response carries the vmswarm messages ([`codec`]). Which chunk to ask whom for is not
+//! decided here but in `vmswarm_protocol::fetch`.
+
+pub mod codec;
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{StreamProtocol, Swarm, SwarmBuilder, identify, ping};
+
+/// Kademlia protocol name: vmswarm overlays do not mix with other Kademlia networks.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/vmswarm/kad/1.0.0");
+
+/// The node's libp2p behaviours.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Peer routing and provider records.
+    pub kad: kad::Behaviour<MemoryStore>,
+    /// Listen addresses and agent strings.
+    pub identify: identify::Behaviour,
+    /// RTT.
+    pub ping: ping::Behaviour,
+    /// vmswarm messages.
+    pub msg: request_response::Behaviour<codec::WireCodec>,
+}
+
+impl std::fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Behaviour")
+    }
+}
+
+/// Errors building the swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// libp2p refused to build the swarm.
+    #[error("building the libp2p swarm: {0}")]
+    Build(String),
+}
+
+/// Builds the swarm for `keypair`.
+pub fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, NetError> {
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(Duration::from_secs(30));
+            let mut kad =
+                kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+            // Every node answers queries: nodes in one data center often have no confirmed public
+            // address, and a client-mode network cannot route.
+            kad.set_mode(Some(kad::Mode::Server));
+            let identify = identify::Behaviour::new(
+                identify::Config::new("/vmswarm/id/1".into(), key.public())
+                    .with_agent_version(format!("vmswarm/{}", env!("CARGO_PKG_VERSION"))),
+            );
+            let ping =
+                ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)));
+            // The fetch scheduler times requests out itself; this is only the stream's last resort.
+            let msg = request_response::Behaviour::new(
+                [(codec::PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(120))
+                    .with_max_concurrent_streams(1024),
+            );
+            Ok(Behaviour {
+                kad,
+                identify,
+                ping,
+                msg,
+            })
+        })
+        .map_err(|e| NetError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}

@@ -1,0 +1,343 @@
+//! Real `vmswarm serve` processes on loopback QUIC: publish, swarm pull, failures.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Node, make_image, publish, seed};
+use serde_json::Value;
+use vmswarm_node::store::ChunkStore;
+use vmswarm_protocol::manifest::Manifest;
+
+const MIB: usize = 1 << 20;
+
+/// Node config for tests: give up on unavailable chunks after 3 s instead of 60 s.
+fn fast_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("fast.toml");
+    std::fs::write(
+        &p,
+        "[fetch]\nunavailable_deadline_ms = 3000\nrequest_timeout_ms = 2000\n",
+    )
+    .unwrap();
+    p
+}
+
+fn metric(status: &Value, name: &str) -> u64 {
+    status["metrics"][name].as_u64().unwrap_or(0)
+}
+
+fn stored_manifest(dir: &std::path::Path, image: &str) -> (ChunkStore, Manifest) {
+    let store = ChunkStore::open(&dir.join("store")).unwrap();
+    let m = store.manifest(&image.parse().unwrap()).unwrap().unwrap();
+    (store, m)
+}
+
+#[test]
+fn five_nodes_pull_at_once_and_feed_each_other() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Node::start(&tmp.path().join("n0"), "dc1", None, &[]);
+    let pullers: Vec<Node> = (1..5)
+        .map(|i| {
+            Node::start(
+                &tmp.path().join(format!("n{i}")),
+                "dc1",
+                Some(&publisher.addr),
+                &[],
+            )
+        })
+        .collect();
+    let file = tmp.path().join("disk.raw");
+    let data = make_image(&file, 64 * MIB, seed);
+    let image = publish(&publisher, &file);
+
+    let handles: Vec<_> = pullers
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let dir = n.dir.clone();
+            let image = image.clone();
+            let out = tmp.path().join(format!("out{i}.raw"));
+            std::thread::spawn(move || {
+                let res = common::cli(&dir, &["pull", &image, "-o", out.to_str().unwrap()]);
+                (res, out)
+            })
+        })
+        .collect();
+    for (h, n) in handles.into_iter().zip(&pullers) {
+        let (res, out) = h.join().unwrap();
+        assert!(
+            res.status.success(),
+            "pull failed: {}\n{}",
+            String::from_utf8_lossy(&res.stderr),
+            n.log()
+        );
+        assert!(std::fs::read(&out).unwrap() == data, "pulled image differs");
+    }
+    let served = metric(&publisher.status(), "bytes_out");
+    let fetched: u64 = pullers
+        .iter()
+        .map(|n| metric(&n.status(), "bytes_in"))
+        .sum();
+    eprintln!(
+        "publisher served {served} bytes = {:.2} images; pullers fetched {fetched} bytes",
+        served as f64 / data.len() as f64
+    );
+    assert!(
+        (served as f64) < 3.0 * data.len() as f64,
+        "the publisher served {served} bytes for 4 pulls of {}: the pullers did not feed each other",
+        data.len()
+    );
+}
+
+#[test]
+fn pulls_complete_when_the_publisher_is_killed_and_another_node_has_everything() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut publisher = Node::start(&tmp.path().join("n0"), "dc1", None, &[]);
+    let full = Node::start(&tmp.path().join("n1"), "dc1", Some(&publisher.addr), &[]);
+    let file = tmp.path().join("disk.raw");
+    let data = make_image(&file, 16 * MIB, seed);
+    let image = publish(&publisher, &file);
+    let res = full.cli(&["pull", &image]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+
+    let late = Node::start(&tmp.path().join("n2"), "dc1", Some(&full.addr), &[]);
+    publisher.kill9();
+    let out = tmp.path().join("late.raw");
+    let res = late.cli(&["pull", &image, "-o", out.to_str().unwrap()]);
+    assert!(
+        res.status.success(),
+        "pull failed: {}\n{}",
+        String::from_utf8_lossy(&res.stderr),
+        late.log()
+    );
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+#[test]
+fn missing_chunks_fail_the_pull_naming_them_and_a_restart_refetches_only_what_is_missing() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = fast_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let mut publisher = Node::start(&tmp.path().join("n0"), "dc1", None, &[]);
+    let puller_dir = tmp.path().join("n1");
+    let mut puller = Node::start(
+        &puller_dir,
+        "dc1",
+        Some(&publisher.addr),
+        &["--config", cfg],
+    );
+    let file = tmp.path().join("disk.raw");
+    let data = make_image(&file, 16 * MIB, seed);
+    let image = publish(&publisher, &file);
+    let res = puller.cli(&["pull", &image]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+
+    // Lose three chunks on the puller while it is down.
+    assert!(puller.stop(), "clean shutdown on SIGTERM");
+    let lost: Vec<u32> = {
+        let (store, m) = stored_manifest(&puller_dir, &image);
+        let lost: Vec<u32> = (0..m.chunk_count())
+            .filter(|&i| !m.is_zero_chunk(i))
+            .step_by(9)
+            .take(3)
+            .collect();
+        for &i in &lost {
+            std::fs::remove_file(store.chunk_path(&m.chunks[i as usize])).unwrap();
+        }
+        lost
+    };
+
+    // With the only other holder gone, the pull must fail within bounded time and name them.
+    publisher.kill9();
+    let puller = Node::start(&puller_dir, "dc1", None, &["--config", cfg]);
+    let res = puller.cli(&["pull", &image]);
+    assert!(
+        !res.status.success(),
+        "pull of an image nobody fully holds must fail"
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("3 of") && err.contains("could not be fetched"),
+        "{err}"
+    );
+    for i in &lost {
+        assert!(
+            err.contains(&format!("chunk {i} ")),
+            "chunk {i} not named in: {err}"
+        );
+    }
+    drop(puller);
+
+    // The publisher returns: the restarted puller fetches exactly the lost chunks.
+    let publisher = Node::start(&tmp.path().join("n0"), "dc1", None, &[]);
+    let puller = Node::start(
+        &puller_dir,
+        "dc1",
+        Some(&publisher.addr),
+        &["--config", cfg],
+    );
+    let out = tmp.path().join("again.raw");
+    let res = puller.cli(&["pull", &image, "-o", out.to_str().unwrap()]);
+    assert!(
+        res.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&res.stderr),
+        puller.log()
+    );
+    assert!(std::fs::read(&out).unwrap() == data);
+    assert_eq!(
+        metric(&puller.status(), "chunks_fetched"),
+        lost.len() as u64
+    );
+}
+
+#[test]
+fn a_peer_serving_corrupt_chunks_is_banned_and_the_image_is_still_correct() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Node::start(&tmp.path().join("n0"), "dc1", None, &[]);
+    let file = tmp.path().join("disk.raw");
+    let data = make_image(&file, 16 * MIB, seed);
+    let image = publish(&publisher, &file);
+    let liar = Node::start(
+        &tmp.path().join("liar"),
+        "dc1",
+        Some(&publisher.addr),
+        &["--corrupt-served-chunks"],
+    );
+    let res = liar.cli(&["pull", &image]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+
+    let victim = Node::start(&tmp.path().join("n2"), "dc1", Some(&liar.addr), &[]);
+    let out = tmp.path().join("out.raw");
+    let res = victim.cli(&["pull", &image, "-o", out.to_str().unwrap()]);
+    assert!(
+        res.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&res.stderr),
+        victim.log()
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "a corrupt chunk reached the image"
+    );
+    let status = victim.status();
+    assert!(
+        metric(&status, "chunks_corrupt") >= 1,
+        "the victim never asked the liar: {status}"
+    );
+    assert_eq!(metric(&status, "bans"), 1);
+    let banned = status["banned"].as_array().unwrap();
+    let liar_id = liar.status()["peer_id"].clone();
+    assert!(banned.contains(&liar_id), "liar not banned: {status}");
+}
+
+#[test]
+fn kill_9_during_pulls_never_leaves_a_corrupt_store() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Node::start(&tmp.path().join("n0"), "dc1", None, &[]);
+    let file = tmp.path().join("disk.raw");
+    let data = make_image(&file, 32 * MIB, seed);
+    let image = publish(&publisher, &file);
+    let dir = tmp.path().join("n1");
+    for round in 0..4u64 {
+        let mut node = Node::start(&dir, "dc1", Some(&publisher.addr), &[]);
+        // Start (or resume) the pull in the background and kill the daemon at a seeded moment.
+        let pull = std::process::Command::new(common::BIN)
+            .arg("--data")
+            .arg(&dir)
+            .args(["pull", &image])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut pull = ChildGuard(pull);
+        std::thread::sleep(Duration::from_millis(
+            50 + (seed.wrapping_mul(31).wrapping_add(round * 97)) % 400,
+        ));
+        node.kill9();
+        let _ = pull.0.wait();
+    }
+    // Everything committed verifies; the pull completes after a final restart.
+    let node = Node::start(&dir, "dc1", Some(&publisher.addr), &[]);
+    let v = node.cli(&["verify"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let report: Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(
+        report["corrupt_chunks"].as_array().map(|a| a.len()),
+        Some(0),
+        "{report}"
+    );
+    let out = tmp.path().join("out.raw");
+    let res = node.cli(&["pull", &image, "-o", out.to_str().unwrap()]);
+    assert!(
+        res.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&res.stderr),
+        node.log()
+    );
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("none");
+    let out = common::cli(&dir, &["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no vmswarm daemon is running"));
+
+    let node = Node::start(&tmp.path().join("n0"), "dc1", None, &[]);
+    let out = node.cli(&["pull", "not-an-id"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad image id"));
+    let out = node.cli(&["publish", "/nonexistent/disk.raw"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read image file"));
+    // A second daemon on the same data dir is refused.
+    let second = std::process::Command::new(common::BIN)
+        .arg("--data")
+        .arg(&node.dir)
+        .args(["serve", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("lock") || err.contains("already"), "{err}");
+    let bad = std::process::Command::new(common::BIN)
+        .args([
+            "--data",
+            tmp.path().join("x").to_str().unwrap(),
+            "serve",
+            "--listen",
+            "not-a-multiaddr",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
