@@ -1057,19 +1057,6 @@ fn publish_blocking(
 }
 
 fn export_blocking(store: &ChunkStore, manifest: &Manifest, path: &Path) -> Result<(), StoreError> {
-    let io = |source| StoreError::Io {
-        action: "write image",
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("vmswarm-partial");
-    let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    if let Err(e) = store.export_image(manifest, &mut out) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // Writes `<path>.vmswarm-partial`, re-verifies every chunk, fsyncs, renames over `path`.
+    store.export_to_file(manifest, path).map(|_| ())
 }
