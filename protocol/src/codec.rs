@@ -674,8 +674,9 @@ mod tests {
 
     #[test]
     fn unknown_discriminants_are_refused() {
-        // Message has 11 variants, 0..=10.
-        let err = decode(&[11]).unwrap_err();
+        // Message has 12 variants, 0..=11 (11 is Ack, a unit variant: valid on its own).
+        assert_eq!(decode(&[11]), Ok(Message::Ack));
+        let err = decode(&[12]).unwrap_err();
         assert!(
             matches!(&err, CodecError::Decode(s) if s.contains("UnexpectedVariant")),
             "{err}"
