@@ -42,6 +42,8 @@ pub struct FetchTuning {
     pub demand_deadline_ms: Option<u64>,
     /// How long a want may have no connected holder before it fails.
     pub unavailable_deadline_ms: Option<u64>,
+    /// How long a pull waits for any peer to provide the image's manifest.
+    pub manifest_timeout_ms: Option<u64>,
 }
 
 /// Errors reading the configuration file.
@@ -76,6 +78,11 @@ impl FileConfig {
             path: path.display().to_string(),
             source,
         })
+    }
+
+    /// The manifest lookup timeout (default 30 s).
+    pub fn manifest_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.fetch.manifest_timeout_ms.unwrap_or(30_000))
     }
 
     /// Applies the tuning to a scheduler configuration.

@@ -192,6 +192,7 @@ async fn run(cli: Cli) -> Result<()> {
                 metrics: metrics.or(file.metrics),
                 fetch,
                 serve: vmswarm_protocol::serve::Config::default(),
+                manifest_timeout: file.manifest_timeout(),
                 corrupt_served_chunks,
             };
             daemon::run(opts).await?;

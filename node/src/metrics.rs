@@ -203,12 +203,22 @@ pub async fn serve_http(listener: TcpListener, metrics: std::sync::Arc<Metrics>)
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // Read the request head (up to the blank line), at most 4 KiB, within 5 s.
+            let mut buf = Vec::with_capacity(1024);
+            let read_head = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 4096 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
             };
-            let head = String::from_utf8_lossy(&buf[..n]);
+            if !matches!(tokio::time::timeout(Duration::from_secs(5), read_head).await, Ok(true)) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf);
             let (status, body) = if head.starts_with("GET /metrics ") {
                 ("200 OK", metrics.render())
             } else {

@@ -16,7 +16,7 @@ fn fast_config(dir: &std::path::Path) -> std::path::PathBuf {
     let p = dir.join("fast.toml");
     std::fs::write(
         &p,
-        "[fetch]\nunavailable_deadline_ms = 3000\nrequest_timeout_ms = 2000\n",
+        "[fetch]\nunavailable_deadline_ms = 3000\nrequest_timeout_ms = 2000\nmanifest_timeout_ms = 2000\n",
     )
     .unwrap();
     p
@@ -320,6 +320,42 @@ fn cli_errors_are_clear() {
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("lock") || err.contains("already"), "{err}");
+    drop(node);
+
+    // An image nobody has: a clear failure after the (configured) manifest timeout.
+    let cfg = fast_config(tmp.path());
+    let metrics_port = free_tcp_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let node = Node::start(
+        &tmp.path().join("n1"),
+        "dc1",
+        None,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--metrics",
+            &metrics_addr,
+        ],
+    );
+    let unknown = "ab".repeat(32);
+    let out = node.cli(&["pull", &unknown]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no peer provided the manifest") && err.contains(&unknown),
+        "{err}"
+    );
+
+    // The Prometheus endpoint answers.
+    let text = http_get(&metrics_addr, "/metrics");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("# TYPE vmswarm_fetch_latency_seconds histogram"),
+        "{text}"
+    );
+    assert!(text.contains("vmswarm_bans_total 0"), "{text}");
+    assert!(http_get(&metrics_addr, "/other").starts_with("HTTP/1.1 404"));
+
     let bad = std::process::Command::new(common::BIN)
         .args([
             "--data",
@@ -331,6 +367,23 @@ fn cli_errors_are_clear() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 struct ChildGuard(std::process::Child);

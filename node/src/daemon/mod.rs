@@ -43,8 +43,6 @@ use crate::net::{self, Behaviour, BehaviourEvent};
 use crate::store::{ChunkStore, DataDirLock, StoreError};
 use transfer::{Transfer, Waiter};
 
-/// How long a pull waits for some peer to hand over the manifest before it fails.
-const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often pending manifest lookups ask the DHT for providers again.
 const PROVIDER_RETRY: Duration = Duration::from_secs(3);
 /// How often Have updates are flushed to interested peers.
@@ -67,6 +65,8 @@ pub struct Options {
     pub fetch: fetch::Config,
     /// Serve queue settings.
     pub serve: serve::Config,
+    /// How long a pull waits for some peer to hand over the manifest before it fails.
+    pub manifest_timeout: Duration,
     /// TEST ONLY: flip a byte in every chunk we serve (to test that peers detect and ban us).
     pub corrupt_served_chunks: bool,
 }
@@ -500,7 +500,7 @@ impl Daemon {
         let manifests = self
             .pending_manifests
             .values()
-            .map(|p| (p.since + MANIFEST_TIMEOUT).min(p.last_lookup + PROVIDER_RETRY))
+            .map(|p| (p.since + self.opts.manifest_timeout).min(p.last_lookup + PROVIDER_RETRY))
             .min();
         let lookups = self.transfers.values().map(|t| t.next_lookup).min();
         sched.into_iter().chain(manifests).chain(lookups).min()
@@ -514,6 +514,7 @@ impl Daemon {
             }
         }
         let std_now = StdInstant::now();
+        let manifest_timeout = self.opts.manifest_timeout;
         let mut expired = Vec::new();
         let mut relookup = Vec::new();
         for (image, t) in &mut self.transfers {
@@ -526,7 +527,7 @@ impl Daemon {
             if p.storing {
                 continue;
             }
-            if std_now >= p.since + MANIFEST_TIMEOUT {
+            if std_now >= p.since + manifest_timeout {
                 expired.push(*image);
             } else if std_now >= p.last_lookup + PROVIDER_RETRY {
                 p.last_lookup = std_now;
@@ -540,8 +541,8 @@ impl Daemon {
             if let Some(p) = self.pending_manifests.remove(&image) {
                 for w in p.waiters {
                     w.fail(format!(
-                        "no peer provided the manifest of image {image} within {}s: is the image published and its node reachable?",
-                        MANIFEST_TIMEOUT.as_secs()
+                        "no peer provided the manifest of image {image} within {:.1}s: is the image published and its node reachable?",
+                        manifest_timeout.as_secs_f64()
                     ));
                 }
             }
