@@ -215,7 +215,10 @@ pub async fn serve_http(listener: TcpListener, metrics: std::sync::Arc<Metrics>)
                 }
                 true
             };
-            if !matches!(tokio::time::timeout(Duration::from_secs(5), read_head).await, Ok(true)) {
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(5), read_head).await,
+                Ok(true)
+            ) {
                 return;
             }
             let head = String::from_utf8_lossy(&buf);

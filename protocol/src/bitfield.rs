@@ -207,17 +207,10 @@ impl ChunkBitmap {
                 got: set.count(),
             });
         }
+        set.check_bitmap_length()?;
         let mut out = ChunkBitmap::new(expected_count);
         match set {
             ChunkSet::Bitmap { count, bytes } => {
-                let expected = (*count as usize).div_ceil(8);
-                if bytes.len() != expected {
-                    return Err(ChunkSetError::BitmapLength {
-                        count: *count,
-                        expected,
-                        got: bytes.len(),
-                    });
-                }
                 for (w, chunk) in out.words.iter_mut().zip(bytes.chunks(8)) {
                     let mut buf = [0u8; 8];
                     buf[..chunk.len()].copy_from_slice(chunk);
@@ -289,6 +282,21 @@ pub enum ChunkSet {
 }
 
 impl ChunkSet {
+    /// Checks that a raw bitmap has exactly `ceil(count / 8)` bytes (run lists pass).
+    pub fn check_bitmap_length(&self) -> Result<(), ChunkSetError> {
+        if let ChunkSet::Bitmap { count, bytes } = self {
+            let expected = (*count as usize).div_ceil(8);
+            if bytes.len() != expected {
+                return Err(ChunkSetError::BitmapLength {
+                    count: *count,
+                    expected,
+                    got: bytes.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The chunk count the set claims to range over.
     pub fn count(&self) -> u32 {
         match self {

@@ -489,18 +489,9 @@ fn validate_chunk_set(set: &ChunkSet) -> Result<(), WireError> {
             max: MAX_IMAGE_CHUNKS,
         });
     }
+    set.check_bitmap_length()?;
     match set {
-        ChunkSet::Bitmap { count, bytes } => {
-            let expected = (*count as usize).div_ceil(8);
-            if bytes.len() != expected {
-                return Err(ChunkSetError::BitmapLength {
-                    count: *count,
-                    expected,
-                    got: bytes.len(),
-                }
-                .into());
-            }
-        }
+        ChunkSet::Bitmap { .. } => {}
         ChunkSet::Runs { count, runs } => {
             let max = (*count as usize).min(MAX_HAVE_RUNS);
             if runs.len() > max {
