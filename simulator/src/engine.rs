@@ -104,6 +104,12 @@ impl<E> EventQueue<E> {
         Some((e.at, e.event))
     }
 
+    /// Moves the clock forward to `at` without an event (for work the caller keeps outside the
+    /// queue, such as flow completions). Earlier instants are ignored.
+    pub fn advance_to(&mut self, at: Instant) {
+        self.now = self.now.max(at);
+    }
+
     /// Events popped so far.
     pub fn popped(&self) -> u64 {
         self.popped

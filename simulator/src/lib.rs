@@ -10,14 +10,23 @@
 //! - [`net`]: links, flows and max-min fair rates.
 //! - [`boot`]: what a booting VM reads, and when.
 //! - [`routing`]: content routing (Kademlia lookups) and which peers a host connects to.
+//! - [`strategy`]: what differs between central, swarm-full, lazy-central and vmswarm.
 //! - [`world`]: the simulated nodes and the messages between them; drives the protocol.
+//! - [`record`]: what a run produces.
 //! - [`checks`]: the Kumar-Ross bound and the consistency checks.
 //! - [`report`]: CSV files, summaries and plots.
 //!
 //! [`FetchScheduler`]: vmswarm_protocol::fetch::FetchScheduler
 //! [`ServeQueue`]: vmswarm_protocol::serve::ServeQueue
 
+pub mod boot;
+pub mod checks;
 pub mod engine;
 pub mod net;
+pub mod record;
+pub mod report;
+pub mod routing;
 pub mod scenario;
+pub mod strategy;
 pub mod units;
+pub mod world;

@@ -5,27 +5,36 @@
 //! affected part of the network is solved again: starting from the links whose flow set changed,
 //! the solver takes the flows crossing them, treats every other flow as fixed (its share of a link
 //! outside the set is subtracted from that link's capacity), and solves; any flow whose rate changed
-//! pulls its other links into the set, and this repeats until no rate outside changes. The result
-//! is the same allocation as solving the whole network (tested), at a cost proportional to the
-//! region that actually changed. This module also keeps each link's byte count and peak
+//! (or that is held back by an outside link on which an outside flow runs faster) pulls its other
+//! links into the set, and this repeats until nothing outside needs to change. The result is the
+//! allocation of a whole-network solve (tested), to within [`RISE_EPS`]: a rate increase smaller
+//! than that is not applied, so that a change does not ripple through a whole saturated swarm in
+//! ever smaller steps. The cost is proportional to the region that actually changed. This module also keeps each link's byte count and peak
 //! utilisation and the bytes per [`LinkClass`] over time. It decides nothing about which flows
 //! exist; the world (`crate::world`) starts and ends them.
 
 pub mod maxmin;
+
+use std::collections::BTreeSet;
 
 use crate::engine::secs;
 use vmswarm_protocol::Instant;
 
 /// Index of a link.
 pub type LinkId = u32;
-/// Index of a flow (slots are reused after a flow ends; pair with a version).
+/// Index of a flow (slots are reused after a flow ends).
 pub type FlowId = u32;
 
 /// Most links one flow crosses.
 pub const MAX_PATH: usize = 8;
 
-/// Relative change below which a rate counts as unchanged.
-const RATE_EPS: f64 = 1e-9;
+/// Relative decrease below which a recomputed rate is not applied (rounding noise).
+const FALL_EPS: f64 = 1e-9;
+/// Relative increase below which a recomputed rate is not applied: the flow keeps its slightly
+/// lower rate, which is still feasible. This stops a change from rippling through a whole
+/// saturated swarm in ever smaller steps; the price is that a rate may sit up to this fraction
+/// below its max-min share.
+pub const RISE_EPS: f64 = 1e-3;
 
 /// What a link models, for reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -113,7 +122,8 @@ struct Flow<T> {
     done: f64,
     rate: f64,
     since: u64,
-    version: u32,
+    /// When its last byte leaves at the current rate (`u64::MAX`: not scheduled).
+    due: u64,
     mark: u64,
     tag: Option<T>,
 }
@@ -124,17 +134,6 @@ impl<T> Flow<T> {
     }
 }
 
-/// A flow's completion, to be scheduled by the caller: valid while the flow's version is unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Completion {
-    /// The flow.
-    pub flow: FlowId,
-    /// Its version when this completion was computed.
-    pub version: u32,
-    /// When its last byte leaves, if its rate stays as it is.
-    pub at: Instant,
-}
-
 /// Whole-run network counters and checks.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct NetStats {
@@ -142,6 +141,8 @@ pub struct NetStats {
     pub solves: u64,
     /// Flows taken into a solve, summed over solves.
     pub solved_flows: u64,
+    /// Calls to [`Network::update`] that had something to do.
+    pub updates: u64,
     /// Flows started.
     pub flows_started: u64,
     /// Highest load / capacity over all links at any time (must not exceed 1).
@@ -158,6 +159,8 @@ pub struct Network<T> {
     flows: Vec<Flow<T>>,
     free_flows: Vec<FlowId>,
     dirty: Vec<LinkId>,
+    /// Flows by the time their last byte leaves.
+    due: BTreeSet<(u64, FlowId)>,
     epoch: u64,
     solver: maxmin::Solver,
     // Scratch buffers for an update.
@@ -186,6 +189,7 @@ impl<T> Network<T> {
             flows: Vec::new(),
             free_flows: Vec::new(),
             dirty: Vec::new(),
+            due: BTreeSet::new(),
             epoch: 0,
             solver: maxmin::Solver::new(),
             set: Vec::new(),
@@ -286,14 +290,13 @@ impl<T> Network<T> {
             done: 0.0,
             rate: 0.0,
             since: now.as_nanos(),
-            version: 0,
+            due: u64::MAX,
             mark: 0,
             tag: Some(tag),
         };
         let id = match self.free_flows.pop() {
             Some(id) => {
-                let version = self.flows[id as usize].version.wrapping_add(1);
-                self.flows[id as usize] = Flow { version, ..flow };
+                self.flows[id as usize] = flow;
                 id
             }
             None => {
@@ -309,10 +312,18 @@ impl<T> Network<T> {
         id
     }
 
-    /// Ends flow `id` if `version` is current: its bytes are all sent. Returns its tag and size.
-    pub fn complete(&mut self, now: Instant, id: FlowId, version: u32) -> Option<(T, u64)> {
+    /// The flow whose last byte leaves first, and when.
+    pub fn next_completion(&self) -> Option<(Instant, FlowId)> {
+        self.due
+            .first()
+            .map(|&(at, id)| (Instant::from_nanos(at), id))
+    }
+
+    /// Ends flow `id`, due at `now` (see [`Network::next_completion`]): its bytes are all sent.
+    /// Returns its tag and size.
+    pub fn complete(&mut self, now: Instant, id: FlowId) -> Option<(T, u64)> {
         let f = self.flows.get(id as usize)?;
-        if f.version != version || f.tag.is_none() {
+        if f.due > now.as_nanos() || f.tag.is_none() {
             return None;
         }
         self.advance(id, now.as_nanos());
@@ -341,7 +352,8 @@ impl<T> Network<T> {
     fn finish(&mut self, id: FlowId, bytes: f64) -> Option<T> {
         let f = &mut self.flows[id as usize];
         let tag = f.tag.take()?;
-        f.version = f.version.wrapping_add(1);
+        self.due.remove(&(f.due, id));
+        f.due = u64::MAX;
         f.rate = 0.0;
         let links = f.links;
         let n = f.nlinks as usize;
@@ -405,12 +417,13 @@ impl<T> Network<T> {
         self.flows.get(id as usize).map_or(0.0, |f| f.rate)
     }
 
-    /// Recomputes the rates affected by flows started or ended since the last call, and appends
-    /// the new completion times of flows whose rate changed to `out`.
-    pub fn update(&mut self, now: Instant, out: &mut Vec<Completion>) {
+    /// Recomputes the rates affected by flows started or ended since the last call (and with them
+    /// the completion times of the flows whose rate changed).
+    pub fn update(&mut self, now: Instant) {
         if self.dirty.is_empty() {
             return;
         }
+        self.stats.updates += 1;
         self.epoch += 1;
         let set_mark = self.epoch;
         self.set.clear();
@@ -514,9 +527,9 @@ impl<T> Network<T> {
                     .iter()
                     .any(|&ll| {
                         let ll = ll as usize;
-                        let full = self.local_load[ll] >= self.caps[ll] * (1.0 - RATE_EPS) - 1e-9;
+                        let full = self.local_load[ll] >= self.caps[ll] * (1.0 - RISE_EPS) - 1e-9;
                         let top = self.local_max[ll].max(self.outside_max[ll]);
-                        full && r >= top * (1.0 - RATE_EPS)
+                        full && r >= top * (1.0 - RISE_EPS)
                     });
                 if !changed(flow.rate, r) && has_bottleneck {
                     continue;
@@ -545,7 +558,6 @@ impl<T> Network<T> {
             self.advance(f, now_ns);
             let flow = &mut self.flows[f as usize];
             flow.rate = new;
-            flow.version = flow.version.wrapping_add(1);
             let remaining = flow.size as f64 - flow.done;
             let at = if remaining <= 0.0 {
                 now_ns
@@ -559,11 +571,13 @@ impl<T> Network<T> {
             } else {
                 u64::MAX
             };
-            out.push(Completion {
-                flow: f,
-                version: flow.version,
-                at: Instant::from_nanos(at),
-            });
+            if flow.due != u64::MAX {
+                self.due.remove(&(flow.due, f));
+            }
+            flow.due = at;
+            if at != u64::MAX {
+                self.due.insert((at, f));
+            }
         }
         // Loads and peaks of every link the region touched (and of set links left without flows).
         for &l in self.locals.iter().chain(&self.set) {
@@ -614,8 +628,9 @@ impl<T> Network<T> {
     }
 }
 
+/// Whether a recomputed rate is applied (see [`FALL_EPS`] and [`RISE_EPS`]).
 fn changed(old: f64, new: f64) -> bool {
-    (old - new).abs() > RATE_EPS * old.abs().max(new.abs())
+    new < old * (1.0 - FALL_EPS) || new > old * (1.0 + RISE_EPS)
 }
 
 #[cfg(test)]
