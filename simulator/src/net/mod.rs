@@ -417,6 +417,11 @@ impl<T> Network<T> {
         self.flows.get(id as usize).map_or(0.0, |f| f.rate)
     }
 
+    /// Whether flows started or ended since the last [`Network::update`].
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     /// Recomputes the rates affected by flows started or ended since the last call (and with them
     /// the completion times of the flows whose rate changed).
     pub fn update(&mut self, now: Instant) {

@@ -170,6 +170,10 @@ pub struct Scenario {
     pub intra_site_rtt: Duration,
     /// Per-connection flow-control window, bytes.
     pub window: f64,
+    /// Rates are recomputed at most once per this interval (zero: at every flow start and end).
+    /// A flow then starts up to this late and a finished flow's bandwidth is handed on up to this
+    /// late; rates stay feasible.
+    pub rate_quantum: Duration,
     /// Sites.
     pub sites: Vec<Site>,
     /// RTT between sites, `rtt[a][b]`; the diagonal is `intra_site_rtt`.
@@ -333,6 +337,11 @@ impl Checker<'_> {
             Some(t) => self.size("network.window", t)? as f64,
             None => DEFAULT_WINDOW_BYTES as f64,
         };
+        let rate_quantum = self.ms(
+            "network.rate_quantum_ms",
+            raw.network.rate_quantum_ms.unwrap_or(0.0),
+            true,
+        )?;
         if raw.sites.is_empty() {
             return Err(self.invalid("sites", "at least one site is needed"));
         }
@@ -491,6 +500,7 @@ impl Checker<'_> {
             chunk_size,
             intra_site_rtt,
             window,
+            rate_quantum,
             sites,
             rtt: matrix,
             hosts,

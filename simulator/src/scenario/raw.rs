@@ -93,6 +93,7 @@ pub(crate) struct RawImage {
 pub(crate) struct RawNetwork {
     pub(crate) intra_site_rtt_ms: Option<f64>,
     pub(crate) window: Option<String>,
+    pub(crate) rate_quantum_ms: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -234,6 +234,7 @@ pub struct World {
     counters: Counters,
     first_start: Instant,
     events: u64,
+    last_rate_update: Instant,
 }
 
 impl std::fmt::Debug for World {
@@ -399,6 +400,7 @@ impl World {
             wan_in: vec![0.0; n_sites],
             counters: Counters::default(),
             events: 0,
+            last_rate_update: Instant::ZERO,
             first_start: if first_start == Instant::MAX {
                 Instant::ZERO
             } else {
@@ -453,9 +455,20 @@ impl World {
             if self.vms_left == 0 && self.bg_left == 0 {
                 break;
             }
-            // Rates change only when flows start or end: settle them before time moves on.
-            if self.q.peek_time().is_none_or(|t| t > self.now()) {
-                self.net.update(self.now());
+            // Rates change only when flows start or end: settle them before time moves on (or,
+            // with a rate quantum, at most once per quantum).
+            if self.net.has_changes() && self.q.peek_time().is_none_or(|t| t > self.now()) {
+                let due = self.last_rate_update + self.sc.rate_quantum;
+                if self.now() >= due {
+                    self.net.update(self.now());
+                    self.last_rate_update = self.now();
+                } else if self.net.next_completion().is_none_or(|(t, _)| t > due)
+                    && self.q.peek_time().is_none_or(|t| t > due)
+                {
+                    self.q.advance_to(due);
+                    self.net.update(due);
+                    self.last_rate_update = due;
+                }
             }
             let next_event = self.q.peek_time();
             let next_flow = self.net.next_completion();
