@@ -125,7 +125,8 @@ pub struct Counters {
     pub bytes_wasted: f64,
     /// Highest link utilisation seen (must not exceed 1).
     pub max_utilisation: f64,
-    /// Largest relative difference between a flow's integrated rate and its size.
+    /// Largest difference between a flow's integrated rate and its size, in bytes, beyond the
+    /// nanosecond rounding of completion instants.
     pub max_fluid_error: f64,
 }
 
