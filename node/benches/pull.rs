@@ -1197,16 +1197,16 @@ impl Report {
         let _ = writeln!(
             s,
             "- **Memory against image size:** the largest peak RSS of a publisher was {:.0} MiB with the {} MiB \
-             image and {:.0} MiB with the {} MiB one; of a puller {:.0} and {:.0} MiB ({:.0}× the data). In the swarm \
+             image and {:.0} MiB with the {} MiB one, for {:.0}× less data; of a puller {:.0} and {:.0} MiB. In the swarm \
              run ({} MiB, {} peers each) pullers peaked at up to {:.0} MiB. The copy pulled in the {} MiB run was \
              exported and {}.",
             role_max(&self.big.nodes, "publisher"),
             self.big.bytes / MIB,
             role_max(&self.small.nodes, "publisher"),
             self.small.bytes / MIB,
+            self.big.bytes as f64 / self.small.bytes as f64,
             role_max(&self.big.nodes, "puller"),
             role_max(&self.small.nodes, "puller"),
-            self.big.bytes as f64 / self.small.bytes as f64,
             sw.bytes / MIB,
             sw.pullers,
             role_max(&sw.nodes, "puller"),

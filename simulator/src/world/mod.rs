@@ -1,0 +1,676 @@
+//! The simulated world: nodes (source servers and hosts), VMs, the messages between nodes, and the
+//! event loop that ties them to the network model.
+//!
+//! Each host runs one [`FetchScheduler<u32>`] for the image and each node one [`ServeQueue<u32>`],
+//! driven exactly as the node drives them: inputs through `handle_*(now, ...)`, outputs drained with
+//! `poll_action` / `poll_event` / `poll_next`, and `handle_timeout` called at `poll_timeout`. Peers
+//! are node indices. The world decides only what the protocol leaves to the node: how long a
+//! message takes (half the RTT), how bytes move (a flow in [`crate::net`]), when a host looks for
+//! providers and whom it connects to ([`crate::routing`]), what its VMs read ([`crate::boot`]) and
+//! which wants a strategy gives ([`crate::strategy`]). It makes no choice of chunk, peer, order or
+//! timeout of its own.
+//!
+//! Node-level behaviour modelled here, as the node is expected to do it:
+//! - A `Request` reaches the serving node after RTT/2. Chunks it does not hold are answered
+//!   `NotFound`; a chunk already being sent to that peer is ignored; the rest go to its serve
+//!   queue (`Busy` is answered as a reject). Up to `max_active_uploads` chunks are sent at once.
+//! - A chunk's bytes are a flow from the server's NIC to the requester's; the chunk is delivered
+//!   RTT/2 after its last byte left (propagation), verified (always valid here) and committed.
+//! - A `Cancel` removes a queued request, or stops a send in progress (the stream is reset).
+//! - A host batches the chunks it commits into one `HaveUpdate` per connected host every
+//!   `routing.have_batch_ms`.
+//! - A VM read maps to chunks through the manifest; missing chunks become Demand wants; the VM
+//!   waits for all of them. A failed Demand want (deadline passed) is re-wanted at once (the guest
+//!   retries the read) and counted.
+
+mod host;
+mod links;
+mod server;
+
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use vmswarm_protocol::bitfield::ChunkBitmap;
+use vmswarm_protocol::fetch::{FetchScheduler, RejectKind};
+use vmswarm_protocol::manifest::Manifest;
+use vmswarm_protocol::serve::ServeQueue;
+use vmswarm_protocol::{ChunkId, Instant, Priority};
+
+use crate::boot::{self, SharedTrace, VmReads};
+use crate::engine::{EventQueue, instant_from_secs, secs};
+use crate::net::{FlowId, LinkClass, LinkId, Network};
+use crate::record::{Counters, HostRecord, LinkRecord, RunResult, VmRecord};
+use crate::routing;
+use crate::scenario::Scenario;
+use crate::strategy::{Background, Plan};
+
+/// Node index: source servers first, then hosts.
+pub type NodeId = u32;
+
+/// Errors that stop a run before it starts.
+#[derive(Debug, thiserror::Error)]
+pub enum WorldError {
+    /// The image cannot be described by a manifest.
+    #[error("image: {0}")]
+    Manifest(#[from] vmswarm_protocol::manifest::ManifestError),
+    /// The scheduler refused its configuration.
+    #[error("fetch scheduler: {0}")]
+    Fetch(#[from] vmswarm_protocol::fetch::FetchError),
+}
+
+/// Progress of a run, for a status line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Simulated time, s.
+    pub now_s: f64,
+    /// Events processed.
+    pub events: u64,
+    /// VMs booted.
+    pub vms_booted: u64,
+    /// VMs in all.
+    pub vms: u64,
+    /// Hosts whose background target is complete.
+    pub hosts_done: u64,
+    /// Hosts with a background target.
+    pub hosts_with_target: u64,
+    /// Flows in progress.
+    pub flows: usize,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Request {
+        priority: Priority,
+        indices: Vec<u32>,
+    },
+    Cancel {
+        indices: Vec<u32>,
+    },
+    Fetching {
+        indices: Vec<u32>,
+    },
+    HaveUpdate {
+        indices: Rc<[u32]>,
+    },
+    Reject {
+        index: u32,
+        kind: RejectKind,
+    },
+    Hello {
+        /// The sender's Have set (`None`: a source, which holds everything).
+        have: Option<Box<ChunkBitmap>>,
+    },
+    Chunk {
+        index: u32,
+    },
+}
+
+#[derive(Debug)]
+enum Ev {
+    HostStart(u32),
+    VmStart(u32),
+    LookupDone(u32),
+    Connect { host: u32, peer: NodeId },
+    Msg { to: NodeId, from: NodeId, msg: Msg },
+    Timer(u32),
+    ReadIssue(u32),
+    HaveFlush(u32),
+}
+
+/// What a flow carries.
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    from: NodeId,
+    to: NodeId,
+    index: u32,
+}
+
+#[derive(Debug)]
+struct Node {
+    site: usize,
+    up: LinkId,
+    down: LinkId,
+    serve: ServeQueue<NodeId>,
+    /// Chunks being sent: `(peer, index) -> flow`.
+    sending: HashMap<(NodeId, u32), FlowId>,
+    uploaded: f64,
+}
+
+#[derive(Debug)]
+struct Host {
+    node: NodeId,
+    site: usize,
+    sched: Option<FetchScheduler<NodeId>>,
+    store: ChunkBitmap,
+    conns: BTreeSet<NodeId>,
+    have_peers: Vec<NodeId>,
+    pending_have: Vec<u32>,
+    flush_armed: bool,
+    timer_at: Option<Instant>,
+    waiters: HashMap<u32, Vec<u32>>,
+    vms: Vec<u32>,
+    started: Option<Instant>,
+    lookup_pending: bool,
+    bg_left: u32,
+    bg_done: Option<Instant>,
+    fetched: u64,
+    from_site: Vec<u64>,
+    from_sources: u64,
+    duplicate: u64,
+}
+
+#[derive(Debug)]
+struct Vm {
+    host: u32,
+    start: Instant,
+    reads: VmReads,
+    next: usize,
+    waiting: u32,
+    reading: bool,
+    boot_done: Option<Instant>,
+    issued: u64,
+    failures: u64,
+    fetched: u64,
+    from_site: Vec<u64>,
+    rng: ChaCha8Rng,
+}
+
+/// Seeds an independent stream for `purpose` / `index` from the run seed (SplitMix64 mixing).
+pub fn substream(seed: u64, purpose: u64, index: u64) -> u64 {
+    let mut z = seed
+        .wrapping_add(purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(index.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+const STREAM_BOOT: u64 = 1;
+const STREAM_VM: u64 = 2;
+const STREAM_START: u64 = 3;
+const STREAM_ROUTING: u64 = 4;
+const STREAM_SCHED: u64 = 5;
+
+/// The synthetic id of chunk `index` (distinct per index, never an all-zero chunk's id).
+pub fn chunk_id(index: u32) -> ChunkId {
+    let mut b = [0xA5u8; 32];
+    b[..4].copy_from_slice(&index.to_le_bytes());
+    ChunkId(b)
+}
+
+fn chunk_index(id: &ChunkId) -> u32 {
+    u32::from_le_bytes([id.0[0], id.0[1], id.0[2], id.0[3]])
+}
+
+/// One simulation run.
+pub struct World {
+    sc: Scenario,
+    plan: Plan,
+    seed: u64,
+    label: String,
+    q: EventQueue<Ev>,
+    net: Network<Transfer>,
+    manifest: Manifest,
+    full: ChunkBitmap,
+    profile: Vec<u32>,
+    profile_set: ChunkBitmap,
+    nodes: Vec<Node>,
+    hosts: Vec<Host>,
+    vms: Vec<Vm>,
+    sources: u32,
+    site_links: Vec<links::SiteLinks>,
+    windows: HashMap<(NodeId, NodeId), (LinkId, u32)>,
+    providers: Vec<(Instant, u32)>,
+    lookup_delay: Vec<Duration>,
+    routing_rng: ChaCha8Rng,
+    vms_left: u64,
+    bg_left: u64,
+    bg_hosts: u64,
+    wan_out: Vec<f64>,
+    wan_in: Vec<f64>,
+    counters: Counters,
+    first_start: Instant,
+    events: u64,
+    last_rate_update: Instant,
+}
+
+impl std::fmt::Debug for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("World")
+            .field("scenario", &self.sc.name)
+            .field("now", &self.q.now())
+            .finish()
+    }
+}
+
+impl World {
+    /// Builds the world of a scenario: nodes, links, VMs and their start events.
+    pub fn new(sc: Scenario, seed: u64, label: String) -> Result<World, WorldError> {
+        let plan = Plan::of(&sc);
+        let chunks = sc.chunk_count();
+        let manifest = Manifest::new(
+            sc.image_size,
+            sc.chunk_size,
+            (0..chunks).map(chunk_id).collect(),
+            sc.name.clone(),
+            None,
+            Default::default(),
+        )?;
+        // Check the scheduler configuration once, before building anything.
+        FetchScheduler::<NodeId>::new(sc.fetch.clone(), chunks, 0)?;
+        let mut boot_rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_BOOT, 0));
+        let shared: Rc<SharedTrace> =
+            Rc::new(boot::shared_trace(&sc.boot, sc.image_size, &mut boot_rng));
+        let profile = boot::profile(&shared, &manifest);
+        let mut profile_set = ChunkBitmap::new(chunks);
+        for &c in &profile {
+            profile_set.insert(c);
+        }
+        // A bin of about 1/500 of the expected span is fine; the span is not known in advance, so
+        // use 100 ms (reports aggregate bins for plotting).
+        let mut net = Network::new(100_000_000);
+        let site_links = links::site_links(&sc, &mut net);
+        let mut nodes = Vec::new();
+        for (i, s) in sc.sources.iter().enumerate() {
+            let up = net.add_link(s.nic_up, LinkClass::SourceUp, i as u32);
+            let down = net.add_link(s.nic_down, LinkClass::SourceDown, i as u32);
+            nodes.push(Node {
+                site: s.site,
+                up,
+                down,
+                serve: ServeQueue::new(sc.serve.clone()),
+                sending: HashMap::new(),
+                uploaded: 0.0,
+            });
+        }
+        let sources = nodes.len() as u32;
+        let mut q = EventQueue::new();
+        let mut hosts = Vec::new();
+        let mut vms = Vec::new();
+        let mut start_rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_START, 0));
+        let mut first_start = Instant::MAX;
+        for g in &sc.hosts {
+            for _ in 0..g.count {
+                let h = hosts.len() as u32;
+                let node = nodes.len() as NodeId;
+                let up = net.add_link(g.nic_up, LinkClass::HostUp, h);
+                let down = net.add_link(g.nic_down, LinkClass::HostDown, h);
+                nodes.push(Node {
+                    site: g.site,
+                    up,
+                    down,
+                    serve: ServeQueue::new(sc.serve.clone()),
+                    sending: HashMap::new(),
+                    uploaded: 0.0,
+                });
+                let starts: Vec<Instant> = (0..g.vms)
+                    .map(|_| {
+                        let offset = if g.start_spread_s > 0.0 {
+                            rand::Rng::random::<f64>(&mut start_rng) * g.start_spread_s
+                        } else {
+                            0.0
+                        };
+                        instant_from_secs(g.start_s + offset)
+                    })
+                    .collect();
+                // The host starts with its first VM, and before it (events at one instant run in
+                // the order they were scheduled).
+                let host_start = starts.iter().copied().min().unwrap_or(Instant::ZERO);
+                q.schedule_at(host_start, Ev::HostStart(h));
+                let mut host_vms = Vec::new();
+                for start in starts {
+                    let v = vms.len() as u32;
+                    let mut rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_VM, v.into()));
+                    let reads = VmReads::new(&sc.boot, sc.image_size, shared.clone(), &mut rng);
+                    vms.push(Vm {
+                        host: h,
+                        start,
+                        reads,
+                        next: 0,
+                        waiting: 0,
+                        reading: false,
+                        boot_done: None,
+                        issued: 0,
+                        failures: 0,
+                        fetched: 0,
+                        from_site: vec![0; sc.sites.len()],
+                        rng,
+                    });
+                    q.schedule_at(start, Ev::VmStart(v));
+                    host_vms.push(v);
+                }
+                first_start = first_start.min(host_start);
+                hosts.push(Host {
+                    node,
+                    site: g.site,
+                    sched: None,
+                    store: ChunkBitmap::new(chunks),
+                    conns: BTreeSet::new(),
+                    have_peers: Vec::new(),
+                    pending_have: Vec::new(),
+                    flush_armed: false,
+                    timer_at: None,
+                    waiters: HashMap::new(),
+                    vms: host_vms,
+                    started: None,
+                    lookup_pending: false,
+                    bg_left: 0,
+                    bg_done: None,
+                    fetched: 0,
+                    from_site: vec![0; sc.sites.len()],
+                    from_sources: 0,
+                    duplicate: 0,
+                });
+            }
+        }
+        let lookup_delay = (0..sc.sites.len())
+            .map(|s| routing::lookup_delay(&sc, s))
+            .collect();
+        let bg_hosts = match plan.background {
+            Background::None => 0,
+            _ => hosts.len() as u64,
+        };
+        let n_sites = sc.sites.len();
+        Ok(World {
+            plan,
+            seed,
+            label,
+            q,
+            net,
+            full: ChunkBitmap::full(chunks),
+            manifest,
+            profile,
+            profile_set,
+            nodes,
+            vms_left: vms.len() as u64,
+            bg_left: bg_hosts,
+            bg_hosts,
+            hosts,
+            vms,
+            sources,
+            site_links,
+            windows: HashMap::new(),
+            providers: Vec::new(),
+            lookup_delay,
+            routing_rng: ChaCha8Rng::seed_from_u64(substream(seed, STREAM_ROUTING, 0)),
+            wan_out: vec![0.0; n_sites],
+            wan_in: vec![0.0; n_sites],
+            counters: Counters::default(),
+            events: 0,
+            last_rate_update: Instant::ZERO,
+            first_start: if first_start == Instant::MAX {
+                Instant::ZERO
+            } else {
+                first_start
+            },
+            sc,
+        })
+    }
+
+    fn now(&self) -> Instant {
+        self.q.now()
+    }
+
+    fn is_source(&self, n: NodeId) -> bool {
+        n < self.sources
+    }
+
+    fn host_of(&self, n: NodeId) -> Option<u32> {
+        n.checked_sub(self.sources)
+    }
+
+    fn rtt(&self, a: NodeId, b: NodeId) -> Duration {
+        self.sc.rtt[self.nodes[a as usize].site][self.nodes[b as usize].site]
+    }
+
+    fn send(&mut self, from: NodeId, to: NodeId, msg: Msg) {
+        let delay = self.rtt(from, to) / 2;
+        self.q.schedule_in(delay, Ev::Msg { to, from, msg });
+    }
+
+    fn chunk_len(&self, index: u32) -> u64 {
+        u64::from(self.manifest.chunk_len(index).unwrap_or(0))
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            now_s: secs(self.now()),
+            events: self.events,
+            vms_booted: self.vms.len() as u64 - self.vms_left,
+            vms: self.vms.len() as u64,
+            hosts_done: self.bg_hosts - self.bg_left,
+            hosts_with_target: self.bg_hosts,
+            flows: self.net.active_flows(),
+        }
+    }
+
+    /// Runs to the end (every VM booted and every background target complete, or the time limit),
+    /// calling `progress` every 2^16 events.
+    pub fn run(mut self, progress: &mut dyn FnMut(&Progress)) -> RunResult {
+        let limit = Instant::from_duration(self.sc.max_time);
+        loop {
+            if self.vms_left == 0 && self.bg_left == 0 {
+                break;
+            }
+            // Rates change only when flows start or end: settle them before time moves on (or,
+            // with a rate quantum, at most once per quantum).
+            if self.net.has_changes() && self.q.peek_time().is_none_or(|t| t > self.now()) {
+                let due = self.last_rate_update + self.sc.rate_quantum;
+                if self.now() >= due {
+                    self.net.update(self.now());
+                    self.last_rate_update = self.now();
+                } else if self.net.next_completion().is_none_or(|(t, _)| t > due)
+                    && self.q.peek_time().is_none_or(|t| t > due)
+                {
+                    self.q.advance_to(due);
+                    self.net.update(due);
+                    self.last_rate_update = due;
+                }
+            }
+            let next_event = self.q.peek_time();
+            let next_flow = self.net.next_completion();
+            let flow_first = match (next_flow, next_event) {
+                (Some((tf, _)), Some(te)) => tf <= te,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if flow_first {
+                let Some((at, flow)) = next_flow else {
+                    break;
+                };
+                if at > limit {
+                    self.counters.stopped_at_limit = true;
+                    break;
+                }
+                self.q.advance_to(at);
+                self.flow_done(flow);
+            } else {
+                let Some((now, ev)) = self.q.pop() else {
+                    break;
+                };
+                if now > limit {
+                    self.counters.stopped_at_limit = true;
+                    break;
+                }
+                self.dispatch(ev);
+            }
+            self.events += 1;
+            if self.events & 0xFFFF == 0 {
+                progress(&self.progress());
+            }
+        }
+        progress(&self.progress());
+        self.finish()
+    }
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::HostStart(h) => self.host_start(h),
+            Ev::VmStart(v) => self.vm_start(v),
+            Ev::LookupDone(h) => self.lookup_done(h),
+            Ev::Connect { host, peer } => self.connect(host, peer),
+            Ev::Msg { to, from, msg } => self.message(to, from, msg),
+            Ev::Timer(h) => self.timer(h),
+            Ev::ReadIssue(v) => {
+                let now = self.now();
+                self.run_vm(v, now);
+            }
+            Ev::HaveFlush(h) => self.have_flush(h),
+        }
+    }
+
+    fn message(&mut self, to: NodeId, from: NodeId, msg: Msg) {
+        match msg {
+            Msg::Request { priority, indices } => self.on_request(to, from, priority, indices),
+            Msg::Cancel { indices } => self.on_cancel(to, from, &indices),
+            Msg::Chunk { index } => self.on_chunk(to, from, index),
+            other => {
+                let Some(h) = self.host_of(to) else {
+                    return; // sources ignore everything else
+                };
+                self.on_host_message(h, from, other);
+            }
+        }
+    }
+
+    fn finish(mut self) -> RunResult {
+        let now = self.now();
+        self.net.settle(now);
+        for f in self.net.live_flows() {
+            if let Some((t, sent)) = self.net.abort(now, f) {
+                self.counters.flows_unfinished += 1;
+                self.account(t, sent, true);
+            }
+        }
+        let ns = self.net.stats();
+        let c = &mut self.counters;
+        c.events = self.events;
+        let last_boot = self.vms.iter().filter_map(|v| v.boot_done).max();
+        let last_bg = self.hosts.iter().filter_map(|h| h.bg_done).max();
+        c.end_s = secs(
+            now.max(last_boot.unwrap_or(now))
+                .max(last_bg.unwrap_or(now)),
+        );
+        c.flows = ns.flows_started;
+        c.solves = ns.solves;
+        c.rate_updates = ns.updates;
+        c.solved_flows = ns.solved_flows;
+        c.max_utilisation = ns.max_utilisation;
+        c.max_fluid_error = ns.max_fluid_error;
+        let site_name = |s: usize| self.sc.sites[s].name.clone();
+        let vms = self
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, v)| VmRecord {
+                vm: i as u32,
+                host: v.host,
+                site: site_name(self.hosts[v.host as usize].site),
+                start_s: secs(v.start),
+                boot_done_s: v.boot_done.map(secs),
+                reads: v.issued,
+                read_failures: v.failures,
+                fetched_bytes: v.fetched,
+                fetched_from_site: v.from_site.clone(),
+            })
+            .collect();
+        let hosts = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| HostRecord {
+                host: i as u32,
+                site: site_name(h.site),
+                start_s: h.started.map(secs),
+                background_done_s: h.bg_done.map(secs),
+                chunks: h.store.count(),
+                fetched_bytes: h.fetched,
+                fetched_from_site: h.from_site.clone(),
+                fetched_from_sources: h.from_sources,
+                duplicate_bytes: h.duplicate,
+                uploaded_bytes: self.nodes[h.node as usize].uploaded.round() as u64,
+                peers: h.conns.len() as u32,
+            })
+            .collect();
+        let links = self
+            .net
+            .links()
+            .iter()
+            .filter(|l| l.live && l.class != LinkClass::Window)
+            .map(|l| LinkRecord {
+                class: l.class.name().to_owned(),
+                owner: match l.class {
+                    LinkClass::HostUp | LinkClass::HostDown => format!("host{}", l.owner),
+                    LinkClass::SourceUp | LinkClass::SourceDown => format!("source{}", l.owner),
+                    _ => site_name(l.owner as usize),
+                },
+                capacity: l.capacity,
+                bytes: l.bytes,
+                peak_utilisation: l.peak,
+            })
+            .collect();
+        let (series, bin_ns) = self.net.series();
+        let series = LinkClass::ALL
+            .iter()
+            .filter(|c| **c != LinkClass::Window)
+            .map(|c| {
+                (
+                    c.name().to_owned(),
+                    series.iter().map(|b| b[*c as usize]).collect(),
+                )
+            })
+            .collect();
+        let source_egress = self.nodes[..self.sources as usize]
+            .iter()
+            .map(|n| n.uploaded)
+            .sum();
+        let u_s: f64 = self.sc.sources.iter().map(|s| s.nic_up).sum();
+        let u_hosts: f64 = self
+            .sc
+            .hosts
+            .iter()
+            .map(|g| g.nic_up * f64::from(g.count))
+            .sum();
+        let d_min = self
+            .sc
+            .hosts
+            .iter()
+            .map(|g| g.nic_down)
+            .fold(f64::INFINITY, f64::min);
+        RunResult {
+            scenario: self.sc.name.clone(),
+            strategy: self.sc.strategy.name().to_owned(),
+            label: self.label.clone(),
+            seed: self.seed,
+            sites: self.sc.sites.iter().map(|s| s.name.clone()).collect(),
+            image_size: self.sc.image_size,
+            chunk_size: self.sc.chunk_size,
+            full_copy: self.plan.full_copy(),
+            background_all: self.plan.background == Background::All,
+            vms,
+            hosts,
+            links,
+            wan_out: self.wan_out.clone(),
+            wan_in: self.wan_in.clone(),
+            source_egress,
+            series_bin_s: bin_ns as f64 / 1e9,
+            series,
+            counters: self.counters.clone(),
+            kr_inputs: (u_s, u_hosts, d_min),
+            first_start_s: secs(self.first_start),
+        }
+    }
+}
+
+/// Runs a scenario with a seed; `label` names the run in comparisons.
+pub fn run(
+    sc: Scenario,
+    seed: u64,
+    label: String,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<RunResult, WorldError> {
+    Ok(World::new(sc, seed, label)?.run(progress))
+}

@@ -1,0 +1,148 @@
+//! The serving side of a node: requests into its [`ServeQueue`](vmswarm_protocol::serve::ServeQueue),
+//! chunks out as flows, cancels, and the byte accounting of finished flows.
+
+use vmswarm_protocol::Priority;
+use vmswarm_protocol::fetch::RejectKind;
+use vmswarm_protocol::serve::Queued;
+
+use super::{Msg, NodeId, Transfer, World, chunk_id, chunk_index};
+
+impl World {
+    fn holds(&self, node: NodeId, index: u32) -> bool {
+        match self.host_of(node) {
+            None => true,
+            Some(h) => self.hosts[h as usize].store.contains(index),
+        }
+    }
+
+    pub(super) fn on_request(
+        &mut self,
+        server: NodeId,
+        from: NodeId,
+        priority: Priority,
+        indices: Vec<u32>,
+    ) {
+        let mut ids = Vec::with_capacity(indices.len());
+        let mut kept = Vec::with_capacity(indices.len());
+        for index in indices {
+            if !self.holds(server, index) {
+                self.send(
+                    server,
+                    from,
+                    Msg::Reject {
+                        index,
+                        kind: RejectKind::NotFound,
+                    },
+                );
+                continue;
+            }
+            if self.nodes[server as usize]
+                .sending
+                .contains_key(&(from, index))
+            {
+                continue; // already on its way
+            }
+            ids.push(chunk_id(index));
+            kept.push(index);
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let results = self.nodes[server as usize]
+            .serve
+            .handle_request(&from, priority, &ids);
+        for (index, r) in kept.into_iter().zip(results) {
+            if r == Queued::Busy {
+                self.counters.busy_rejects += 1;
+                self.send(
+                    server,
+                    from,
+                    Msg::Reject {
+                        index,
+                        kind: RejectKind::Busy,
+                    },
+                );
+            }
+        }
+        self.pump(server);
+    }
+
+    pub(super) fn on_cancel(&mut self, server: NodeId, from: NodeId, indices: &[u32]) {
+        let ids: Vec<_> = indices.iter().map(|&i| chunk_id(i)).collect();
+        self.nodes[server as usize].serve.handle_cancel(&from, &ids);
+        let now = self.now();
+        let mut freed = false;
+        for &index in indices {
+            let Some(flow) = self.nodes[server as usize].sending.remove(&(from, index)) else {
+                continue;
+            };
+            if let Some((t, sent)) = self.net.abort(now, flow) {
+                self.counters.flows_aborted += 1;
+                self.account(t, sent, true);
+                self.release_window(t.from, t.to);
+                self.nodes[server as usize].serve.handle_sent();
+                freed = true;
+            }
+        }
+        if freed {
+            self.pump(server);
+        }
+    }
+
+    /// Starts sending whatever the serve queue hands out.
+    pub(super) fn pump(&mut self, server: NodeId) {
+        let now = self.now();
+        while let Some(serve) = self.nodes[server as usize].serve.poll_next() {
+            let index = chunk_index(&serve.chunk);
+            let to = serve.peer;
+            let (path, n) = self.path(server, to);
+            let size = self.chunk_len(index);
+            let flow = self.net.start(
+                now,
+                &path[..n],
+                size,
+                Transfer {
+                    from: server,
+                    to,
+                    index,
+                },
+            );
+            self.nodes[server as usize]
+                .sending
+                .insert((to, index), flow);
+        }
+    }
+
+    pub(super) fn flow_done(&mut self, flow: u32) {
+        let now = self.now();
+        let Some((t, size)) = self.net.complete(now, flow) else {
+            return;
+        };
+        self.account(t, size as f64, false);
+        self.release_window(t.from, t.to);
+        let server = &mut self.nodes[t.from as usize];
+        server.sending.remove(&(t.to, t.index));
+        server.serve.handle_sent();
+        self.send(t.from, t.to, Msg::Chunk { index: t.index });
+        self.pump(t.from);
+    }
+
+    /// Counts `bytes` of a transfer as sent and received (and as crossing the WAN if it did).
+    pub(super) fn account(&mut self, t: Transfer, bytes: f64, wasted: bool) {
+        self.counters.bytes_sent += bytes;
+        if wasted {
+            self.counters.bytes_wasted += bytes;
+        } else {
+            self.counters.bytes_in_transit += bytes;
+        }
+        self.nodes[t.from as usize].uploaded += bytes;
+        let (sa, sb) = (
+            self.nodes[t.from as usize].site,
+            self.nodes[t.to as usize].site,
+        );
+        if sa != sb {
+            self.wan_out[sa] += bytes;
+            self.wan_in[sb] += bytes;
+        }
+    }
+}
