@@ -42,6 +42,11 @@ pub const MAX_SITE_LEN: usize = 64;
 /// Longest agent string in a [`Hello`], in bytes.
 pub const MAX_AGENT_LEN: usize = 128;
 
+/// How long a node collects newly held chunks before sending them as one [`Message::HaveUpdate`] to
+/// each interested peer. Shorter spreads news faster; longer sends fewer messages (at 10,000 hosts
+/// HaveUpdates are most of the traffic). Both the node and the simulator use this default.
+pub const HAVE_UPDATE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Most chunk indices in one [`Message::HaveUpdate`] or [`Message::Fetching`]. A sender with more
 /// splits them over several messages (or sends a full [`Message::Have`]).
 pub const MAX_UPDATE_INDICES: usize = 65_536;

@@ -45,8 +45,8 @@ use transfer::{Transfer, Waiter};
 
 /// How often pending manifest lookups ask the DHT for providers again.
 const PROVIDER_RETRY: Duration = Duration::from_secs(3);
-/// How often Have updates are flushed to interested peers.
-const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// How often Have updates are flushed to interested peers (the protocol's batching interval).
+const FLUSH_INTERVAL: Duration = vmswarm_protocol::wire::HAVE_UPDATE_INTERVAL;
 
 /// Everything `vmswarm serve` is told.
 #[derive(Debug, Clone)]

@@ -29,7 +29,8 @@ pub const DEFAULT_MAX_PEERS: u32 = 50;
 /// Kademlia's lookup parallelism.
 pub const DEFAULT_ALPHA: u32 = 3;
 /// Default interval at which a host batches its `HaveUpdate`s.
-pub const DEFAULT_HAVE_BATCH_MS: f64 = 100.0;
+pub const DEFAULT_HAVE_BATCH_MS: f64 =
+    vmswarm_protocol::wire::HAVE_UPDATE_INTERVAL.as_millis() as f64;
 /// Default stop time of a run, in simulated seconds.
 pub const DEFAULT_MAX_TIME_S: f64 = 86_400.0;
 
