@@ -1,14 +1,338 @@
-//! `vmswarm-testnet`: real node processes across emulated sites (issue #6). Not built yet.
+//! The `vmswarm-testnet` command line; the work is in the library's modules.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use vmswarm_testnet::plan::{self, Plan, PlanRequest};
+use vmswarm_testnet::state::State;
+use vmswarm_testnet::{probe, sys, up, wan};
 
 /// Runs real vmswarm nodes across emulated sites on one machine.
 #[derive(Debug, Parser)]
 #[command(name = "vmswarm-testnet", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    /// Where the testnet keeps its state, data dirs and logs.
+    #[arg(long, global = true, env = "VMSWARM_TESTNET_DIR")]
+    dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    eprintln!("vmswarm-testnet: the testnet is not built yet; see README.md");
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create the sites and start the nodes (they keep running after this command returns).
+    Up(UpArgs),
+    /// Stop every node and remove everything `up` created.
+    Down,
+    /// Show the nodes and whether they run.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure RTT or throughput between two nodes (e.g. `probe s0n0 s1n0 --rtt 10`).
+    Probe {
+        /// The node that sends.
+        from: String,
+        /// The node that answers.
+        to: String,
+        /// Number of round trips to time.
+        #[arg(long, conflicts_with = "bytes")]
+        rtt: Option<usize>,
+        /// Bytes to send over one TCP stream.
+        #[arg(long)]
+        bytes: Option<u64>,
+    },
+    #[command(hide = true)]
+    WanEmulator {
+        #[arg(long)]
+        spec: PathBuf,
+    },
+    #[command(hide = true)]
+    ProbeServe {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        lifetime_s: u64,
+    },
+    #[command(hide = true)]
+    ProbeClient {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        rtt: Option<usize>,
+        #[arg(long)]
+        bytes: Option<u64>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Number of sites.
+    #[arg(long, default_value_t = 3)]
+    sites: usize,
+    /// Nodes in each site.
+    #[arg(long, default_value_t = 4)]
+    nodes_per_site: usize,
+    /// Round-trip times between sites: one for all pairs, or one per pair in the order
+    /// 0-1, 0-2, ..., 1-2, ... (e.g. "31ms,75ms,165ms" for three sites).
+    #[arg(long, default_value = "31ms,75ms,165ms")]
+    wan: String,
+    /// Each site's WAN link, up and down (e.g. 200mbit); unlimited if not given.
+    #[arg(long)]
+    wan_bw: Option<String>,
+    /// Each node's NIC, up and down (e.g. 100mbit); unlimited if not given.
+    #[arg(long)]
+    nic_bw: Option<String>,
+    /// Longest queueing delay at a WAN link before packets are dropped.
+    #[arg(long, default_value = "50ms")]
+    wan_queue: String,
+    /// Do not use network namespaces: loopback addresses, no WAN emulation.
+    #[arg(long)]
+    no_netns: bool,
+    /// First UDP port in loopback mode.
+    #[arg(long, default_value_t = 17400)]
+    base_port: u16,
+    /// The vmswarm binary (default: next to this program, then $PATH).
+    #[arg(long, env = "VMSWARM_BIN")]
+    vmswarm: Option<PathBuf>,
+    /// RUST_LOG for the nodes.
+    #[arg(long, default_value = "info,libp2p=warn")]
+    node_log: String,
+}
+
+fn state_dir(cli: &Cli) -> PathBuf {
+    cli.dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("vmswarm-testnet"))
+}
+
+fn find_vmswarm(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return std::fs::canonicalize(&p)
+            .with_context(|| format!("vmswarm binary {} not found", p.display()));
+    }
+    let me = std::env::current_exe()?;
+    if let Some(dir) = me.parent() {
+        let sib = dir.join("vmswarm");
+        if sib.is_file() {
+            return Ok(sib);
+        }
+        // Integration tests run from target/<profile>/deps.
+        if let Some(up) = dir.parent() {
+            let sib = up.join("vmswarm");
+            if sib.is_file() {
+                return Ok(sib);
+            }
+        }
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let p = dir.join("vmswarm");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("cannot find the vmswarm binary: build it (`cargo build -p vmswarm-node`) or pass --vmswarm")
+}
+
+fn random_id() -> String {
+    use rand::RngCore;
+    format!("{:06x}", rand::rng().next_u32() & 0xff_ffff)
+}
+
+fn cmd_up(dir: &Path, a: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    if State::path(&dir).exists() {
+        bail!(
+            "a testnet is already up in {} (run `vmswarm-testnet --dir {} down` first)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let vmswarm = find_vmswarm(a.vmswarm)?;
+    let id = random_id();
+    let mut netns = !a.no_netns;
+    if netns && !sys::can_create_netns(&format!("vmsw-{id}-probe")) {
+        eprintln!(
+            "WARNING: cannot create network namespaces here (not root?). FALLING BACK to loopback \
+             addresses: all sites share 127.0.0.1, there is NO WAN latency or bandwidth emulation \
+             and NO NIC shaping. Results are not representative of a WAN."
+        );
+        netns = false;
+    } else if !netns {
+        eprintln!(
+            "WARNING: --no-netns: loopback addresses, NO WAN emulation and NO NIC shaping."
+        );
+    }
+    let wan_rtt = a
+        .wan
+        .split(',')
+        .map(plan::parse_duration)
+        .collect::<Result<Vec<_>, _>>()?;
+    let req = PlanRequest {
+        sites: a.sites,
+        nodes_per_site: a.nodes_per_site,
+        wan_rtt,
+        wan_bps: a.wan_bw.as_deref().map(plan::parse_bandwidth).transpose()?,
+        nic_bps: a.nic_bw.as_deref().map(plan::parse_bandwidth).transpose()?,
+        queue_limit: plan::parse_duration(&a.wan_queue)?,
+        netns,
+        base_port: a.base_port,
+    };
+    let plan = Plan::new(&id, &req)?;
+    let mut state = State {
+        dir: dir.clone(),
+        plan,
+        namespaces: Vec::new(),
+        procs: Vec::new(),
+        complete: false,
+    };
+    state.save()?;
+    let opts = up::UpOptions {
+        vmswarm,
+        self_exe: std::env::current_exe()?,
+        node_log: a.node_log,
+    };
+    up::up(&mut state, &opts)?;
+    print_status(&state, false)?;
+    println!(
+        "\ntestnet {} is up in {} ({} mode). Talk to a node with:\n  vmswarm --data {} status\nStop everything with:\n  vmswarm-testnet --dir {} down",
+        state.plan.id,
+        dir.display(),
+        if state.plan.netns {
+            "namespaces + WAN emulator"
+        } else {
+            "loopback fallback"
+        },
+        state.data_dir(&state.plan.nodes[0].name).display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn print_status(state: &State, json: bool) -> anyhow::Result<()> {
+    let rows: Vec<serde_json::Value> = state
+        .plan
+        .nodes
+        .iter()
+        .map(|n| {
+            let dir = state.data_dir(&n.name);
+            let marker = dir.display().to_string();
+            let running = state
+                .procs
+                .iter()
+                .any(|p| p.marker == marker && State::alive(p));
+            serde_json::json!({
+                "name": n.name,
+                "site": state.plan.sites[n.site],
+                "listen": n.listen(),
+                "netns": if state.plan.netns { Some(&n.netns) } else { None },
+                "data_dir": dir,
+                "running": running,
+            })
+        })
+        .collect();
+    if json {
+        let emulator = state
+            .procs
+            .iter()
+            .find(|p| p.role == "wan-emulator")
+            .map(State::alive);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "id": state.plan.id,
+                "dir": state.dir,
+                "netns": state.plan.netns,
+                "complete": state.complete,
+                "wan_emulator_running": emulator,
+                "namespaces": state.namespaces,
+                "nodes": rows,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("{:<8} {:<8} {:<34} {:<8}", "node", "site", "listen", "state");
+    for r in &rows {
+        println!(
+            "{:<8} {:<8} {:<34} {:<8}",
+            r["name"].as_str().unwrap_or(""),
+            r["site"].as_str().unwrap_or(""),
+            r["listen"].as_str().unwrap_or(""),
+            if r["running"].as_bool() == Some(true) {
+                "running"
+            } else {
+                "STOPPED"
+            }
+        );
+    }
+    Ok(())
+}
+
+fn node<'a>(state: &'a State, name: &str) -> anyhow::Result<&'a plan::NodePlan> {
+    state.plan.nodes.iter().find(|n| n.name == name).with_context(|| {
+        format!(
+            "no node {name:?} in this testnet (nodes are named s<site>n<index>, e.g. s0n0)"
+        )
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let dir = state_dir(&cli);
+    match cli.cmd {
+        Cmd::Up(a) => cmd_up(&dir, a),
+        Cmd::Down => {
+            if !State::path(&dir).exists() {
+                println!("no testnet in {}; nothing to do", dir.display());
+                return Ok(());
+            }
+            let state = State::load(&dir)?;
+            state.teardown()?;
+            println!("testnet {} is down; nothing left behind", state.plan.id);
+            Ok(())
+        }
+        Cmd::Status { json } => print_status(&State::load(&dir)?, json),
+        Cmd::Probe {
+            from,
+            to,
+            rtt,
+            bytes,
+        } => {
+            let state = State::load(&dir)?;
+            let what = match (rtt, bytes) {
+                (_, Some(b)) => probe::Measure::Throughput(b),
+                (Some(n), None) => probe::Measure::Rtt(n),
+                (None, None) => probe::Measure::Rtt(10),
+            };
+            let exe = std::env::current_exe()?;
+            let r = probe::probe(&state, &exe, node(&state, &from)?, node(&state, &to)?, what)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::WanEmulator { spec } => {
+            let text = std::fs::read_to_string(&spec)
+                .with_context(|| format!("reading {}", spec.display()))?;
+            let spec: wan::EmulatorSpec = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", spec.display()))?;
+            wan::run(&spec)
+        }
+        Cmd::ProbeServe { bind, lifetime_s } => {
+            probe::serve(bind, Duration::from_secs(lifetime_s))
+        }
+        Cmd::ProbeClient { to, rtt, bytes } => {
+            let r = match (rtt, bytes) {
+                (_, Some(b)) => probe::client_throughput(to, b)?,
+                (Some(n), None) => probe::client_rtt(to, n)?,
+                (None, None) => bail!("--rtt or --bytes"),
+            };
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,86 @@
+//! Running iproute2/tc, checking processes and namespaces: the testnet's contact with the system.
+
+#![allow(unsafe_code)]
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// Runs `program args...`, returning its stdout; a failure names the command and its stderr.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program} (is it installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `program args...` inside network namespace `ns`.
+pub fn run_in(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut full = vec!["netns", "exec", ns, program];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// Whether the named network namespace exists.
+pub fn netns_exists(name: &str) -> bool {
+    std::path::Path::new("/run/netns").join(name).exists()
+}
+
+/// Every namespace whose name starts with `prefix`.
+pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether this process may create network namespaces (tries one and deletes it).
+pub fn can_create_netns(probe_name: &str) -> bool {
+    if run("ip", &["netns", "add", probe_name]).is_err() {
+        return false;
+    }
+    let _ = run("ip", &["netns", "del", probe_name]);
+    true
+}
+
+/// Whether `pid` runs and its command line contains `marker` (guards against recycled pids).
+/// Zombies have an empty command line and count as gone.
+pub fn pid_matches(pid: u32, marker: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(raw) => {
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            cmdline.contains(marker)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends `sig` to `pid`, ignoring a process that is already gone.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions; a positive pid targets one process.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
