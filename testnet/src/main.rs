@@ -79,9 +79,9 @@ struct UpArgs {
     #[arg(long, default_value_t = 4)]
     nodes_per_site: usize,
     /// Round-trip times between sites: one for all pairs, or one per pair in the order
-    /// 0-1, 0-2, ..., 1-2, ... (e.g. "31ms,75ms,165ms" for three sites).
-    #[arg(long, default_value = "31ms,75ms,165ms")]
-    wan: String,
+    /// 0-1, 0-2, ..., 1-2, ... [default: "31ms,75ms,165ms" for three sites, else "50ms"]
+    #[arg(long)]
+    wan: Option<String>,
     /// Each site's WAN link, up and down (e.g. 200mbit); unlimited if not given.
     #[arg(long)]
     wan_bw: Option<String>,
@@ -136,7 +136,9 @@ fn find_vmswarm(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("cannot find the vmswarm binary: build it (`cargo build -p vmswarm-node`) or pass --vmswarm")
+    bail!(
+        "cannot find the vmswarm binary: build it (`cargo build -p vmswarm-node`) or pass --vmswarm"
+    )
 }
 
 fn random_id() -> String {
@@ -165,12 +167,17 @@ fn cmd_up(dir: &Path, a: UpArgs) -> anyhow::Result<()> {
         );
         netns = false;
     } else if !netns {
-        eprintln!(
-            "WARNING: --no-netns: loopback addresses, NO WAN emulation and NO NIC shaping."
-        );
+        eprintln!("WARNING: --no-netns: loopback addresses, NO WAN emulation and NO NIC shaping.");
     }
-    let wan_rtt = a
-        .wan
+    let wan = a.wan.unwrap_or_else(|| {
+        if a.sites == 3 {
+            "31ms,75ms,165ms"
+        } else {
+            "50ms"
+        }
+        .to_owned()
+    });
+    let wan_rtt = wan
         .split(',')
         .map(plan::parse_duration)
         .collect::<Result<Vec<_>, _>>()?;
@@ -257,7 +264,10 @@ fn print_status(state: &State, json: bool) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!("{:<8} {:<8} {:<34} {:<8}", "node", "site", "listen", "state");
+    println!(
+        "{:<8} {:<8} {:<34} {:<8}",
+        "node", "site", "listen", "state"
+    );
     for r in &rows {
         println!(
             "{:<8} {:<8} {:<34} {:<8}",
@@ -275,11 +285,14 @@ fn print_status(state: &State, json: bool) -> anyhow::Result<()> {
 }
 
 fn node<'a>(state: &'a State, name: &str) -> anyhow::Result<&'a plan::NodePlan> {
-    state.plan.nodes.iter().find(|n| n.name == name).with_context(|| {
-        format!(
-            "no node {name:?} in this testnet (nodes are named s<site>n<index>, e.g. s0n0)"
-        )
-    })
+    state
+        .plan
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .with_context(|| {
+            format!("no node {name:?} in this testnet (nodes are named s<site>n<index>, e.g. s0n0)")
+        })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -322,9 +335,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("parsing {}", spec.display()))?;
             wan::run(&spec)
         }
-        Cmd::ProbeServe { bind, lifetime_s } => {
-            probe::serve(bind, Duration::from_secs(lifetime_s))
-        }
+        Cmd::ProbeServe { bind, lifetime_s } => probe::serve(bind, Duration::from_secs(lifetime_s)),
         Cmd::ProbeClient { to, rtt, bytes } => {
             let r = match (rtt, bytes) {
                 (_, Some(b)) => probe::client_throughput(to, b)?,

@@ -67,7 +67,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, PlanError> {
         .trim()
         .parse()
         .map_err(|_| PlanError::Duration(s.to_owned()))?;
-    if !v.is_finite() || v < 0.0 || v > 3600.0 {
+    if !v.is_finite() || !(0.0..=3600.0).contains(&v) {
         return Err(PlanError::Duration(s.to_owned()));
     }
     Ok(Duration::from_secs_f64(v * scale))
@@ -108,14 +108,11 @@ pub fn rtt_matrix(sites: usize, wan: &[Duration]) -> Result<Vec<Vec<Duration>>, 
             got: wan.len(),
         });
     }
-    let mut k = 0;
-    for i in 0..sites {
-        for j in i + 1..sites {
-            let rtt = if wan.len() == 1 { wan[0] } else { wan[k] };
-            m[i][j] = rtt;
-            m[j][i] = rtt;
-            k += 1;
-        }
+    let pair_list = (0..sites).flat_map(|i| (i + 1..sites).map(move |j| (i, j)));
+    for (k, (i, j)) in pair_list.enumerate() {
+        let rtt = if wan.len() == 1 { wan[0] } else { wan[k] };
+        m[i][j] = rtt;
+        m[j][i] = rtt;
     }
     Ok(m)
 }
@@ -215,10 +212,7 @@ impl Plan {
                 let (addr, port) = if req.netns {
                     (Ipv4Addr::new(10, s as u8, 0, (n + 2) as u8), NODE_PORT)
                 } else {
-                    (
-                        Ipv4Addr::LOCALHOST,
-                        req.base_port.saturating_add(k as u16),
-                    )
+                    (Ipv4Addr::LOCALHOST, req.base_port.saturating_add(k as u16))
                 };
                 nodes.push(NodePlan {
                     name: format!("s{s}n{n}"),
@@ -330,8 +324,14 @@ mod tests {
         assert_eq!(addrs.len(), 12);
         assert_eq!(p.nodes[5].addr, Ipv4Addr::new(10, 1, 0, 3));
         assert_eq!(p.nodes[5].listen(), "/ip4/10.1.0.3/udp/7400/quic-v1");
-        let big = Plan::new("ab12", &req(MAX_SITES, MAX_NODES_PER_SITE));
-        let big = big.unwrap();
+        let big = Plan::new(
+            "ab12",
+            &PlanRequest {
+                wan_rtt: vec![Duration::from_millis(10)],
+                ..req(MAX_SITES, MAX_NODES_PER_SITE)
+            },
+        )
+        .unwrap();
         assert!(big.nodes.iter().all(|n| n.host_if.len() < 16));
         assert_eq!(p.namespaces().len(), 13);
         assert!(Plan::new("ab12", &req(0, 1)).is_err());

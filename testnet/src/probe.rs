@@ -176,7 +176,13 @@ pub fn probe(
     let addr = SocketAddr::from((to.addr, PROBE_PORT));
     let mut server = ServerGuard(
         in_node(state, to, exe)
-            .args(["probe-serve", "--bind", &addr.to_string(), "--lifetime-s", "120"])
+            .args([
+                "probe-serve",
+                "--bind",
+                &addr.to_string(),
+                "--lifetime-s",
+                "120",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

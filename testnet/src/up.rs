@@ -7,14 +7,14 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::plan::NodePlan;
 use crate::state::State;
-use crate::sys::{self, run, run_in};
+use crate::sys::{run, run_in};
 use crate::wan::EmulatorSpec;
 
 /// Name of the TUN device in the router namespace.
@@ -78,12 +78,23 @@ fn build_router(state: &mut State) -> anyhow::Result<()> {
     // Packets come back out of the TUN device with their original (other-site) source address.
     sysctl(&r, "net.ipv4.conf.all.rp_filter", "0")?;
     sysctl(&r, "net.ipv4.conf.default.rp_filter", "0")?;
-    run("ip", &["-n", &r, "tuntap", "add", "dev", TUN, "mode", "tun"])?;
+    run(
+        "ip",
+        &["-n", &r, "tuntap", "add", "dev", TUN, "mode", "tun"],
+    )?;
     run("ip", &["-n", &r, "link", "set", TUN, "up"])?;
     run(
         "ip",
         &[
-            "-n", &r, "route", "add", "10.0.0.0/8", "dev", TUN, "table", WAN_TABLE,
+            "-n",
+            &r,
+            "route",
+            "add",
+            "10.0.0.0/8",
+            "dev",
+            TUN,
+            "table",
+            WAN_TABLE,
         ],
     )?;
     // What the emulator writes back is routed normally (to the destination site's bridge)...
@@ -98,7 +109,15 @@ fn build_router(state: &mut State) -> anyhow::Result<()> {
         run("ip", &["-n", &r, "link", "add", &br, "type", "bridge"])?;
         run(
             "ip",
-            &["-n", &r, "addr", "add", &format!("10.{s}.0.1/24"), "dev", &br],
+            &[
+                "-n",
+                &r,
+                "addr",
+                "add",
+                &format!("10.{s}.0.1/24"),
+                "dev",
+                &br,
+            ],
         )?;
         run("ip", &["-n", &r, "link", "set", &br, "up"])?;
         // ...while what a site sends to another site goes to the emulator first.
@@ -151,7 +170,15 @@ fn build_node_netns(state: &mut State, node: &NodePlan) -> anyhow::Result<()> {
     )?;
     run(
         "ip",
-        &["-n", &ns, "addr", "add", &format!("{}/24", node.addr), "dev", "eth0"],
+        &[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node.addr),
+            "dev",
+            "eth0",
+        ],
     )?;
     run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
     run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
@@ -201,7 +228,7 @@ fn spawn_detached(
     args: &[String],
     env: &[(&str, &str)],
     log: &Path,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<Child> {
     let logf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -221,10 +248,14 @@ fn spawn_detached(
         .stdout(logf.try_clone()?)
         .stderr(logf)
         .process_group(0);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
-    Ok(child.id())
+    cmd.spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
+/// Whether a child we started has exited. (Until `ip netns exec` has exec'd the real program,
+/// `/proc/<pid>/cmdline` is still ours, so startup checks use the child handle, not the marker.)
+fn exited(child: &mut Child) -> bool {
+    !matches!(child.try_wait(), Ok(None))
 }
 
 fn start_emulator(state: &mut State, opts: &UpOptions) -> anyhow::Result<()> {
@@ -237,18 +268,18 @@ fn start_emulator(state: &mut State, opts: &UpOptions) -> anyhow::Result<()> {
     std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
     let _ = std::fs::remove_file(&spec.stats_file);
     let marker = spec_path.display().to_string();
-    let pid = spawn_detached(
+    let mut child = spawn_detached(
         Some(&state.plan.router_netns.clone()),
         &opts.self_exe,
         &["wan-emulator".into(), "--spec".into(), marker.clone()],
         &[],
         &state.dir.join("logs").join("wan-emulator.log"),
     )?;
-    state.started("wan-emulator", pid, &marker)?;
+    state.started("wan-emulator", child.id(), &marker)?;
     // It writes its stats file once attached to the TUN device.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !spec.stats_file.exists() {
-        if !sys::pid_matches(pid, &marker) {
+        if exited(&mut child) {
             bail!(
                 "the WAN emulator exited:\n{}",
                 log_tail(&state.dir.join("logs").join("wan-emulator.log"))
@@ -274,7 +305,7 @@ fn start_node(
     opts: &UpOptions,
     node: &NodePlan,
     bootstrap: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Child> {
     let dir = state.data_dir(&node.name);
     std::fs::create_dir_all(&dir)?;
     let _ = std::fs::remove_file(dir.join("node.json"));
@@ -292,29 +323,24 @@ fn start_node(
         args.push(b.to_owned());
     }
     let ns = state.plan.netns.then(|| node.netns.clone());
-    let pid = spawn_detached(
+    let child = spawn_detached(
         ns.as_deref(),
         &opts.vmswarm,
         &args,
         &[("RUST_LOG", &opts.node_log)],
-        &state
-            .dir
-            .join("logs")
-            .join(format!("{}.log", node.name)),
+        &state.dir.join("logs").join(format!("{}.log", node.name)),
     )?;
-    state.started(&format!("node {}", node.name), pid, &dir.display().to_string())
+    state.started(
+        &format!("node {}", node.name),
+        child.id(),
+        &dir.display().to_string(),
+    )?;
+    Ok(child)
 }
 
 /// Waits for node.json of `node` and returns its first listen address.
-fn wait_node(state: &State, node: &NodePlan) -> anyhow::Result<String> {
+fn wait_node(state: &State, node: &NodePlan, child: &mut Child) -> anyhow::Result<String> {
     let dir = state.data_dir(&node.name);
-    let marker = dir.display().to_string();
-    let proc = state
-        .procs
-        .iter()
-        .rev()
-        .find(|p| p.marker == marker)
-        .context("node was not started")?;
     let deadline = Instant::now() + NODE_START_TIMEOUT;
     loop {
         if let Ok(text) = std::fs::read_to_string(dir.join("node.json"))
@@ -323,7 +349,7 @@ fn wait_node(state: &State, node: &NodePlan) -> anyhow::Result<String> {
         {
             return Ok(addr.to_owned());
         }
-        if !State::alive(proc) {
+        if exited(child) {
             bail!(
                 "node {} exited while starting:\n{}",
                 node.name,
@@ -331,7 +357,10 @@ fn wait_node(state: &State, node: &NodePlan) -> anyhow::Result<String> {
             );
         }
         if Instant::now() > deadline {
-            bail!("node {} did not start within {NODE_START_TIMEOUT:?}", node.name);
+            bail!(
+                "node {} did not start within {NODE_START_TIMEOUT:?}",
+                node.name
+            );
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -342,13 +371,14 @@ fn start_nodes(state: &mut State, opts: &UpOptions) -> anyhow::Result<()> {
     let Some((first, rest)) = nodes.split_first() else {
         return Ok(());
     };
-    start_node(state, opts, first, None)?;
-    let boot = wait_node(state, first)?;
+    let mut child = start_node(state, opts, first, None)?;
+    let boot = wait_node(state, first, &mut child)?;
+    let mut children = Vec::new();
     for node in rest {
-        start_node(state, opts, node, Some(&boot))?;
+        children.push(start_node(state, opts, node, Some(&boot))?);
     }
-    for node in rest {
-        wait_node(state, node)?;
+    for (node, child) in rest.iter().zip(children.iter_mut()) {
+        wait_node(state, node, child)?;
     }
     Ok(())
 }

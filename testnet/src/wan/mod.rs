@@ -55,8 +55,8 @@ fn write_stats(path: &Path, stats: &WanStats) -> anyhow::Result<()> {
 
 /// Runs the emulator until the process is killed.
 pub fn run(spec: &EmulatorSpec) -> anyhow::Result<()> {
-    let mut dev = tun::attach(&spec.tun)
-        .with_context(|| format!("attaching to TUN device {}", spec.tun))?;
+    let mut dev =
+        tun::attach(&spec.tun).with_context(|| format!("attaching to TUN device {}", spec.tun))?;
     let mut wan = Wan::new(spec.wan.clone());
     let origin = Instant::now();
     let now = || u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
