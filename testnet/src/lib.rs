@@ -5,8 +5,11 @@
 //! permission to create namespaces it falls back to loopback addresses with no WAN emulation, and
 //! says so. Everything created is recorded in a state file ([`state`]) so `down` removes all of it.
 
+pub mod compare;
+pub mod demo;
 pub mod plan;
 pub mod probe;
+pub mod run;
 pub mod state;
 pub mod sys;
 pub mod up;

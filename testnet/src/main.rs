@@ -34,6 +34,46 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a simulator scenario on the testnet that is up: publish, mount through NBD, replay boots.
+    Run {
+        /// The scenario (vmswarm-sim TOML).
+        scenario: PathBuf,
+        /// Where to write vms.csv, wan.csv, summary.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed for the image and the boot traces.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Override scenario fields, as in vmswarm-sim (e.g. --set image.size="64 MiB").
+        #[arg(long = "set")]
+        overrides: Vec<String>,
+        /// Give up on VMs still booting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+        /// The vmswarm binary (default: next to this program, then $PATH).
+        #[arg(long, env = "VMSWARM_BIN")]
+        vmswarm: Option<PathBuf>,
+    },
+    /// Compare a `run`'s results with the simulator on the same scenario and network.
+    Compare {
+        /// The directory `run --out` wrote.
+        results: PathBuf,
+        /// Run the simulator (the only comparison there is; kept for the documented command line).
+        #[arg(long)]
+        sim: bool,
+    },
+    /// The README's main command: 3 sites x 4 nodes, 12 VM clones booting lazily over a WAN.
+    Demo {
+        /// Where results and plots go.
+        #[arg(long, default_value = "testnet-demo-results")]
+        out: PathBuf,
+        /// Seed for the image and the boot traces.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// The vmswarm binary (default: next to this program, then $PATH).
+        #[arg(long, env = "VMSWARM_BIN")]
+        vmswarm: Option<PathBuf>,
+    },
     /// Measure RTT or throughput between two nodes (e.g. `probe s0n0 s1n0 --rtt 10`).
     Probe {
         /// The node that sends.
@@ -222,6 +262,71 @@ fn cmd_up(dir: &Path, a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cmd_demo(
+    dir: &Path,
+    dir_given: bool,
+    out: PathBuf,
+    seed: u64,
+    vmswarm: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use vmswarm_testnet::demo;
+    let vmswarm = find_vmswarm(vmswarm)?;
+    // Without --dir the demo uses its own state dir, so it never touches a testnet already up.
+    let dir = if dir_given {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir().join(format!("vmswarm-demo-{}", std::process::id()))
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = std::fs::canonicalize(&out)?;
+    let teardown = demo::Teardown::new(std::fs::canonicalize(
+        std::fs::create_dir_all(&dir).map(|_| dir.clone())?,
+    )?);
+    let on_signal = teardown.clone();
+    ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: tearing the demo testnet down");
+        if let Err(e) = on_signal.run() {
+            eprintln!("{e:#}");
+        }
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
+    eprintln!(
+        "== bringing up {} sites x {} nodes (WAN RTTs {}, {} per site, {} NICs)",
+        demo::SITES,
+        demo::NODES_PER_SITE,
+        demo::WAN,
+        demo::WAN_BW,
+        demo::NIC_BW
+    );
+    let result = (|| {
+        cmd_up(
+            &dir,
+            UpArgs {
+                sites: demo::SITES,
+                nodes_per_site: demo::NODES_PER_SITE,
+                wan: Some(demo::WAN.to_owned()),
+                wan_bw: Some(demo::WAN_BW.to_owned()),
+                nic_bw: Some(demo::NIC_BW.to_owned()),
+                wan_queue: "50ms".to_owned(),
+                no_netns: false,
+                base_port: 17400,
+                vmswarm: Some(vmswarm.clone()),
+                node_log: "warn".to_owned(),
+            },
+        )?;
+        eprintln!("== publishing a generated 256 MiB image in site0; 12 VMs boot through NBD");
+        let state = State::load(&dir)?;
+        demo::run_demo(&state, vmswarm.clone(), &out, seed)
+    })();
+    let down = teardown.run();
+    let text = result?;
+    down?;
+    println!("{text}");
+    println!("testnet torn down; nothing left behind");
+    Ok(())
+}
+
 fn print_status(state: &State, json: bool) -> anyhow::Result<()> {
     let rows: Vec<serde_json::Value> = state
         .plan
@@ -300,6 +405,44 @@ fn main() -> anyhow::Result<()> {
     let dir = state_dir(&cli);
     match cli.cmd {
         Cmd::Up(a) => cmd_up(&dir, a),
+        Cmd::Run {
+            scenario,
+            out,
+            seed,
+            overrides,
+            timeout_s,
+            vmswarm,
+        } => {
+            let state = State::load(&dir)?;
+            let summary = vmswarm_testnet::run::run(
+                &state,
+                &vmswarm_testnet::run::RunOptions {
+                    scenario,
+                    overrides,
+                    seed,
+                    out: out.clone(),
+                    vmswarm: find_vmswarm(vmswarm)?,
+                    timeout: Duration::from_secs(timeout_s),
+                },
+            )?;
+            println!(
+                "{} of {} VMs booted: p50 {:.2} s, p99 {:.2} s, max {:.2} s; results in {}",
+                summary.booted,
+                summary.vms,
+                summary.p50_s,
+                summary.p99_s,
+                summary.max_s,
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Compare { results, sim: _ } => {
+            let (_, table) = vmswarm_testnet::compare::compare(&results)?;
+            print!("{table}");
+            println!("plot: {}/boot_cdf.svg (and .png)", results.display());
+            Ok(())
+        }
+        Cmd::Demo { out, seed, vmswarm } => cmd_demo(&dir, cli.dir.is_some(), out, seed, vmswarm),
         Cmd::Down => {
             if !State::path(&dir).exists() {
                 println!("no testnet in {}; nothing to do", dir.display());

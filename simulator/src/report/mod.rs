@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::checks::{self, Checks};
-use crate::record::{Counters, RunResult};
+use crate::record::{Counters, RunResult, VmRecord};
 use crate::units::fmt_bytes;
 
 /// Errors from writing reports.
@@ -307,13 +307,18 @@ fn opt_csv(v: Option<f64>) -> String {
 
 /// The per-VM CSV.
 pub fn vms_csv(r: &RunResult) -> String {
+    vm_records_csv(&r.sites, &r.vms)
+}
+
+/// The per-VM CSV of any list of VM records (the testnet writes its results with it too).
+pub fn vm_records_csv(sites: &[String], vms: &[VmRecord]) -> String {
     let mut t =
         String::from("vm,host,site,start_s,boot_done_s,boot_s,reads,read_failures,fetched_bytes");
-    for s in &r.sites {
+    for s in sites {
         let _ = write!(t, ",from_{}", csv_field(s));
     }
     t.push('\n');
-    for v in &r.vms {
+    for v in vms {
         let _ = write!(
             t,
             "{},{},{},{:.6},{},{},{},{},{}",
