@@ -1,5 +1,5 @@
-//! The control socket: how `vmswarm publish | pull | images | peers | status | verify` talk to the
-//! daemon that owns a data dir.
+//! The control socket: how `vmswarm publish | pull | images | peers | status | verify | mount |
+//! umount | mounts | clone | clones` talk to the daemon that owns a data dir.
 //!
 //! A unix stream socket at `DATA/control.sock`, mode 0600 (only the daemon's user may drive it).
 //! Each connection carries one request as a JSON line; the daemon answers with zero or more

@@ -1,7 +1,8 @@
 //! `vmswarm serve`: the long-running node.
 //!
 //! One tokio task owns all mutable state. It reacts to libp2p events, control-socket commands,
-//! finished store operations and timers, and after each reaction drains the protocol state machines:
+//! finished store operations, Demand requests from NBD exports (`mounts`) and timers, and after
+//! each reaction drains the protocol state machines:
 //! - one `vmswarm_protocol::fetch::FetchScheduler` per image being pulled decides which chunk to
 //!   request from which peer, when to give up, and whom to ban;
 //! - one `vmswarm_protocol::serve::ServeQueue` decides which incoming request to answer next and how
@@ -10,7 +11,8 @@
 //! This module only carries their decisions out (sends requests, verifies and stores chunks, answers
 //! peers) and feeds them what happened. Store I/O runs on tokio's blocking pool; its results come back
 //! to the owning task as messages. Shutdown (SIGINT/SIGTERM) removes the control socket and
-//! `node.json`; the data-dir lock is released when the process ends.
+//! `node.json`, ends every NBD export (clone overlays flushed, socket files removed); the data-dir
+//! lock is released when the process ends.
 
 mod inbound;
 mod mounts;
