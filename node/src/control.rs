@@ -1,5 +1,5 @@
-//! The control socket: how `vmswarm publish | pull | images | peers | status | verify` talk to the
-//! daemon that owns a data dir.
+//! The control socket: how `vmswarm publish | pull | images | peers | status | verify | mount |
+//! umount | mounts | clone | clones` talk to the daemon that owns a data dir.
 //!
 //! A unix stream socket at `DATA/control.sock`, mode 0600 (only the daemon's user may drive it).
 //! Each connection carries one request as a JSON line; the daemon answers with zero or more
@@ -43,6 +43,42 @@ pub enum Request {
     },
     /// Re-hash every stored chunk; quarantine bad ones.
     Verify,
+    /// Export an image (read-only) or a clone (writable) over NBD.
+    Mount {
+        /// Image id (64 hex digits); exactly one of `image` and `clone`.
+        image: Option<String>,
+        /// Clone name.
+        clone: Option<String>,
+        /// `unix:/abs/path.sock` or `tcp:IP:PORT`.
+        nbd: String,
+        /// Export name (default: the clone's name, or the image's name).
+        name: Option<String>,
+        /// Fetch the rest of the image in the background.
+        prefetch: bool,
+        /// Allow a TCP address outside loopback.
+        allow_remote: bool,
+    },
+    /// Stop an export (its connections are closed).
+    Umount {
+        /// Export name.
+        name: String,
+    },
+    /// Exports and their counters.
+    Mounts,
+    /// Create a writable copy-on-write clone of an image.
+    Clone {
+        /// Image id.
+        image: String,
+        /// Clone name.
+        name: String,
+    },
+    /// Delete a clone (not while mounted).
+    CloneRm {
+        /// Clone name.
+        name: String,
+    },
+    /// Clones in the data dir.
+    Clones,
 }
 
 /// One line of the daemon's answer.

@@ -7,6 +7,9 @@
 //! - [`identity`]: the node's persistent Ed25519 identity.
 //! - [`metrics`]: counters and the Prometheus endpoint.
 //! - [`config`]: the TOML configuration file.
+//! - [`nbd`]: NBD exports of images and clones (on-demand fetch through the daemon).
+//! - [`overlay`]: copy-on-write overlays of writable clones.
+//! - [`profile`]: boot profiles (first-touch chunk order) recorded by mounts, replayed by prefetch.
 //!
 //! Scheduling decisions (which chunk, from whom, when to give up, whom to ban, what to serve next)
 //! are made by `vmswarm-protocol`, never here.
@@ -16,5 +19,8 @@ pub mod control;
 pub mod daemon;
 pub mod identity;
 pub mod metrics;
+pub mod nbd;
 pub mod net;
+pub mod overlay;
+pub mod profile;
 pub mod store;

@@ -41,6 +41,13 @@ enum Command {
         /// TOML configuration file (flags win).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// A read of a chunk no peer delivers within this many milliseconds fails with EIO
+        /// (the fetch scheduler's Demand deadline; default 30000, or `fetch.demand_deadline_ms`).
+        #[arg(long, value_name = "MS")]
+        demand_deadline_ms: Option<u64>,
+        /// How long a mount records its boot profile, in seconds (default 60).
+        #[arg(long, value_name = "SECS")]
+        profile_window: Option<u64>,
         /// TEST ONLY: corrupt every chunk this node serves.
         #[arg(long, hide = true)]
         corrupt_served_chunks: bool,
@@ -84,6 +91,63 @@ enum Command {
     },
     /// Re-hash every stored chunk; quarantine bad ones.
     Verify,
+    /// Export an image (read-only) or a clone (writable) over NBD; chunks are fetched on demand.
+    Mount {
+        /// Image id (64 hex digits); or use --clone.
+        #[arg(required_unless_present = "clone", conflicts_with = "clone")]
+        image: Option<String>,
+        /// Mount this clone (writable) instead of an image.
+        #[arg(long)]
+        clone: Option<String>,
+        /// Where to listen: unix:/abs/path.sock or tcp:127.0.0.1:10809.
+        #[arg(long)]
+        nbd: String,
+        /// Export name (default: the clone's name, or the image's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Fetch the rest of the image in the background (boot-profile order first).
+        #[arg(long)]
+        prefetch: bool,
+        /// Allow a TCP address outside loopback (NBD has no authentication).
+        #[arg(long)]
+        nbd_allow_remote: bool,
+    },
+    /// Stop an export.
+    Umount {
+        /// Export name.
+        name: String,
+    },
+    /// Exports, their NBD URIs and counters.
+    Mounts {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a writable copy-on-write clone of an image (`clone rm NAME` deletes one).
+    Clone {
+        #[command(subcommand)]
+        action: Option<CloneAction>,
+        /// Image id (64 hex digits).
+        image: Option<String>,
+        /// Clone name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Clones in the data dir.
+    Clones {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CloneAction {
+    /// Delete a clone and its writes (not while mounted).
+    Rm {
+        /// Clone name.
+        name: String,
+    },
 }
 
 /// Parses `256KiB`, `1MiB`, `65536`.
@@ -161,6 +225,8 @@ async fn run(cli: Cli) -> Result<()> {
             bootstrap,
             metrics,
             config,
+            demand_deadline_ms,
+            profile_window,
             corrupt_served_chunks,
         } => {
             let file = match &config {
@@ -171,6 +237,9 @@ async fn run(cli: Cli) -> Result<()> {
             prepare_data_dir(&data)?;
             let mut fetch = vmswarm_protocol::fetch::Config::default();
             file.apply(&mut fetch);
+            if let Some(ms) = demand_deadline_ms {
+                fetch.demand_deadline = std::time::Duration::from_millis(ms);
+            }
             let listen = if !listen.is_empty() {
                 listen
             } else if !file.listen.is_empty() {
@@ -194,6 +263,9 @@ async fn run(cli: Cli) -> Result<()> {
                 serve: vmswarm_protocol::serve::Config::default(),
                 manifest_timeout: file.manifest_timeout(),
                 corrupt_served_chunks,
+                profile_window: profile_window
+                    .map(std::time::Duration::from_secs)
+                    .unwrap_or(vmswarm_node::profile::DEFAULT_WINDOW),
             };
             daemon::run(opts).await?;
             Ok(())
@@ -334,6 +406,129 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("in:       {} bytes", v["metrics"]["bytes_in"]);
                 println!("out:      {} bytes", v["metrics"]["bytes_out"]);
                 println!("fetching: {} chunks in flight", v["fetches_in_flight"]);
+            }
+            Ok(())
+        }
+        Command::Mount {
+            image,
+            clone,
+            nbd,
+            name,
+            prefetch,
+            nbd_allow_remote,
+        } => {
+            let v = control::call(
+                &data_dir(&cli.data, None)?,
+                &Request::Mount {
+                    image,
+                    clone,
+                    nbd,
+                    name,
+                    prefetch,
+                    allow_remote: nbd_allow_remote,
+                },
+                |_, _, _| {},
+            )
+            .await?;
+            println!(
+                "exported {} ({} bytes, {}) at {}",
+                v["name"].as_str().unwrap_or_default(),
+                v["size"],
+                if v["writable"].as_bool() == Some(true) {
+                    "writable clone"
+                } else {
+                    "read-only"
+                },
+                v["uri"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Umount { name } => {
+            control::call(
+                &data_dir(&cli.data, None)?,
+                &Request::Umount { name: name.clone() },
+                |_, _, _| {},
+            )
+            .await?;
+            println!("unmounted {name}");
+            Ok(())
+        }
+        Command::Mounts { json } => {
+            let v =
+                control::call(&data_dir(&cli.data, None)?, &Request::Mounts, |_, _, _| {}).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for m in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {:<8} {:>6}/{:<6} chunks  read {} B ({} B local)  {}",
+                        m["name"].as_str().unwrap_or_default(),
+                        if m["writable"].as_bool() == Some(true) {
+                            "clone"
+                        } else {
+                            "ro"
+                        },
+                        m["chunks_present"],
+                        m["chunks"],
+                        m["metrics"]["bytes_read"],
+                        m["metrics"]["bytes_local"],
+                        m["uri"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Clone {
+            action: Some(CloneAction::Rm { name }),
+            ..
+        } => {
+            control::call(
+                &data_dir(&cli.data, None)?,
+                &Request::CloneRm { name: name.clone() },
+                |_, _, _| {},
+            )
+            .await?;
+            println!("removed clone {name}");
+            Ok(())
+        }
+        Command::Clone {
+            action: None,
+            image,
+            name,
+        } => {
+            let (Some(image), Some(name)) = (image, name) else {
+                bail!("usage: vmswarm clone IMAGE_ID --name NAME | vmswarm clone rm NAME");
+            };
+            let v = control::call(
+                &data_dir(&cli.data, None)?,
+                &Request::Clone { image, name },
+                |_, _, _| {},
+            )
+            .await?;
+            println!(
+                "created clone {} of image {}",
+                v["name"].as_str().unwrap_or_default(),
+                v["image"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Clones { json } => {
+            let v =
+                control::call(&data_dir(&cli.data, None)?, &Request::Clones, |_, _, _| {}).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for c in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {}{}",
+                        c["name"].as_str().unwrap_or_default(),
+                        c["image"].as_str().unwrap_or("(damaged)"),
+                        c["mounted_as"]
+                            .as_str()
+                            .map(|m| format!("  mounted as {m}"))
+                            .unwrap_or_default()
+                    );
+                }
             }
             Ok(())
         }

@@ -35,6 +35,125 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    /// Per NBD export counters, by export name.
+    exports: Mutex<BTreeMap<String, std::sync::Arc<ExportMetrics>>>,
+}
+
+/// A latency histogram with the fixed [`LATENCY_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            d.as_micros().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Observations recorded.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Mean in milliseconds (0 when empty).
+    pub fn mean_ms(&self) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            0.0
+        } else {
+            self.sum_micros.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            let n = self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
+        }
+        let count = self.count();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Counters of one NBD export (a mount), shown by `mounts --json` and the Prometheus endpoint.
+#[derive(Debug, Default)]
+pub struct ExportMetrics {
+    /// Bytes the export's clients read.
+    pub bytes_read: AtomicU64,
+    /// Of those, bytes that needed no fetch: chunks already stored, zero chunks, clone overlay.
+    pub bytes_local: AtomicU64,
+    /// Bytes the clients wrote (clones).
+    pub bytes_written: AtomicU64,
+    /// Chunks fetched from peers because this export read them (Demand).
+    pub demand_chunks: AtomicU64,
+    /// Reads failed with EIO because a chunk could not be fetched in time.
+    pub demand_failures: AtomicU64,
+    /// Chunk bytes fetched from peers for this export (Demand and its prefetch), by peer site.
+    fetched_by_site: Mutex<BTreeMap<String, u64>>,
+    /// Demand want to verified, stored chunk.
+    pub demand_latency: Histogram,
+}
+
+/// A copy of an export's counters.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default, PartialEq)]
+pub struct ExportSnapshot {
+    /// Bytes read by clients.
+    pub bytes_read: u64,
+    /// Bytes read that needed no fetch.
+    pub bytes_local: u64,
+    /// Bytes written by clients.
+    pub bytes_written: u64,
+    /// Chunk bytes fetched from peers, by site.
+    pub fetched_by_site: BTreeMap<String, u64>,
+    /// Total chunk bytes fetched from peers.
+    pub bytes_fetched: u64,
+    /// Chunks fetched on demand.
+    pub demand_chunks: u64,
+    /// Reads failed because a chunk could not be fetched in time.
+    pub demand_failures: u64,
+    /// Demand fetches measured.
+    pub demand_latency_count: u64,
+    /// Mean Demand fetch latency in milliseconds.
+    pub demand_latency_mean_ms: f64,
+}
+
+impl ExportMetrics {
+    /// Counts chunk bytes fetched from a peer of `site` for this export.
+    pub fn fetched(&self, site: &str, n: u64) {
+        add(&self.fetched_by_site, site, n);
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> ExportSnapshot {
+        let fetched_by_site = get(&self.fetched_by_site);
+        ExportSnapshot {
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_local: self.bytes_local.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            bytes_fetched: fetched_by_site.values().sum(),
+            fetched_by_site,
+            demand_chunks: self.demand_chunks.load(Ordering::Relaxed),
+            demand_failures: self.demand_failures.load(Ordering::Relaxed),
+            demand_latency_count: self.demand_latency.count(),
+            demand_latency_mean_ms: self.demand_latency.mean_ms(),
+        }
+    }
 }
 
 /// A copy of the counters, for `status --json`.
@@ -96,6 +215,18 @@ impl Metrics {
             d.as_micros().min(u128::from(u64::MAX)) as u64,
             Ordering::Relaxed,
         );
+    }
+
+    /// Registers an export's counters under `name` (replacing an older export of that name).
+    pub fn register_export(&self, name: &str, m: std::sync::Arc<ExportMetrics>) {
+        let mut e = self.exports.lock().unwrap_or_else(|p| p.into_inner());
+        e.insert(name.to_owned(), m);
+    }
+
+    /// Drops an export's counters.
+    pub fn unregister_export(&self, name: &str) {
+        let mut e = self.exports.lock().unwrap_or_else(|p| p.into_inner());
+        e.remove(name);
     }
 
     /// A copy of every counter.
@@ -191,7 +322,81 @@ impl Metrics {
         );
         let _ = writeln!(out, "vmswarm_fetch_latency_seconds_sum {sum}");
         let _ = writeln!(out, "vmswarm_fetch_latency_seconds_count {count}");
+        self.render_exports(&mut out);
         out
+    }
+
+    fn render_exports(&self, out: &mut String) {
+        let exports: Vec<(String, std::sync::Arc<ExportMetrics>)> = self
+            .exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if exports.is_empty() {
+            return;
+        }
+        // Export names are checked at mount time to be [A-Za-z0-9._-], safe inside a label.
+        let snaps: Vec<(String, ExportSnapshot)> = exports
+            .iter()
+            .map(|(n, m)| (n.clone(), m.snapshot()))
+            .collect();
+        for (name, help, get) in [
+            (
+                "vmswarm_export_bytes_read_total",
+                "Bytes read by the export's NBD clients.",
+                (|s: &ExportSnapshot| s.bytes_read) as fn(&ExportSnapshot) -> u64,
+            ),
+            (
+                "vmswarm_export_bytes_local_total",
+                "Bytes read that were served without a fetch (stored, zero or overlay).",
+                |s| s.bytes_local,
+            ),
+            (
+                "vmswarm_export_bytes_written_total",
+                "Bytes written by the export's NBD clients.",
+                |s| s.bytes_written,
+            ),
+            (
+                "vmswarm_export_demand_chunks_total",
+                "Chunks fetched from peers on demand for the export.",
+                |s| s.demand_chunks,
+            ),
+            (
+                "vmswarm_export_demand_failures_total",
+                "Reads failed with EIO because a chunk was not fetched in time.",
+                |s| s.demand_failures,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (export, s) in &snaps {
+                let _ = writeln!(out, "{name}{{export=\"{export}\"}} {}", get(s));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP vmswarm_export_bytes_fetched_total Chunk bytes fetched from peers for the export, by peer site.\n# TYPE vmswarm_export_bytes_fetched_total counter"
+        );
+        for (export, s) in &snaps {
+            for (site, n) in &s.fetched_by_site {
+                let _ = writeln!(
+                    out,
+                    "vmswarm_export_bytes_fetched_total{{export=\"{export}\",site=\"{site}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP vmswarm_export_demand_latency_seconds Demand want to stored chunk, per export.\n# TYPE vmswarm_export_demand_latency_seconds histogram"
+        );
+        for (export, m) in &exports {
+            m.demand_latency.render(
+                out,
+                "vmswarm_export_demand_latency_seconds",
+                &format!("export=\"{export}\""),
+            );
+        }
     }
 }
 
@@ -254,5 +459,22 @@ mod tests {
         assert!(text.contains("vmswarm_fetch_latency_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("vmswarm_fetch_latency_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("vmswarm_fetch_latency_seconds_count 1"));
+        assert!(!text.contains("vmswarm_export_"));
+        let e = std::sync::Arc::new(ExportMetrics::default());
+        e.bytes_read.fetch_add(4096, Ordering::Relaxed);
+        e.fetched("dc2", 262144);
+        e.demand_latency.observe(Duration::from_millis(20));
+        m.register_export("vm1", e.clone());
+        let text = m.render();
+        assert!(text.contains("vmswarm_export_bytes_read_total{export=\"vm1\"} 4096"));
+        assert!(
+            text.contains("vmswarm_export_bytes_fetched_total{export=\"vm1\",site=\"dc2\"} 262144")
+        );
+        assert!(text.contains(
+            "vmswarm_export_demand_latency_seconds_bucket{export=\"vm1\",le=\"0.025\"} 1"
+        ));
+        assert_eq!(e.snapshot().bytes_fetched, 262144);
+        m.unregister_export("vm1");
+        assert!(!m.render().contains("vmswarm_export_bytes_read_total{"));
     }
 }

@@ -1,7 +1,8 @@
 //! `vmswarm serve`: the long-running node.
 //!
 //! One tokio task owns all mutable state. It reacts to libp2p events, control-socket commands,
-//! finished store operations and timers, and after each reaction drains the protocol state machines:
+//! finished store operations, Demand requests from NBD exports (`mounts`) and timers, and after
+//! each reaction drains the protocol state machines:
 //! - one `vmswarm_protocol::fetch::FetchScheduler` per image being pulled decides which chunk to
 //!   request from which peer, when to give up, and whom to ban;
 //! - one `vmswarm_protocol::serve::ServeQueue` decides which incoming request to answer next and how
@@ -10,9 +11,11 @@
 //! This module only carries their decisions out (sends requests, verifies and stores chunks, answers
 //! peers) and feeds them what happened. Store I/O runs on tokio's blocking pool; its results come back
 //! to the owning task as messages. Shutdown (SIGINT/SIGTERM) removes the control socket and
-//! `node.json`; the data-dir lock is released when the process ends.
+//! `node.json`, ends every NBD export (clone overlays flushed, socket files removed); the data-dir
+//! lock is released when the process ends.
 
 mod inbound;
+mod mounts;
 mod transfer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -69,6 +72,8 @@ pub struct Options {
     pub manifest_timeout: Duration,
     /// TEST ONLY: flip a byte in every chunk we serve (to test that peers detect and ban us).
     pub corrupt_served_chunks: bool,
+    /// How long a mount records its boot profile (first chunk touches).
+    pub profile_window: Duration,
 }
 
 /// Errors that stop the daemon.
@@ -183,6 +188,8 @@ struct PendingManifest {
     asked: HashSet<PeerId>,
     /// A good copy arrived and is being stored.
     storing: bool,
+    /// Mounts waiting for the manifest (they want no chunks).
+    mounts: Vec<mounts::PendingMount>,
 }
 
 /// Results of blocking store work, sent back to the owning task.
@@ -243,6 +250,7 @@ struct Daemon {
     io_tx: mpsc::UnboundedSender<IoDone>,
     listen_addrs: Vec<Multiaddr>,
     seed_counter: u64,
+    mounts: mounts::Mounts,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -298,7 +306,9 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
     let (io_tx, mut io_rx) = mpsc::unbounded_channel();
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
     tokio::spawn(accept_control(listener, cmd_tx));
+    let (demand_tx, mut demand_rx) = mpsc::unbounded_channel();
 
+    let opts_profile_window = opts.profile_window;
     let mut d = Daemon {
         serve: ServeQueue::new(opts.serve.clone()),
         opts,
@@ -317,6 +327,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         io_tx,
         listen_addrs: Vec::new(),
         seed_counter: 0,
+        mounts: mounts::Mounts::new(demand_tx, opts_profile_window),
     };
     d.load_images();
 
@@ -334,6 +345,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
             event = d.swarm.select_next_some() => d.on_swarm_event(event),
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(done) = io_rx.recv() => d.on_io(done),
+            Some(demand) = demand_rx.recv() => d.on_demand(demand),
             _ = sleep_until(deadline) => d.on_timeout(),
             _ = flush.tick() => d.on_flush(),
             _ = tokio::signal::ctrl_c() => break,
@@ -342,6 +354,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         d.pump();
     }
     tracing::info!("shutting down");
+    d.shutdown_mounts();
     let _ = std::fs::remove_file(&socket_path);
     let _ = std::fs::remove_file(d.opts.data_dir.join("node.json"));
     drop(lock);
@@ -465,7 +478,9 @@ impl Daemon {
             let complete = present.is_full();
             self.images.insert(id, Image::new(manifest, present));
             self.provide(id);
-            if !complete {
+            if !complete && mounts::is_lazy(&self.opts.data_dir, &id) {
+                tracing::info!(image = %id, "partly held image (mounted lazily): not resuming a pull");
+            } else if !complete {
                 tracing::info!(image = %id, "resuming unfinished pull");
                 self.start_transfer(id, Vec::new());
             }
@@ -539,11 +554,15 @@ impl Daemon {
         }
         for image in expired {
             if let Some(p) = self.pending_manifests.remove(&image) {
+                let message = format!(
+                    "no peer provided the manifest of image {image} within {:.1}s: is the image published and its node reachable?",
+                    manifest_timeout.as_secs_f64()
+                );
                 for w in p.waiters {
-                    w.fail(format!(
-                        "no peer provided the manifest of image {image} within {:.1}s: is the image published and its node reachable?",
-                        manifest_timeout.as_secs_f64()
-                    ));
+                    w.fail(message.clone());
+                }
+                for m in p.mounts {
+                    m.fail(message.clone());
                 }
             }
         }
@@ -780,6 +799,19 @@ impl Daemon {
                 });
             }
             Request::Pull { image, output } => self.on_pull(image, output, reply),
+            Request::Mount {
+                image,
+                clone,
+                nbd,
+                name,
+                prefetch,
+                allow_remote,
+            } => self.on_mount(image, clone, nbd, name, prefetch, allow_remote, reply),
+            Request::Umount { name } => answer(&reply, self.on_umount(&name)),
+            Request::Mounts => answer(&reply, Ok(self.mounts_json())),
+            Request::Clone { image, name } => answer(&reply, self.on_clone(&image, &name)),
+            Request::CloneRm { name } => answer(&reply, self.on_clone_rm(&name)),
+            Request::Clones => answer(&reply, Ok(self.clones_json())),
             Request::Verify => {
                 let store = self.store.clone();
                 let io = self.io_tx.clone();
@@ -819,6 +851,8 @@ impl Daemon {
             }
         };
         let waiter = Waiter::new(reply, output);
+        // The user wants the whole image now.
+        mounts::clear_lazy(&self.opts.data_dir, &id);
         if let Some(img) = self.images.get(&id) {
             if img.present.is_full() {
                 self.finish_waiter(id, waiter);
@@ -834,32 +868,7 @@ impl Daemon {
             return;
         }
         // Manifest first: ask every connected peer and the DHT.
-        let now = StdInstant::now();
-        match self.pending_manifests.get_mut(&id) {
-            Some(p) => p.waiters.push(waiter),
-            None => {
-                self.pending_manifests.insert(
-                    id,
-                    PendingManifest {
-                        waiters: vec![waiter],
-                        since: now,
-                        last_lookup: now,
-                        asked: HashSet::new(),
-                        storing: false,
-                    },
-                );
-                self.lookup_providers(id);
-                let ready: Vec<PeerId> = self
-                    .peers
-                    .iter()
-                    .filter(|(_, p)| p.site.is_some())
-                    .map(|(id, _)| *id)
-                    .collect();
-                for peer in ready {
-                    self.ask_manifest(peer, id);
-                }
-            }
-        }
+        self.request_manifest(id, Some(waiter), None);
     }
 
     /// Answers a pull waiter for a complete image (exporting it if asked to).
@@ -915,23 +924,29 @@ impl Daemon {
                             for w in p.waiters {
                                 w.fail(format!("storing the manifest of {id}: {e}"));
                             }
+                            for m in p.mounts {
+                                m.fail(format!("storing the manifest of {id}: {e}"));
+                            }
                         }
                         return;
                     }
                 };
                 self.images.insert(id, Image::new(manifest, present));
                 self.provide(id);
-                let waiters = self
+                let (waiters, mounts) = self
                     .pending_manifests
                     .remove(&id)
-                    .map(|p| p.waiters)
+                    .map(|p| (p.waiters, p.mounts))
                     .unwrap_or_default();
                 if self.images.get(&id).is_some_and(|i| i.present.is_full()) {
                     for w in waiters {
                         self.finish_waiter(id, w);
                     }
-                } else {
+                } else if !waiters.is_empty() {
                     self.start_transfer(id, waiters);
+                }
+                for m in mounts {
+                    self.finish_mount(m);
                 }
             }
             IoDone::Published { reply, result } => match result {
@@ -1017,6 +1032,14 @@ impl Daemon {
         v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         serde_json::Value::Array(v)
     }
+}
+
+/// Sends a command's single answer.
+fn answer(reply: &mpsc::UnboundedSender<Reply>, result: Result<serde_json::Value, String>) {
+    let _ = reply.send(match result {
+        Ok(result) => Reply::Done { result },
+        Err(message) => Reply::Error { message },
+    });
 }
 
 fn publish_blocking(

@@ -95,11 +95,27 @@ impl Transfer {
 impl Daemon {
     /// Starts pulling `image` (its manifest is known) for `waiters`.
     pub(super) fn start_transfer(&mut self, image: ImageId, waiters: Vec<Waiter>) {
+        self.start_transfer_wanting(image, waiters, true);
+    }
+
+    /// Starts a transfer of `image`; with `want_missing` every missing chunk is wanted at Background
+    /// priority (a pull, a prefetching mount), without it nothing is wanted yet (a mount's Demand
+    /// reads add wants).
+    pub(super) fn start_transfer_wanting(
+        &mut self,
+        image: ImageId,
+        waiters: Vec<Waiter>,
+        want_missing: bool,
+    ) {
         let Some(img) = self.images.get(&image) else {
             return;
         };
         let chunks = img.manifest.chunk_count();
-        let missing: Vec<u32> = (0..chunks).filter(|&i| !img.present.contains(i)).collect();
+        let missing: Vec<u32> = if want_missing {
+            (0..chunks).filter(|&i| !img.present.contains(i)).collect()
+        } else {
+            Vec::new()
+        };
         let done = u64::from(img.present.count());
         self.seed_counter += 1;
         let seed = u64::from_le_bytes(image.0[..8].try_into().unwrap_or([0; 8]))
@@ -234,6 +250,7 @@ impl Daemon {
                     if let Some(t) = self.transfers.get_mut(&image) {
                         t.failed.insert(index, reason);
                     }
+                    self.mounts_want_failed(image, index, reason);
                 }
                 Event::PeerBanned { peer } => self.ban(peer),
             }
@@ -308,6 +325,7 @@ impl Daemon {
             return;
         };
         let was_in_flight = t.in_flight.remove(&(peer, index)).is_some();
+        let mut accepted = None;
         match response {
             Message::Chunk { id, data } => {
                 self.metrics.bytes_in(&site, data.len() as u64);
@@ -325,6 +343,7 @@ impl Daemon {
                     ChunkOutcome::Corrupt
                 };
                 if t.sched.handle_chunk(now, &peer, index, outcome) == Delivery::Accept {
+                    accepted = Some(data.len() as u64);
                     self.metrics.fetch_latency(sent.elapsed());
                     self.metrics
                         .chunks_fetched
@@ -361,6 +380,9 @@ impl Daemon {
                 t.sched
                     .handle_chunk(now, &peer, index, ChunkOutcome::Corrupt);
             }
+        }
+        if let Some(len) = accepted {
+            self.mounts_fetched(image, index, &site, len);
         }
     }
 
@@ -401,6 +423,7 @@ impl Daemon {
         }
         if let Err(e) = result {
             tracing::error!(%image, chunk = %id, "storing chunk: {e}");
+            self.mounts_store_failed(image, &e.to_string());
             if let Some(t) = self.transfers.remove(&image) {
                 for w in t.waiters {
                     w.fail(format!(
@@ -420,6 +443,7 @@ impl Daemon {
             }
         }
         let done = u64::from(img.present.count());
+        self.mounts_chunk_present(image, &indices);
         if let Some(t) = self.transfers.get_mut(&image) {
             t.done = done;
             for &i in &indices {
