@@ -239,17 +239,21 @@ enum BoundListener {
     Tcp(tokio::net::TcpListener),
 }
 
+/// Connections one listener serves at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 256;
+
 async fn accept_loop(listener: BoundListener, table: ExportTable<MountExport>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         match &listener {
             BoundListener::Unix(l) => match l.accept().await {
-                Ok((s, _)) => spawn_conn(s, table.clone()),
+                Ok((s, _)) => spawn_conn(s, table.clone(), &slots),
                 Err(e) => accept_error(e).await,
             },
             BoundListener::Tcp(l) => match l.accept().await {
                 Ok((s, _)) => {
                     let _ = s.set_nodelay(true);
-                    spawn_conn(s, table.clone())
+                    spawn_conn(s, table.clone(), &slots)
                 }
                 Err(e) => accept_error(e).await,
             },
@@ -263,14 +267,19 @@ async fn accept_error(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-fn spawn_conn<S>(s: S, table: ExportTable<MountExport>)
+fn spawn_conn<S>(s: S, table: ExportTable<MountExport>, slots: &Arc<tokio::sync::Semaphore>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        tracing::warn!("NBD listener at {MAX_CONNECTIONS} connections: refusing one more");
+        return; // dropping `s` closes it
+    };
     tokio::spawn(async move {
         if let Err(e) = server::serve_connection(s, table).await {
             tracing::info!("NBD connection closed: {e}");
         }
+        drop(slot);
     });
 }
 
