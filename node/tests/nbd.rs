@@ -301,6 +301,33 @@ fn lazy_random_reads_fetch_only_the_touched_chunks() {
     wait_for_peers(&b, 1);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(b.status()["metrics"]["chunks_fetched"], 0, "{}", b.log());
+    // A pull joining the mounted image's on-demand transfer wants everything and completes.
+    cli_ok(
+        &b,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+            "--name",
+            "lazy",
+        ],
+    );
+    let out = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -P {} 0 4096", pattern(0)),
+            &unix_uri(&sock, "lazy"),
+        ],
+    );
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    let pulled = tmp.path().join("pulled.raw");
+    cli_ok(&b, &["pull", &image, "-o", pulled.to_str().unwrap()]);
+    assert!(std::fs::read(&pulled).unwrap() == std::fs::read(&file).unwrap());
 }
 
 #[test]

@@ -861,6 +861,8 @@ impl Daemon {
         }
         if let Some(t) = self.transfers.get_mut(&id) {
             t.add_waiter(waiter);
+            // A mount's transfer may want only its Demand chunks so far.
+            self.want_all_missing(id);
             return;
         }
         if self.images.contains_key(&id) {

@@ -486,7 +486,6 @@ impl Daemon {
             return;
         }
         let chunks = img.manifest.chunk_count();
-        let missing: Vec<u32> = (0..chunks).filter(|&i| !img.present.contains(i)).collect();
         let order = match profile::load(&self.opts.data_dir, &image, chunks) {
             Ok(p) => p.map(|p| p.order),
             Err(e) => {
@@ -500,8 +499,7 @@ impl Daemon {
             if let Some(order) = &order {
                 t.sched.set_priority_order(now, order);
             }
-            // In range by construction.
-            let _ = t.sched.handle_want_many(now, missing, Priority::Background);
+            self.want_all_missing(image);
         } else {
             self.start_transfer_wanting(image, Vec::new(), true);
             if let (Some(order), Some(t)) = (&order, self.transfers.get_mut(&image)) {
@@ -510,6 +508,22 @@ impl Daemon {
         }
         if order.is_some() {
             tracing::info!(%image, "prefetching in boot-profile order");
+        }
+    }
+
+    /// Wants every missing chunk of `image` at Background priority in its existing transfer (a pull
+    /// or a prefetch joining a transfer that so far only served Demand reads).
+    pub(super) fn want_all_missing(&mut self, image: ImageId) {
+        let Some(img) = self.images.get(&image) else {
+            return;
+        };
+        let missing: Vec<u32> = (0..img.manifest.chunk_count())
+            .filter(|&i| !img.present.contains(i) && !self.mounts.storing.contains(&(image, i)))
+            .collect();
+        let now = self.now();
+        if let Some(t) = self.transfers.get_mut(&image) {
+            // In range by construction; chunks already wanted keep their (higher) priority.
+            let _ = t.sched.handle_want_many(now, missing, Priority::Background);
         }
     }
 
