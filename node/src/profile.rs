@@ -10,6 +10,10 @@
 //!
 //! This module decides the recording rule and the file format; the daemon decides when to save and
 //! when to apply.
+//!
+//! Profiles are per node for now: a profile recorded on one node speeds up later prefetching mounts
+//! on that node. Sharing them through the swarm (a small content-addressed blob announced next to the
+//! image's provider record and fetched with a new wire request) is not built yet.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
