@@ -801,4 +801,34 @@ fn prefetch_fills_the_image_and_the_boot_profile_is_recorded_and_replayed() {
         "{}",
         b.log()
     );
+
+    // A third node without a profile asks its peers when it prefetches, saves B's and follows it.
+    let c = Node::start(&tmp.path().join("c"), "dc2", Some(&b.addr), &[]);
+    wait_for_peers(&c, 1);
+    let c_sock = tmp.path().join("c.sock");
+    cli_ok(
+        &c,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &format!("unix:{}", c_sock.display()),
+            "--name",
+            "boot3",
+            "--prefetch",
+        ],
+    );
+    let c_profile = c.dir.join("profiles").join(format!("{image}.json"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c_profile.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "C never got a boot profile\n{}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got: Value = serde_json::from_slice(&std::fs::read(&c_profile).unwrap()).unwrap();
+    assert_eq!(got["order"], serde_json::json!(order));
+    assert!(c.log().contains("profile from a peer"), "{}", c.log());
 }

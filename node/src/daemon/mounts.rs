@@ -508,6 +508,89 @@ impl Daemon {
         }
         if order.is_some() {
             tracing::info!(%image, "prefetching in boot-profile order");
+        } else {
+            self.ask_boot_profiles(image);
+        }
+    }
+
+    /// Asks every ready peer that knows boot profiles for `image`'s; the first valid answer is
+    /// saved and applied ([`Daemon::on_boot_profile`]).
+    fn ask_boot_profiles(&mut self, image: ImageId) {
+        let peers: Vec<libp2p::PeerId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| p.site.is_some() && p.boot_profiles && !self.banned.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in peers {
+            self.send(
+                peer,
+                vmswarm_protocol::wire::Message::GetBootProfile { image },
+                super::Outbound::BootProfile(image),
+            );
+        }
+    }
+
+    /// Answers a peer's `GetBootProfile` from the local profile, if any (at most
+    /// [`vmswarm_protocol::wire::MAX_UPDATE_INDICES`] entries: the head of the order).
+    pub(super) fn boot_profile_answer(&self, image: ImageId) -> vmswarm_protocol::wire::Message {
+        use vmswarm_protocol::wire::{MAX_UPDATE_INDICES, Message};
+        let loaded = self
+            .images
+            .get(&image)
+            .map(|img| profile::load(&self.opts.data_dir, &image, img.manifest.chunk_count()));
+        match loaded {
+            Some(Ok(Some(mut p))) => {
+                p.order.truncate(MAX_UPDATE_INDICES);
+                Message::BootProfile {
+                    image,
+                    order: p.order,
+                }
+            }
+            _ => Message::BootProfileNotFound { image },
+        }
+    }
+
+    /// A peer sent the boot profile of `image`: if we still lack one, check it, save it and apply it
+    /// to a running prefetch. A profile only ranks Background work, so a bad one costs order, never
+    /// bytes; one with out-of-range or repeated indices is refused.
+    pub(super) fn on_boot_profile(
+        &mut self,
+        peer: libp2p::PeerId,
+        image: ImageId,
+        order: Vec<u32>,
+    ) {
+        let Some(chunks) = self.images.get(&image).map(|i| i.manifest.chunk_count()) else {
+            return;
+        };
+        if order.is_empty() || profile::path(&self.opts.data_dir, &image).exists() {
+            return;
+        }
+        let mut seen = vec![false; chunks as usize];
+        for &i in &order {
+            match seen.get_mut(i as usize) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    tracing::warn!(%peer, %image, "peer sent an invalid boot profile");
+                    return;
+                }
+            }
+        }
+        match profile::save_if_absent(
+            &self.opts.data_dir,
+            &image,
+            self.mounts.profile_window,
+            order.clone(),
+        ) {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%image, "saving a peer's boot profile: {e}"),
+        }
+        if self.mounts.prefetching.contains_key(&image) {
+            let now = self.now();
+            if let Some(t) = self.transfers.get_mut(&image) {
+                t.sched.set_priority_order(now, &order);
+                tracing::info!(%image, %peer, "prefetching in boot-profile order (profile from a peer)");
+            }
         }
     }
 
