@@ -10,6 +10,13 @@
 //!
 //! This module decides the recording rule and the file format; the daemon decides when to save and
 //! when to apply.
+//!
+//! Profiles travel with the image through the swarm: every node that holds a profile answers the
+//! wire request `GetBootProfile` (peers announce the `BOOT_PROFILES` capability in their `Hello`).
+//! A prefetching mount without a local profile asks its peers, checks the first answer against the
+//! manifest (indices in range, none repeated), saves it as its own and applies it. A profile only
+//! ranks Background work, so a peer lying about it can cost order, never correctness. The first
+//! boot anywhere thus sets the order for every later boot of the image in the swarm.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

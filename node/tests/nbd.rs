@@ -301,6 +301,33 @@ fn lazy_random_reads_fetch_only_the_touched_chunks() {
     wait_for_peers(&b, 1);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(b.status()["metrics"]["chunks_fetched"], 0, "{}", b.log());
+    // A pull joining the mounted image's on-demand transfer wants everything and completes.
+    cli_ok(
+        &b,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+            "--name",
+            "lazy",
+        ],
+    );
+    let out = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -P {} 0 4096", pattern(0)),
+            &unix_uri(&sock, "lazy"),
+        ],
+    );
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    let pulled = tmp.path().join("pulled.raw");
+    cli_ok(&b, &["pull", &image, "-o", pulled.to_str().unwrap()]);
+    assert!(std::fs::read(&pulled).unwrap() == std::fs::read(&file).unwrap());
 }
 
 #[test]
@@ -774,4 +801,34 @@ fn prefetch_fills_the_image_and_the_boot_profile_is_recorded_and_replayed() {
         "{}",
         b.log()
     );
+
+    // A third node without a profile asks its peers when it prefetches, saves B's and follows it.
+    let c = Node::start(&tmp.path().join("c"), "dc2", Some(&b.addr), &[]);
+    wait_for_peers(&c, 1);
+    let c_sock = tmp.path().join("c.sock");
+    cli_ok(
+        &c,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &format!("unix:{}", c_sock.display()),
+            "--name",
+            "boot3",
+            "--prefetch",
+        ],
+    );
+    let c_profile = c.dir.join("profiles").join(format!("{image}.json"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c_profile.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "C never got a boot profile\n{}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got: Value = serde_json::from_slice(&std::fs::read(&c_profile).unwrap()).unwrap();
+    assert_eq!(got["order"], serde_json::json!(order));
+    assert!(c.log().contains("profile from a peer"), "{}", c.log());
 }

@@ -413,6 +413,12 @@ mod tests {
                 bytes: vec![1, 2, 3],
             },
             Message::ManifestNotFound { image: IMAGE },
+            Message::GetBootProfile { image: IMAGE },
+            Message::BootProfile {
+                image: IMAGE,
+                order: vec![9, 0, 4],
+            },
+            Message::BootProfileNotFound { image: IMAGE },
         ]
     }
 
@@ -674,9 +680,9 @@ mod tests {
 
     #[test]
     fn unknown_discriminants_are_refused() {
-        // Message has 12 variants, 0..=11 (11 is Ack, a unit variant: valid on its own).
+        // Message has 15 variants, 0..=14 (11 is Ack, a unit variant: valid on its own).
         assert_eq!(decode(&[11]), Ok(Message::Ack));
-        let err = decode(&[12]).unwrap_err();
+        let err = decode(&[15]).unwrap_err();
         assert!(
             matches!(&err, CodecError::Decode(s) if s.contains("UnexpectedVariant")),
             "{err}"

@@ -75,6 +75,8 @@ impl Capabilities {
     pub const SERVE: Capabilities = Capabilities(1);
     /// Reserved: takes part in multicast distribution (not implemented yet).
     pub const MULTICAST: Capabilities = Capabilities(2);
+    /// Understands [`Message::GetBootProfile`] (peers without it are never sent one).
+    pub const BOOT_PROFILES: Capabilities = Capabilities(4);
 
     /// The raw bits.
     pub const fn bits(self) -> u32 {
@@ -388,6 +390,26 @@ pub enum Message {
     /// Acknowledges a message that has no other answer (`HaveUpdate`, `Fetching`, `Cancel`) on
     /// transports where every message gets a reply (libp2p request-response).
     Ack,
+    /// Asks for the boot profile of an image: the order in which a booting VM first read its
+    /// chunks. Only sent to peers announcing [`Capabilities::BOOT_PROFILES`].
+    GetBootProfile {
+        /// The image.
+        image: ImageId,
+    },
+    /// A boot profile: chunk indices of `image` in first-touch order, at most
+    /// [`MAX_UPDATE_INDICES`]. The receiver checks the indices against the manifest. A profile only
+    /// ranks Background prefetch; it never affects which bytes are accepted.
+    BootProfile {
+        /// The image.
+        image: ImageId,
+        /// Chunk indices, first touched first.
+        order: Vec<u32>,
+    },
+    /// The sender has no boot profile of `image`.
+    BootProfileNotFound {
+        /// The image.
+        image: ImageId,
+    },
 }
 
 impl Message {
@@ -406,6 +428,9 @@ impl Message {
             Message::Manifest { .. } => "manifest",
             Message::ManifestNotFound { .. } => "manifest_not_found",
             Message::Ack => "ack",
+            Message::GetBootProfile { .. } => "get_boot_profile",
+            Message::BootProfile { .. } => "boot_profile",
+            Message::BootProfileNotFound { .. } => "boot_profile_not_found",
         }
     }
 
@@ -420,9 +445,9 @@ impl Message {
         match self {
             Message::Hello(hello) => hello.validate_lengths(),
             Message::Have { chunks, .. } => validate_chunk_set(chunks),
-            Message::HaveUpdate { indices, .. } | Message::Fetching { indices, .. } => {
-                validate_indices(kind, indices)
-            }
+            Message::HaveUpdate { indices, .. }
+            | Message::Fetching { indices, .. }
+            | Message::BootProfile { order: indices, .. } => validate_indices(kind, indices),
             Message::Request { chunks, .. } | Message::Cancel { chunks } => {
                 validate_chunk_list(kind, chunks)
             }
@@ -447,7 +472,9 @@ impl Message {
             Message::Reject { .. }
             | Message::GetManifest { .. }
             | Message::ManifestNotFound { .. }
-            | Message::Ack => Ok(()),
+            | Message::Ack
+            | Message::GetBootProfile { .. }
+            | Message::BootProfileNotFound { .. } => Ok(()),
         }
     }
 }
@@ -599,6 +626,10 @@ pub(crate) mod strategies {
                 .prop_map(|(image, bytes)| Message::Manifest { image, bytes }),
             image_id().prop_map(|image| Message::ManifestNotFound { image }),
             Just(Message::Ack),
+            image_id().prop_map(|image| Message::GetBootProfile { image }),
+            (image_id(), indices())
+                .prop_map(|(image, order)| Message::BootProfile { image, order }),
+            image_id().prop_map(|image| Message::BootProfileNotFound { image }),
         ]
     }
 }
@@ -869,6 +900,12 @@ mod tests {
             },
             Message::ManifestNotFound { image },
             Message::Ack,
+            Message::GetBootProfile { image },
+            Message::BootProfile {
+                image,
+                order: vec![3, 1],
+            },
+            Message::BootProfileNotFound { image },
         ];
         let kinds: std::collections::BTreeSet<_> = all.iter().map(Message::kind).collect();
         assert_eq!(kinds.len(), all.len());

@@ -134,6 +134,10 @@ impl Daemon {
                 };
                 self.respond(channel, answer);
             }
+            Message::GetBootProfile { image } => {
+                let answer = self.boot_profile_answer(image);
+                self.respond(channel, answer);
+            }
             other => {
                 tracing::warn!(%peer, kind = other.kind(), "protocol violation: not a request");
                 drop(channel);
@@ -274,7 +278,13 @@ impl Daemon {
             {
                 self.on_manifest(peer, image, &bytes)
             }
-            (Outbound::Manifest(_), Message::ManifestNotFound { .. })
+            (Outbound::BootProfile(asked), Message::BootProfile { image, order })
+                if image == asked =>
+            {
+                self.on_boot_profile(peer, image, order)
+            }
+            (Outbound::BootProfile(_), Message::BootProfileNotFound { .. })
+            | (Outbound::Manifest(_), Message::ManifestNotFound { .. })
             | (Outbound::Upgrade | Outbound::Ack, Message::Ack) => {}
             (kind, other) => {
                 tracing::warn!(%peer, ?kind, got = other.kind(), "protocol violation: unexpected answer");

@@ -138,6 +138,8 @@ enum Outbound {
     Upgrade,
     Manifest(ImageId),
     Ack,
+    /// A `GetBootProfile` for this image.
+    BootProfile(ImageId),
 }
 
 /// A connected peer.
@@ -146,6 +148,8 @@ struct PeerState {
     /// Its site, once its `Hello` arrived.
     site: Option<String>,
     rtt: Option<Duration>,
+    /// It announced [`Capabilities::BOOT_PROFILES`].
+    boot_profiles: bool,
 }
 
 /// An image we hold a manifest for (fully or partly).
@@ -453,7 +457,7 @@ impl Daemon {
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             site: self.opts.site.clone(),
-            capabilities: Capabilities::SERVE,
+            capabilities: Capabilities::SERVE | Capabilities::BOOT_PROFILES,
             agent: format!("vmswarm/{}", env!("CARGO_PKG_VERSION")),
         })
     }
@@ -688,6 +692,7 @@ impl Daemon {
             let state = self.peers.entry(peer).or_default();
             let first = state.site.is_none();
             state.site = Some(hello.site.clone());
+            state.boot_profiles = hello.capabilities.contains(Capabilities::BOOT_PROFILES);
             first
         };
         if !first || self.banned.contains(&peer) {
@@ -861,6 +866,8 @@ impl Daemon {
         }
         if let Some(t) = self.transfers.get_mut(&id) {
             t.add_waiter(waiter);
+            // A mount's transfer may want only its Demand chunks so far.
+            self.want_all_missing(id);
             return;
         }
         if self.images.contains_key(&id) {

@@ -239,17 +239,21 @@ enum BoundListener {
     Tcp(tokio::net::TcpListener),
 }
 
+/// Connections one listener serves at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 256;
+
 async fn accept_loop(listener: BoundListener, table: ExportTable<MountExport>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         match &listener {
             BoundListener::Unix(l) => match l.accept().await {
-                Ok((s, _)) => spawn_conn(s, table.clone()),
+                Ok((s, _)) => spawn_conn(s, table.clone(), &slots),
                 Err(e) => accept_error(e).await,
             },
             BoundListener::Tcp(l) => match l.accept().await {
                 Ok((s, _)) => {
                     let _ = s.set_nodelay(true);
-                    spawn_conn(s, table.clone())
+                    spawn_conn(s, table.clone(), &slots)
                 }
                 Err(e) => accept_error(e).await,
             },
@@ -263,14 +267,19 @@ async fn accept_error(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-fn spawn_conn<S>(s: S, table: ExportTable<MountExport>)
+fn spawn_conn<S>(s: S, table: ExportTable<MountExport>, slots: &Arc<tokio::sync::Semaphore>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        tracing::warn!("NBD listener at {MAX_CONNECTIONS} connections: refusing one more");
+        return; // dropping `s` closes it
+    };
     tokio::spawn(async move {
         if let Err(e) = server::serve_connection(s, table).await {
             tracing::info!("NBD connection closed: {e}");
         }
+        drop(slot);
     });
 }
 
@@ -477,7 +486,6 @@ impl Daemon {
             return;
         }
         let chunks = img.manifest.chunk_count();
-        let missing: Vec<u32> = (0..chunks).filter(|&i| !img.present.contains(i)).collect();
         let order = match profile::load(&self.opts.data_dir, &image, chunks) {
             Ok(p) => p.map(|p| p.order),
             Err(e) => {
@@ -491,8 +499,7 @@ impl Daemon {
             if let Some(order) = &order {
                 t.sched.set_priority_order(now, order);
             }
-            // In range by construction.
-            let _ = t.sched.handle_want_many(now, missing, Priority::Background);
+            self.want_all_missing(image);
         } else {
             self.start_transfer_wanting(image, Vec::new(), true);
             if let (Some(order), Some(t)) = (&order, self.transfers.get_mut(&image)) {
@@ -501,6 +508,105 @@ impl Daemon {
         }
         if order.is_some() {
             tracing::info!(%image, "prefetching in boot-profile order");
+        } else {
+            self.ask_boot_profiles(image);
+        }
+    }
+
+    /// Asks every ready peer that knows boot profiles for `image`'s; the first valid answer is
+    /// saved and applied ([`Daemon::on_boot_profile`]).
+    fn ask_boot_profiles(&mut self, image: ImageId) {
+        let peers: Vec<libp2p::PeerId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| p.site.is_some() && p.boot_profiles && !self.banned.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in peers {
+            self.send(
+                peer,
+                vmswarm_protocol::wire::Message::GetBootProfile { image },
+                super::Outbound::BootProfile(image),
+            );
+        }
+    }
+
+    /// Answers a peer's `GetBootProfile` from the local profile, if any (at most
+    /// [`vmswarm_protocol::wire::MAX_UPDATE_INDICES`] entries: the head of the order).
+    pub(super) fn boot_profile_answer(&self, image: ImageId) -> vmswarm_protocol::wire::Message {
+        use vmswarm_protocol::wire::{MAX_UPDATE_INDICES, Message};
+        let loaded = self
+            .images
+            .get(&image)
+            .map(|img| profile::load(&self.opts.data_dir, &image, img.manifest.chunk_count()));
+        match loaded {
+            Some(Ok(Some(mut p))) => {
+                p.order.truncate(MAX_UPDATE_INDICES);
+                Message::BootProfile {
+                    image,
+                    order: p.order,
+                }
+            }
+            _ => Message::BootProfileNotFound { image },
+        }
+    }
+
+    /// A peer sent the boot profile of `image`: if we still lack one, check it, save it and apply it
+    /// to a running prefetch. A profile only ranks Background work, so a bad one costs order, never
+    /// bytes; one with out-of-range or repeated indices is refused.
+    pub(super) fn on_boot_profile(
+        &mut self,
+        peer: libp2p::PeerId,
+        image: ImageId,
+        order: Vec<u32>,
+    ) {
+        let Some(chunks) = self.images.get(&image).map(|i| i.manifest.chunk_count()) else {
+            return;
+        };
+        if order.is_empty() || profile::path(&self.opts.data_dir, &image).exists() {
+            return;
+        }
+        let mut seen = vec![false; chunks as usize];
+        for &i in &order {
+            match seen.get_mut(i as usize) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    tracing::warn!(%peer, %image, "peer sent an invalid boot profile");
+                    return;
+                }
+            }
+        }
+        match profile::save_if_absent(
+            &self.opts.data_dir,
+            &image,
+            self.mounts.profile_window,
+            order.clone(),
+        ) {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%image, "saving a peer's boot profile: {e}"),
+        }
+        if self.mounts.prefetching.contains_key(&image) {
+            let now = self.now();
+            if let Some(t) = self.transfers.get_mut(&image) {
+                t.sched.set_priority_order(now, &order);
+                tracing::info!(%image, %peer, "prefetching in boot-profile order (profile from a peer)");
+            }
+        }
+    }
+
+    /// Wants every missing chunk of `image` at Background priority in its existing transfer (a pull
+    /// or a prefetch joining a transfer that so far only served Demand reads).
+    pub(super) fn want_all_missing(&mut self, image: ImageId) {
+        let Some(img) = self.images.get(&image) else {
+            return;
+        };
+        let missing: Vec<u32> = (0..img.manifest.chunk_count())
+            .filter(|&i| !img.present.contains(i) && !self.mounts.storing.contains(&(image, i)))
+            .collect();
+        let now = self.now();
+        if let Some(t) = self.transfers.get_mut(&image) {
+            // In range by construction; chunks already wanted keep their (higher) priority.
+            let _ = t.sched.handle_want_many(now, missing, Priority::Background);
         }
     }
 

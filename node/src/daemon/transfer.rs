@@ -276,6 +276,11 @@ impl Daemon {
             }
             return;
         }
+        if t.waiters.is_empty() {
+            // Only mounts' Demand wants: the waiting reads were answered one by one.
+            tracing::debug!(%image, failed = t.failed.len(), "on-demand transfer idle");
+            return;
+        }
         let manifest = self.images.get(&image).map(|i| i.manifest.clone());
         let mut named = Vec::new();
         for (&index, reason) in t.failed.iter().take(MAX_NAMED_MISSING) {

@@ -21,6 +21,11 @@ use super::proto::{self, ClientOption, Command, ExportInfo, ProtoError, Refusal}
 
 /// Requests of one connection executed at once.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Payload bytes (READ lengths and WRITE data) of one connection in flight at once, so that a client
+/// queueing many maximal reads cannot make the node allocate gigabytes.
+pub const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
+/// Accounting unit of [`MAX_IN_FLIGHT_BYTES`].
+const BYTE_UNIT: u64 = 64 << 10;
 /// The whole handshake must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -300,6 +305,7 @@ where
         let _ = wr.shutdown().await;
     });
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new((MAX_IN_FLIGHT_BYTES / BYTE_UNIT) as usize));
     let result = loop {
         let mut h = [0u8; proto::REQUEST_HEADER_LEN];
         tokio::select! {
@@ -331,11 +337,22 @@ where
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break Ok(());
         };
+        // Reads and writes hold their payload size of the byte budget (at least one unit; a read
+        // longer than MAX_PAYLOAD is refused before it allocates anything).
+        let bytes = match req.command {
+            Command::Read => u64::from(req.length.min(proto::MAX_PAYLOAD)),
+            _ => u64::from(req.payload_len()),
+        };
+        let units = bytes.div_ceil(BYTE_UNIT).max(1) as u32;
+        let Ok(bytes_permit) = budget.clone().acquire_many_owned(units).await else {
+            break Ok(());
+        };
         let tx = tx.clone();
         let backend = backend.clone();
         tokio::spawn(async move {
             let reply = execute(&*backend, req, payload, structured).await;
             let _ = tx.send(reply).await;
+            drop(bytes_permit);
             drop(permit);
         });
     };
