@@ -52,6 +52,9 @@ use super::error::{StoreError, io_at, io_error};
 pub(crate) const HEADER_LEN: u64 = 64;
 /// A pack is closed and a new one started once it holds this many bytes.
 pub(crate) const PACK_TARGET_BYTES: u64 = 1 << 30;
+/// Synced bytes further than this behind the end of the active pack are dropped from the page
+/// cache (see the module docs).
+pub(crate) const CACHE_WINDOW: u64 = 64 << 20;
 const MAGIC: [u8; 4] = *b"VSPK";
 const PACK_SUFFIX: &str = ".pack";
 
@@ -229,6 +232,8 @@ struct Active {
     end: u64,
     /// A failed append could not be truncated away: the next append starts a new pack.
     broken: bool,
+    /// Page-cache pages before this offset were released (see [`CACHE_WINDOW`]).
+    released: u64,
 }
 
 /// A point in the append stream: durable once [`PackSet::sync_to`] returned for it.
@@ -347,6 +352,7 @@ impl PackSet {
             file,
             end: 0,
             broken: false,
+            released: 0,
         });
         Ok(())
     }
@@ -453,6 +459,19 @@ impl PackSet {
         file.sync_data()
             .map_err(|e| io_error("fsync pack", &self.path(pack), e))?;
         let mut guard = lock(&self.active);
+        if let Some(a) = guard.as_mut().filter(|a| a.pack == pack) {
+            let release_to = end.saturating_sub(CACHE_WINDOW);
+            if let Some(len) = std::num::NonZeroU64::new(release_to.saturating_sub(a.released)) {
+                // Advice only: a failure costs page cache, never data.
+                let _ = rustix::fs::fadvise(
+                    &*a.file,
+                    a.released,
+                    Some(len),
+                    rustix::fs::Advice::DontNeed,
+                );
+                a.released = release_to;
+            }
+        }
         if let Some(a) = guard.as_mut().filter(|a| a.pack == pack && !a.broken) {
             let commit = Record::Commit { synced: end };
             match a.file.write_all_at(&commit.encode(), a.end) {
