@@ -134,7 +134,9 @@ impl Daemon {
                 let _ = io.send(IoDone::Checked(checked));
                 let result = store.put_many(&verified).map(|_| ());
                 drop(verified);
-                drop(batch);
+                for c in batch {
+                    crate::net::buffers::give(c.data);
+                }
                 let _ = io.send(IoDone::Stored {
                     chunks: stored,
                     bytes,

@@ -849,10 +849,12 @@ impl ChunkStore {
     /// Reads the chunk at `loc` into `buf` (resized to its length). `false` if its bytes are no
     /// longer in the pack (cut short behind the store's back).
     fn read_chunk(&self, loc: &Loc, buf: &mut Vec<u8>) -> Result<bool, StoreError> {
-        buf.clear();
         let Some(file) = self.packs.file(loc.pack) else {
+            buf.clear();
             return Ok(false);
         };
+        // Every byte is overwritten by the read: a reused buffer is not zeroed first.
+        buf.truncate(loc.len as usize);
         buf.resize(loc.len as usize, 0);
         match file.read_exact_at(buf, loc.data_offset()) {
             Ok(()) => {}
