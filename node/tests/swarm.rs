@@ -153,7 +153,7 @@ fn missing_chunks_fail_the_pull_naming_them_and_a_restart_refetches_only_what_is
             .take(3)
             .collect();
         for &i in &lost {
-            std::fs::remove_file(store.chunk_path(&m.chunks[i as usize])).unwrap();
+            assert!(store.remove(&m.chunks[i as usize]).unwrap());
         }
         lost
     };

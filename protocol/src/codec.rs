@@ -9,8 +9,18 @@
 //!
 //! A payload is the bincode 2 encoding of a [`Message`] under one private configuration (`CONFIG`):
 //! little-endian, variable-length integers, and a decode limit of [`MAX_FRAME_LEN`]. The encoding is
-//! reached only through [`encode`], [`decode`], [`encode_frame`] and [`FrameDecoder`] (and the error
-//! type carries text, not bincode's error type), so it can be swapped without touching callers.
+//! reached only through [`encode`], [`decode`], [`encode_frame`], [`FrameDecoder`] and the chunk
+//! head functions below (and the error type carries text, not bincode's error type), so it can be
+//! swapped without touching callers.
+//!
+//! # Chunk messages without copying their bytes
+//!
+//! The payload of a [`Message::Chunk`] is a short *head* (variant tag, id, data length) followed by
+//! the data bytes unchanged. [`chunk_payload_head`] builds that head, so a sender can write the head
+//! and then the bytes straight from its buffer; [`decode_chunk_head`] recognises it, so a receiver
+//! can read the bytes straight into their final buffer. A payload that is exactly a recognised head
+//! plus `data_len` bytes decodes with [`decode`] to the same message (tested, and fuzzed by
+//! `fuzz/fuzz_targets/chunk_head.rs`); anything else goes through [`decode`].
 //!
 //! The limit matters for safety, not only for size. bincode decodes a `Vec<T>` by reading its length
 //! and then allocating `Vec::with_capacity(len)` (or `vec![0u8; len]` for bytes) *before* reading the
@@ -38,6 +48,7 @@
 use bincode::config::{Configuration, LittleEndian, Varint};
 use bincode::error::EncodeError;
 
+use crate::ChunkId;
 use crate::wire::{MAX_CHUNK_BYTES, Message, WireError};
 
 /// Bytes of the length prefix in front of each payload.
@@ -120,6 +131,65 @@ pub fn decode(payload: &[u8]) -> Result<Message, CodecError> {
     }
     msg.validate()?;
     Ok(msg)
+}
+
+/// Longest head [`chunk_payload_head`] makes: tag, 32-byte id and a varint length (at most 9 bytes),
+/// with room to spare.
+pub const MAX_CHUNK_HEAD_LEN: usize = 48;
+
+/// The start of a [`Message::Chunk`] payload, as [`decode_chunk_head`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHead {
+    /// The chunk's id.
+    pub id: ChunkId,
+    /// Length of the data that follows the head.
+    pub data_len: usize,
+    /// Length of the head itself.
+    pub head_len: usize,
+}
+
+/// The encoded tag of [`Message::Chunk`]: its payload minus the id and a one-byte empty length.
+fn chunk_tag() -> Result<Vec<u8>, CodecError> {
+    let empty = Message::Chunk {
+        id: ChunkId([0; 32]),
+        data: Vec::new(),
+    };
+    let mut payload = bincode::encode_to_vec(&empty, CONFIG).map_err(encode_error)?;
+    // The payload ends in the 32 id bytes and the varint 0.
+    payload.truncate(payload.len().saturating_sub(33));
+    Ok(payload)
+}
+
+/// The head of the payload of `Message::Chunk { id, data }` for any `data` of `data_len` bytes: that
+/// payload is this head followed by the data. Refuses a `data_len` over [`MAX_CHUNK_BYTES`].
+pub fn chunk_payload_head(id: &ChunkId, data_len: usize) -> Result<Vec<u8>, CodecError> {
+    if data_len > MAX_CHUNK_BYTES {
+        return Err(CodecError::Invalid(WireError::ChunkTooLarge {
+            len: data_len,
+            max: MAX_CHUNK_BYTES,
+        }));
+    }
+    let mut head = chunk_tag()?;
+    head.extend_from_slice(&id.0);
+    let len = bincode::encode_to_vec(data_len as u64, CONFIG).map_err(encode_error)?;
+    head.extend_from_slice(&len);
+    Ok(head)
+}
+
+/// If `bytes` (the first bytes of a payload, up to [`MAX_CHUNK_HEAD_LEN`]) start with the head of a
+/// [`Message::Chunk`] whose data length is within [`MAX_CHUNK_BYTES`], returns it. `None` means only
+/// "not recognised here": decode the whole payload with [`decode`] instead.
+pub fn decode_chunk_head(bytes: &[u8]) -> Option<ChunkHead> {
+    let tag = chunk_tag().ok()?;
+    let rest = bytes.strip_prefix(tag.as_slice())?;
+    let (id, rest) = rest.split_first_chunk::<32>()?;
+    let (data_len, used): (u64, usize) = bincode::decode_from_slice(rest, CONFIG).ok()?;
+    let data_len = usize::try_from(data_len).ok()?;
+    (data_len <= MAX_CHUNK_BYTES).then_some(ChunkHead {
+        id: ChunkId(*id),
+        data_len,
+        head_len: tag.len() + 32 + used,
+    })
 }
 
 /// Appends one frame (length prefix and payload) for `msg` to `out`. On error `out` is left as it
@@ -826,7 +896,76 @@ mod tests {
         })
     }
 
+    #[test]
+    fn chunk_heads_split_chunk_payloads() {
+        for len in [
+            0usize,
+            1,
+            250,
+            251,
+            65_535,
+            65_536,
+            262_144,
+            MAX_CHUNK_BYTES,
+        ] {
+            let msg = Message::Chunk {
+                id: ID,
+                data: vec![7; len],
+            };
+            let payload = encode(&msg).unwrap();
+            let head = chunk_payload_head(&ID, len).unwrap();
+            assert!(head.len() <= MAX_CHUNK_HEAD_LEN);
+            assert_eq!(&payload[..head.len()], &head[..], "len {len}");
+            assert_eq!(payload.len(), head.len() + len);
+            let prefix = &payload[..payload.len().min(MAX_CHUNK_HEAD_LEN)];
+            assert_eq!(
+                decode_chunk_head(prefix),
+                Some(ChunkHead {
+                    id: ID,
+                    data_len: len,
+                    head_len: head.len()
+                })
+            );
+        }
+        assert!(chunk_payload_head(&ID, MAX_CHUNK_BYTES + 1).is_err());
+        assert_eq!(decode_chunk_head(&encode(&Message::Ack).unwrap()), None);
+        assert_eq!(decode_chunk_head(&[]), None);
+    }
+
     proptest! {
+        #[test]
+        fn a_recognised_chunk_head_decodes_like_the_whole_payload(
+            msg in strategies::message(2048),
+            cut in 0usize..4,
+        ) {
+            let payload = encode(&msg).unwrap();
+            let prefix = &payload[..payload.len().min(MAX_CHUNK_HEAD_LEN)];
+            match decode_chunk_head(prefix) {
+                Some(h) => {
+                    let Message::Chunk { id, data } = &msg else {
+                        panic!("head recognised in {msg:?}");
+                    };
+                    prop_assert_eq!(h.id, *id);
+                    prop_assert_eq!(h.data_len, data.len());
+                    prop_assert_eq!(&payload[h.head_len..], &data[..]);
+                }
+                None => {
+                    let is_chunk = matches!(msg, Message::Chunk { .. });
+                    prop_assert!(!is_chunk, "chunk head not recognised");
+                }
+            }
+            // A payload cut short still never yields a head promising more than it can hold.
+            let short = &payload[..payload.len().saturating_sub(cut)];
+            if let Some(h) = decode_chunk_head(&short[..short.len().min(MAX_CHUNK_HEAD_LEN)]) {
+                if h.head_len + h.data_len == short.len() {
+                    prop_assert_eq!(
+                        decode(short).unwrap(),
+                        Message::Chunk { id: h.id, data: short[h.head_len..].to_vec() }
+                    );
+                }
+            }
+        }
+
         #[test]
         fn streams_round_trip_in_random_pieces(
             msgs in messages(),

@@ -209,7 +209,11 @@ impl Daemon {
             let io = self.io_tx.clone();
             let (peer, id) = (s.peer, s.chunk);
             tokio::task::spawn_blocking(move || {
-                let result = store.get(&id);
+                // A recycled buffer: it goes back to the pool once the codec has written it.
+                let mut buf = crate::net::buffers::take(0);
+                let result = store
+                    .get_into(&id, &mut buf)
+                    .map(|held| held.then_some(buf));
                 let _ = io.send(IoDone::Read {
                     peer,
                     id,

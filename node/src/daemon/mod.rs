@@ -9,12 +9,14 @@
 //!   many chunks are sent at once.
 //!
 //! This module only carries their decisions out (sends requests, verifies and stores chunks, answers
-//! peers) and feeds them what happened. Store I/O runs on tokio's blocking pool; its results come back
-//! to the owning task as messages. Shutdown (SIGINT/SIGTERM) removes the control socket and
-//! `node.json`, ends every NBD export (clone overlays flushed, socket files removed); the data-dir
-//! lock is released when the process ends.
+//! peers) and feeds them what happened. Store I/O and the hashing of received chunks run on tokio's
+//! blocking pool ([`ingest`] batches received chunks into group commits and applies backpressure);
+//! their results come back to the owning task as messages. Shutdown (SIGINT/SIGTERM) removes the
+//! control socket and `node.json`, ends every NBD export (clone overlays flushed, socket files
+//! removed); the data-dir lock is released when the process ends.
 
 mod inbound;
+mod ingest;
 mod mounts;
 mod transfer;
 
@@ -198,9 +200,12 @@ struct PendingManifest {
 
 /// Results of blocking store work, sent back to the owning task.
 enum IoDone {
+    /// Received chunks hashed (valid or not).
+    Checked(Vec<ingest::Checked>),
+    /// A batch of valid received chunks committed (or failed to be).
     Stored {
-        image: ImageId,
-        id: ChunkId,
+        chunks: Vec<(ImageId, ChunkId)>,
+        bytes: usize,
         result: Result<(), StoreError>,
     },
     Read {
@@ -252,6 +257,7 @@ struct Daemon {
         HashMap<(PeerId, ChunkId), (request_response::InboundRequestId, ResponseChannel<Message>)>,
     serving: HashSet<request_response::InboundRequestId>,
     io_tx: mpsc::UnboundedSender<IoDone>,
+    ingest: ingest::Ingest,
     listen_addrs: Vec<Multiaddr>,
     seed_counter: u64,
     mounts: mounts::Mounts,
@@ -329,6 +335,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         serve_channels: HashMap::new(),
         serving: HashSet::new(),
         io_tx,
+        ingest: ingest::Ingest::default(),
         listen_addrs: Vec::new(),
         seed_counter: 0,
         mounts: mounts::Mounts::new(demand_tx, opts_profile_window),
@@ -914,7 +921,12 @@ impl Daemon {
 
     fn on_io(&mut self, done: IoDone) {
         match done {
-            IoDone::Stored { image, id, result } => self.on_stored(image, id, result),
+            IoDone::Checked(checked) => self.on_checked(checked),
+            IoDone::Stored {
+                chunks,
+                bytes,
+                result,
+            } => self.on_batch_stored(chunks, bytes, result),
             IoDone::Read {
                 peer,
                 id,
@@ -996,6 +1008,7 @@ impl Daemon {
             "peers": self.peers_json(),
             "images": self.images_json(),
             "fetches_in_flight": in_flight,
+            "unstored_bytes": self.ingest.unstored_bytes(),
             "serving": { "queued": self.serve.len(), "active": self.serve.active_uploads() },
             "banned": self.banned.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
             "store": store,

@@ -2,9 +2,10 @@
 //!
 //! A [`Transfer`] exists while an image is incomplete and wanted. Its scheduler gets every ready peer
 //! and every missing chunk (Background); this module turns the scheduler's actions into requests,
-//! verifies each chunk against the manifest before the scheduler hears of it, stores accepted chunks
-//! on the blocking pool, and ends the transfer when every chunk is stored — or, if the scheduler gave
-//! up on some chunk, fails its waiters naming the missing chunks.
+//! has each chunk checked against the manifest before the scheduler hears of it and stored
+//! ([`super::ingest`]), and ends the transfer when every chunk is stored — or, if the scheduler gave
+//! up on some chunk, fails its waiters naming the missing chunks. While the store is behind
+//! ([`super::ingest::MAX_UNSTORED_BYTES`]), the scheduler's new decisions wait inside it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -19,7 +20,8 @@ use vmswarm_protocol::fetch::{
 use vmswarm_protocol::wire::Message;
 use vmswarm_protocol::{ChunkId, ImageId, Priority};
 
-use super::{Daemon, IoDone, Outbound};
+use super::ingest::{Checked, Received};
+use super::{Daemon, Outbound};
 use crate::control::Reply;
 
 /// Most missing chunks named in a failed pull's message.
@@ -58,7 +60,7 @@ pub(super) struct Transfer {
     waiters: Vec<Waiter>,
     /// Chunk requests in flight, by (peer, index).
     in_flight: HashMap<(PeerId, u32), OutboundRequestId>,
-    /// Chunks accepted and being written to the store.
+    /// Chunks received and not yet committed (being checked or written).
     storing: u32,
     failed: BTreeMap<u32, FailReason>,
     done: u64,
@@ -172,10 +174,16 @@ impl Daemon {
 
     /// Carries out what `image`'s scheduler decided, and ends the transfer when it is over.
     pub(super) fn pump_transfer(&mut self, image: ImageId) {
+        let backlogged = self.ingest.backlogged();
         let Some(t) = self.transfers.get_mut(&image) else {
             return;
         };
-        let actions: Vec<Action<PeerId>> = std::iter::from_fn(|| t.sched.poll_action()).collect();
+        // While the store is behind, new requests wait (queued in the scheduler): backpressure.
+        let actions: Vec<Action<PeerId>> = if backlogged {
+            Vec::new()
+        } else {
+            std::iter::from_fn(|| t.sched.poll_action()).collect()
+        };
         let events: Vec<Event<PeerId>> = std::iter::from_fn(|| t.sched.poll_event()).collect();
         let Some(manifest) = self.images.get(&image).map(|i| i.manifest.clone()) else {
             return;
@@ -330,43 +338,30 @@ impl Daemon {
             return;
         };
         let was_in_flight = t.in_flight.remove(&(peer, index)).is_some();
-        let mut accepted = None;
         match response {
             Message::Chunk { id, data } => {
                 self.metrics.bytes_in(&site, data.len() as u64);
                 let expected = manifest.chunks[index as usize];
-                let valid = id == expected
-                    && manifest.chunk_len(index) == Some(data.len() as u32)
-                    && expected.verify(&data);
-                let outcome = if valid {
-                    ChunkOutcome::Valid
-                } else {
-                    self.metrics
-                        .chunks_corrupt
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(%peer, %image, index, "corrupt chunk received");
-                    ChunkOutcome::Corrupt
-                };
-                if t.sched.handle_chunk(now, &peer, index, outcome) == Delivery::Accept {
-                    accepted = Some(data.len() as u64);
-                    self.metrics.fetch_latency(sent.elapsed());
-                    self.metrics
-                        .chunks_fetched
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    for w in &mut t.waiters {
-                        w.bytes += data.len() as u64;
-                    }
+                if id == expected && manifest.chunk_len(index) == Some(data.len() as u32) {
+                    // Hashed on the blocking pool; the scheduler hears of it in `on_checked`.
                     t.storing += 1;
-                    let store = self.store.clone();
-                    let io = self.io_tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let result = store.put(&expected, &data).map(|_| ());
-                        let _ = io.send(IoDone::Stored {
-                            image,
-                            id: expected,
-                            result,
-                        });
+                    self.ingest(Received {
+                        image,
+                        index,
+                        peer,
+                        sent,
+                        id: expected,
+                        data,
                     });
+                } else {
+                    self.on_checked(vec![Checked {
+                        image,
+                        index,
+                        peer,
+                        sent,
+                        len: data.len(),
+                        valid: false,
+                    }]);
                 }
             }
             Message::Reject { reason, .. } => {
@@ -386,8 +381,38 @@ impl Daemon {
                     .handle_chunk(now, &peer, index, ChunkOutcome::Corrupt);
             }
         }
-        if let Some(len) = accepted {
-            self.mounts_fetched(image, index, &site, len);
+    }
+
+    /// Received chunks were hashed: tell their schedulers. Valid ones are being stored already.
+    pub(super) fn on_checked(&mut self, checked: Vec<Checked>) {
+        let now = self.now();
+        for c in checked {
+            let Some(t) = self.transfers.get_mut(&c.image) else {
+                continue;
+            };
+            let outcome = if c.valid {
+                ChunkOutcome::Valid
+            } else {
+                t.storing = t.storing.saturating_sub(1);
+                self.metrics
+                    .chunks_corrupt
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(peer = %c.peer, image = %c.image, index = c.index, "corrupt chunk received");
+                ChunkOutcome::Corrupt
+            };
+            // Uncommitted chunks count in `storing` until `on_stored`, accepted or not (a valid
+            // duplicate is stored once; the store answers the second copy with AlreadyPresent).
+            if t.sched.handle_chunk(now, &c.peer, c.index, outcome) == Delivery::Accept {
+                self.metrics.fetch_latency(c.sent.elapsed());
+                self.metrics
+                    .chunks_fetched
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for w in &mut t.waiters {
+                    w.bytes += c.len as u64;
+                }
+                let site = self.site_of(&c.peer);
+                self.mounts_fetched(c.image, c.index, &site, c.len as u64);
+            }
         }
     }
 
@@ -415,18 +440,13 @@ impl Daemon {
         }
     }
 
-    /// A chunk accepted for `image` has been written (or failed to be).
-    pub(super) fn on_stored(
-        &mut self,
-        image: ImageId,
-        id: ChunkId,
-        result: Result<(), crate::store::StoreError>,
-    ) {
+    /// A chunk received for `image` has been committed, or failed to be (`error`).
+    pub(super) fn on_stored(&mut self, image: ImageId, id: ChunkId, error: Option<&str>) {
         let now = self.now();
         if let Some(t) = self.transfers.get_mut(&image) {
             t.storing = t.storing.saturating_sub(1);
         }
-        if let Err(e) = result {
+        if let Some(e) = error {
             tracing::error!(%image, chunk = %id, "storing chunk: {e}");
             self.mounts_store_failed(image, &e.to_string());
             if let Some(t) = self.transfers.remove(&image) {

@@ -5,12 +5,18 @@
 //! side closed, the answer comes back the same way. The frame limit is checked from the prefix alone,
 //! before anything is buffered, so a hostile peer cannot make us allocate past it. Decoding and
 //! validation are the protocol crate's; this module only moves bytes.
+//!
+//! Chunk messages take a shorter path (see `vmswarm_protocol::codec`, "Chunk messages without
+//! copying their bytes"): a received chunk's bytes are read from the stream straight into a
+//! recycled buffer ([`super::buffers`]), and a chunk being sent is written as its head followed by
+//! the bytes from the buffer they were read into, which then goes back to the pool. Each saves a
+//! copy of every chunk and an allocation.
 
 use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
-use vmswarm_protocol::codec::{self, MAX_FRAME_LEN};
+use vmswarm_protocol::codec::{self, MAX_CHUNK_HEAD_LEN, MAX_FRAME_LEN};
 use vmswarm_protocol::wire::Message;
 
 /// The protocol name negotiated on each stream.
@@ -30,15 +36,44 @@ async fn read_message<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Mes
             format!("frame of {len} bytes (limit {MAX_FRAME_LEN})"),
         ));
     }
+    let mut head = [0u8; MAX_CHUNK_HEAD_LEN];
+    let head_len = len.min(MAX_CHUNK_HEAD_LEN);
+    io.read_exact(&mut head[..head_len]).await?;
+    if let Some(h) = codec::decode_chunk_head(&head[..head_len]) {
+        if h.head_len + h.data_len == len {
+            // Exactly a chunk message: its bytes go straight into their own buffer.
+            let mut data = super::buffers::take(h.data_len);
+            let early = head_len - h.head_len;
+            data[..early].copy_from_slice(&head[h.head_len..head_len]);
+            io.read_exact(&mut data[early..]).await?;
+            let msg = Message::Chunk { id: h.id, data };
+            msg.validate()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            return Ok(msg);
+        }
+    }
     let mut payload = vec![0u8; len];
-    io.read_exact(&mut payload).await?;
+    payload[..head_len].copy_from_slice(&head[..head_len]);
+    io.read_exact(&mut payload[head_len..]).await?;
     codec::decode(&payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-async fn write_message<T: AsyncWrite + Unpin + Send>(io: &mut T, msg: &Message) -> io::Result<()> {
+async fn write_message<T: AsyncWrite + Unpin + Send>(io: &mut T, msg: Message) -> io::Result<()> {
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
+    if let Message::Chunk { id, data } = msg {
+        let head = codec::chunk_payload_head(&id, data.len()).map_err(invalid)?;
+        // chunk_payload_head bounds data.len() by MAX_CHUNK_BYTES, far below u32::MAX.
+        let len = u32::try_from(head.len() + data.len()).unwrap_or(u32::MAX);
+        let mut start = Vec::with_capacity(4 + head.len());
+        start.extend_from_slice(&len.to_be_bytes());
+        start.extend_from_slice(&head);
+        io.write_all(&start).await?;
+        io.write_all(&data).await?;
+        super::buffers::give(data);
+        return io.close().await;
+    }
     let mut frame = Vec::new();
-    codec::encode_frame(msg, &mut frame)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    codec::encode_frame(&msg, &mut frame).map_err(invalid)?;
     io.write_all(&frame).await?;
     io.close().await
 }
@@ -71,7 +106,7 @@ impl libp2p::request_response::Codec for WireCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_message(io, &req).await
+        write_message(io, req).await
     }
 
     async fn write_response<T>(
@@ -83,7 +118,7 @@ impl libp2p::request_response::Codec for WireCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_message(io, &res).await
+        write_message(io, res).await
     }
 }
 
@@ -96,7 +131,7 @@ mod tests {
     fn round_trip_and_limits() {
         futures::executor::block_on(async {
             let mut buf = Cursor::new(Vec::new());
-            write_message(&mut buf, &Message::Ack).await.unwrap();
+            write_message(&mut buf, Message::Ack).await.unwrap();
             let mut rd = Cursor::new(buf.into_inner());
             assert_eq!(read_message(&mut rd).await.unwrap(), Message::Ack);
 
@@ -106,6 +141,32 @@ mod tests {
 
             let mut garbage = Cursor::new(vec![0, 0, 0, 3, 0xff, 0xff, 0xff]);
             assert!(read_message(&mut garbage).await.is_err());
+
+            // Chunks take the copy-free path both ways and arrive equal; so do small ones.
+            for len in [1usize, 40, 100_000, 262_144] {
+                let msg = Message::Chunk {
+                    id: vmswarm_protocol::ChunkId([3; 32]),
+                    data: (0..len).map(|i| i as u8).collect(),
+                };
+                let mut framed = Vec::new();
+                codec::encode_frame(&msg, &mut framed).unwrap();
+                let mut buf = Cursor::new(Vec::new());
+                write_message(&mut buf, msg.clone()).await.unwrap();
+                assert_eq!(buf.get_ref(), &framed, "same bytes as encode_frame");
+                let mut rd = Cursor::new(buf.into_inner());
+                assert_eq!(read_message(&mut rd).await.unwrap(), msg);
+            }
+            // A chunk frame whose announced data is longer than the frame: refused, not read.
+            let msg = Message::Chunk {
+                id: vmswarm_protocol::ChunkId([3; 32]),
+                data: vec![5; 1000],
+            };
+            let mut framed = Vec::new();
+            codec::encode_frame(&msg, &mut framed).unwrap();
+            let short = (framed.len() as u32 - 4 - 10).to_be_bytes();
+            framed[..4].copy_from_slice(&short);
+            framed.truncate(framed.len() - 10);
+            assert!(read_message(&mut Cursor::new(framed)).await.is_err());
         });
     }
 }

@@ -6,6 +6,7 @@
 //! request-response carries the vmswarm messages ([`codec`]). Which chunk to ask whom for is not
 //! decided here but in `vmswarm_protocol::fetch`.
 
+pub mod buffers;
 pub mod codec;
 
 use std::time::Duration;

@@ -1,40 +1,45 @@
 //! The durable chunk store: content-addressed chunks and image manifests on local disk.
 //!
 //! # What this module decides
-//! - **Layout and commit discipline.** One file per chunk, named by its [`ChunkId`], committed by
-//!   *temp file + fsync + rename + directory fsync*. A chunk is visible (in the index, returned by
-//!   [`ChunkStore::contains`] and [`ChunkStore::get`]) only after its BLAKE3 was checked and that
-//!   sequence completed. Manifests follow the same discipline.
-//! - **What the store knows on restart**: the directory listing *is* the index. [`ChunkStore::open`]
-//!   lists the 256 fan-out directories (names and sizes from `readdir` + `stat`, never file
-//!   contents) into an in-memory [`DashMap`], so `contains` is a sharded hash lookup and the store
-//!   is `Send + Sync`.
+//! - **Layout and commit discipline.** Chunks are appended to *pack files* (`packs/`, format in
+//!   [`pack`]) and committed by *group commit*: several verified chunks are written, one
+//!   `fdatasync` covers them all, and only then do they become visible together (in the index,
+//!   returned by [`ChunkStore::contains`] and [`ChunkStore::get`]). [`ChunkStore::put`] commits one
+//!   chunk; [`ChunkStore::put_many`] a batch; concurrent callers share fsyncs either way. Manifests
+//!   (rare, small) keep one file each, committed by *temp file + fsync + rename + directory fsync*.
+//! - **What the store knows on restart.** [`ChunkStore::open`] reads the pack headers (64 bytes
+//!   per chunk, never the bytes of a chunk a commit record vouches for) into an in-memory
+//!   [`DashMap`] from chunk id to location, so `contains` is a sharded hash lookup and the store is
+//!   `Send + Sync`. Only the records after a pack's last commit record (the groups in flight at a
+//!   crash) are re-hashed.
 //! - **Zero chunks are never stored.** `put` of an all-zero chunk is a no-op answered with
 //!   [`Put::Zero`]; callers learn zero chunks from the manifest ([`Manifest::zero_map`]), and
 //!   [`ChunkStore::image_status`] counts them as present.
-//! - **When bytes are re-verified.** [`ChunkStore::get`] re-hashes every chunk it reads. BLAKE3
-//!   runs at about 3.8 GB/s here (66 µs per 256 KiB chunk): verified `get` still delivers about
-//!   2 GiB/s from a warm page cache and costs nothing noticeable next to a read from disk. A chunk
-//!   that no longer matches its id is moved to `quarantine/` and dropped from the index, so it reads
-//!   as absent and can be fetched again. [`ChunkStore::read_at`] (partial reads for the NBD server)
-//!   does *not* verify: checking a 4 KiB read would mean reading and hashing the whole chunk each
-//!   time. The chunk was verified when it was committed, [`ChunkStore::verify`] scrubs the whole
-//!   store, and a caller that must never hand out a rotten byte reads whole chunks with `get` and
-//!   caches them. [`ChunkStore::export_image`] always goes through `get`, so an export is verified
-//!   end to end.
+//! - **When bytes are hashed.** Every chunk is hashed once on the way in: [`ChunkStore::put`]
+//!   hashes it, or the caller does through [`Verified::new`] and hands the proof to
+//!   [`ChunkStore::put_many`] (the node checks a received chunk once, to judge the peer, and the
+//!   store trusts that check). [`ChunkStore::get`] re-hashes every chunk it reads: BLAKE3 runs at
+//!   about 3.8 GB/s here (66 µs per 256 KiB chunk), nothing next to a read from disk. A chunk that no
+//!   longer matches its id is copied to `quarantine/`, killed by a tombstone record and dropped from
+//!   the index, so it reads as absent and can be fetched again. [`ChunkStore::read_at`] (partial
+//!   reads for the NBD server) does *not* verify: checking a 4 KiB read would mean reading and
+//!   hashing the whole chunk each time. The chunk was verified when it was committed,
+//!   [`ChunkStore::verify`] scrubs the whole store, and a caller that must never hand out a rotten
+//!   byte reads whole chunks with `get` and caches them. [`ChunkStore::export_image`] always goes
+//!   through `get`, so an export is verified end to end.
 //! - **One process per store**: `open` holds an exclusive `flock` on `store.lock` (the
-//!   [`DataDirLock`] mechanism) for the store's lifetime, so two processes never clean each other's
-//!   temp files or race a quarantine.
+//!   [`DataDirLock`] mechanism) for the store's lifetime, so two processes never append to the same
+//!   pack or race a quarantine.
 //!
 //! It leaves to others: which chunks to fetch and from whom (the protocol crate's scheduler), when to
-//! run `verify`, garbage collection of chunks no image needs any more (a later addition: with one
-//! file per chunk it is an `unlink`), and the async boundary (the node calls this synchronous API
-//! from `spawn_blocking`).
+//! run `verify`, garbage collection of chunks no image needs any more (a later addition: tombstone
+//! them with [`ChunkStore::remove`], then compact packs whose live share fell low), and the async
+//! boundary (the node calls this synchronous API from the blocking pool).
 //!
 //! # Using it
 //! ```
 //! use std::collections::BTreeMap;
-//! use vmswarm_node::store::{ChunkStore, DataDirLock, Put};
+//! use vmswarm_node::store::{ChunkStore, DataDirLock, Put, Verified};
 //! use vmswarm_protocol::ChunkId;
 //! use vmswarm_protocol::manifest::MIN_CHUNK_SIZE;
 //!
@@ -48,6 +53,11 @@
 //! assert_eq!(store.put(&id, &bytes)?, Put::Stored);
 //! assert_eq!(store.get(&id)?, Some(bytes));
 //!
+//! // A batch: hashed once by `Verified::new`, written with one fdatasync.
+//! let (a, b) = (vec![1u8; 1000], vec![2u8; 1000]);
+//! let batch = [Verified::new(ChunkId::of(&a), &a)?, Verified::new(ChunkId::of(&b), &b)?];
+//! assert_eq!(store.put_many(&batch)?, vec![Put::Stored, Put::Stored]);
+//!
 //! // Publish: chunk an image, store its chunks and manifest; pull -o: export it.
 //! let image = vec![7u8; 100_000];
 //! let (manifest, _stats) =
@@ -59,52 +69,51 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! # Why one file per chunk rather than an append-only pack
-//! - **Scale.** A 15 GiB image in 256 KiB chunks is 60,000 files: about 235 per fan-out directory
-//!   (`chunks/ab/ab12…`), a few hundred per directory even at a million chunks. ext4 and XFS index
-//!   directories with hash trees, so lookups stay O(1); the 4 KiB block tail wastes under 2% at
-//!   256 KiB chunks.
-//! - **Crash safety without recovery code.** `rename` is atomic: after a `kill -9` or a power cut a
-//!   name points either at nothing or at a whole, fsynced, verified file. There is no torn tail to
-//!   detect, no index to replay or to keep in step with a pack, and the only debris is temp files in
-//!   `tmp/`, removed on open.
-//! - **Restart cost.** Listing 60,000 names with their sizes (`readdir` + `stat`) takes about a
-//!   quarter of a second with a warm inode cache (`node/tests/store_bench.rs`), so no separate
-//!   index file, with its own crash-safety story, is needed.
-//! - **Concurrent readers while writing.** A reader opens a file by name and sees a complete chunk
-//!   or none; writers never touch a visible file, so readers take no lock at all, and writers of
-//!   different chunks share nothing but a striped mutex held around the final rename.
-//! - **Reclaiming space and quarantine.** Dropping a chunk is one `unlink` (or `rename` into
-//!   `quarantine/`) that frees its blocks at once; a pack would need tombstones and compaction that
-//!   rewrites live data.
-//! - **The cost** is two fsyncs per chunk (the file's data, then its directory). On this project's
-//!   VM disk (ext4) that is about 8 ms per 256 KiB chunk on one thread (~31 MiB/s), but fsyncs
-//!   issued from several threads share journal commits: 4 threads commit about 255 to 275 MiB/s
-//!   and 16 threads about 385 to 405 MiB/s on the same disk. The node calls `put` from many blocking
-//!   tasks at once, and [`ChunkStore::import_image`] hands chunks to four writer threads (~175 to
-//!   225 MiB/s) for the same reason. A pack could batch fsyncs further, at the price of everything
-//!   above.
+//! # Why append-only packs rather than one file per chunk
+//! The first version stored one file per chunk (temp file + fsync + rename + directory fsync).
+//! Profiling a 1 GiB pull (BENCHMARKS.md, "Node pull throughput") put 61% of the puller's CPU in
+//! that `put`: creating an inode per chunk (ext4's inode allocator alone took 10–11% of the
+//! puller), two fsyncs per 256 KiB chunk (8%), and the page-cache copy, which any design pays.
+//! Packs remove the first two costs:
+//! - **No file per chunk.** A chunk is two `pwrite`s at the end of an open file; no inode, no
+//!   directory entry, no rename. Reads are `pread`s on handles the store keeps open.
+//! - **Group commit.** One `fdatasync` per batch instead of two fsyncs per chunk. A `put` still
+//!   returns only when its chunk is durable; visibility waits for the fsync.
+//! - **Crash safety stays simple.** Packs are append-only and a process never appends to a pack an
+//!   earlier process wrote, so a crash can only leave a torn tail in the pack it was writing.
+//!   Recovery checks headers, re-hashes what no commit record covers, and ignores the rest; nothing
+//!   is rewritten in place.
+//! - **Restart cost.** One 64-byte `pread` per chunk (60,000 for a 15 GiB image) instead of a
+//!   `readdir` + `stat` per chunk; `node/tests/store_bench.rs` measures it.
+//! - **The price.** Reclaiming a dead chunk's space needs compaction (rewriting a pack's live
+//!   records into a new pack) instead of an `unlink`. The store never drops chunks yet except by
+//!   quarantine, so only quarantined bytes stay dead for now. A pack is closed at 1 GiB, so a later
+//!   compaction works one pack at a time.
 //!
 //! # On-disk layout
 //! ```text
 //! DIR/store.lock           flock held by the process that has the store open (holds its pid)
-//! DIR/FORMAT               "vmswarm-chunk-store 1"
-//! DIR/chunks/ab/ab12…ef    one file per chunk, named by its id (64 hex digits), fanned out by byte 0
+//! DIR/FORMAT               "vmswarm-chunk-store 2"
+//! DIR/packs/00000001.pack  append-only records: chunks, tombstones, commit records (see `pack`)
 //! DIR/manifests/<image id> canonical manifest encoding
 //! DIR/tmp/                 temp files being written; emptied on open
-//! DIR/quarantine/          chunks and manifests that failed verification, kept for inspection
+//! DIR/quarantine/          copies of chunks and manifests that failed verification
 //! ```
 //!
 //! # Crash safety, stated
-//! A `put` that returned `Ok` survives `kill -9` and power loss (both fsyncs happened). A `put`
-//! interrupted at any point leaves either nothing visible or the whole verified chunk visible, plus
-//! possibly a temp file that the next `open` deletes. A full disk fails the `put` with
-//! [`StoreError::DiskFull`], removes the temp file and changes nothing else.
+//! A `put` or `put_many` that returned `Ok` survives `kill -9` and power loss (the fdatasync
+//! covering its records happened before it returned; the pack's creation was fsynced in its
+//! directory). A `put` interrupted at any point leaves either nothing visible or the whole verified
+//! chunk visible after the next `open`: a record is indexed on open only if its header is intact
+//! and either a commit record vouches for it or its bytes hash to its id. A full disk fails the
+//! `put` with [`StoreError::DiskFull`], truncates the pack back to where that batch began and
+//! changes nothing else.
 
 mod durable;
 mod error;
 mod image;
 mod lock;
+mod pack;
 #[cfg(test)]
 mod tests;
 
@@ -127,15 +136,16 @@ pub use error::StoreError;
 use error::{io_at, io_error};
 pub use image::{ExportStats, ImageStatus, ImportStats, PARTIAL_SUFFIX};
 pub use lock::{DATA_DIR_LOCK_FILE, DataDirLock, STORE_LOCK_FILE};
+use pack::{Loc, PackSet, Record};
 
 /// The store format this code writes and reads, recorded in `DIR/FORMAT`.
-pub const FORMAT: &str = "vmswarm-chunk-store 1";
+pub const FORMAT: &str = "vmswarm-chunk-store 2";
 const FORMAT_FILE: &str = "FORMAT";
-const CHUNKS_DIR: &str = "chunks";
+const PACKS_DIR: &str = "packs";
 const MANIFESTS_DIR: &str = "manifests";
 const TMP_DIR: &str = "tmp";
 const QUARANTINE_DIR: &str = "quarantine";
-/// Number of mutexes serialising "check the file, then rename over or away from it" per id.
+/// Number of mutexes serialising, per id, "commit and index" against "check, tombstone, unindex".
 const STRIPES: usize = 64;
 
 /// What [`ChunkStore::put`] did with a chunk whose bytes matched its id.
@@ -159,9 +169,9 @@ pub struct StoreStats {
     pub bytes: u64,
     /// Manifests held.
     pub images: u64,
-    /// Chunk files read since open (by `get`, `read_at`, `verify` and exports).
+    /// Chunk reads since open (by `get`, `read_at`, `verify` and exports).
     pub chunk_reads: u64,
-    /// Bytes read from chunk files since open.
+    /// Bytes of chunks read since open.
     pub read_bytes: u64,
 }
 
@@ -176,8 +186,14 @@ pub struct OpenSummary {
     pub images: u64,
     /// Temp files left by an interrupted write, removed.
     pub stale_temp_files: u64,
-    /// Files whose size cannot be a chunk's (empty, or over the largest chunk size), quarantined.
-    pub quarantined: u64,
+    /// Pack files found.
+    pub packs: u64,
+    /// Chunk records re-hashed because no commit record covered them (written just before a
+    /// crash).
+    pub rehashed_chunks: u64,
+    /// Bytes at the end of packs that hold no valid record (a torn tail after a crash, or damage):
+    /// never indexed, left in place.
+    pub damaged_bytes: u64,
     /// Entries that are not ours (unexpected names), left alone and logged.
     pub ignored_entries: u64,
 }
@@ -192,7 +208,8 @@ pub struct VerifyReport {
     /// Chunks whose bytes no longer match their id: moved to the quarantine dir, dropped from the
     /// index.
     pub corrupt_chunks: Vec<ChunkId>,
-    /// Chunks in the index whose file had disappeared: dropped from the index.
+    /// Chunks in the index whose bytes are no longer in their pack (it was truncated behind the
+    /// store's back): dropped from the index.
     pub vanished_chunks: Vec<ChunkId>,
     /// Manifests decoded and checked against their id.
     pub manifests_checked: u64,
@@ -215,33 +232,92 @@ impl VerifyReport {
 /// since".
 type FileIdent = (u64, u64);
 
-/// Outcome of moving a file to quarantine.
+/// Outcome of moving a file (or a chunk record) to quarantine.
 enum Quarantine {
     /// Moved there.
     Moved(PathBuf),
     /// The file is gone already.
     Vanished,
-    /// A different file (a fresh commit) now has the name; it was left alone.
+    /// A different file or record (a fresh commit) now has the name; it was left alone.
     Replaced,
+}
+
+/// Chunk bytes checked against their id: not longer than the largest chunk, hashing to the id.
+/// The only way to make one is [`Verified::new`], so [`ChunkStore::put_many`] can trust it without
+/// hashing again.
+#[derive(Debug, Clone, Copy)]
+pub struct Verified<'a> {
+    id: ChunkId,
+    data: &'a [u8],
+}
+
+impl<'a> Verified<'a> {
+    /// Checks `data` against `id`: [`StoreError::ChunkTooLarge`] or [`StoreError::HashMismatch`]
+    /// if it does not pass.
+    pub fn new(id: ChunkId, data: &'a [u8]) -> Result<Verified<'a>, StoreError> {
+        if data.len() > MAX_CHUNK_SIZE as usize {
+            return Err(StoreError::ChunkTooLarge {
+                id,
+                len: data.len(),
+                max: MAX_CHUNK_SIZE,
+            });
+        }
+        let actual = ChunkId::of(data);
+        if actual != id {
+            return Err(StoreError::HashMismatch {
+                expected: id,
+                actual,
+                len: data.len(),
+            });
+        }
+        Ok(Verified { id, data })
+    }
+
+    /// For bytes whose id was computed from these very bytes by the caller (the import's chunker).
+    fn trusted(id: ChunkId, data: &'a [u8]) -> Verified<'a> {
+        Verified { id, data }
+    }
+
+    /// The chunk's id.
+    pub fn id(&self) -> &ChunkId {
+        &self.id
+    }
+
+    /// The chunk's bytes.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+}
+
+/// Where a chunk's bytes lie on disk, for diagnostics and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// The pack file.
+    pub path: PathBuf,
+    /// Offset of the chunk's first byte in it.
+    pub offset: u64,
+    /// The chunk's length.
+    pub len: u32,
 }
 
 /// The chunk store. See the module docs. `Send + Sync`: share it in an `Arc`.
 pub struct ChunkStore {
     root: PathBuf,
-    chunks_dir: PathBuf,
     manifests_dir: PathBuf,
     tmp_dir: PathBuf,
     quarantine_dir: PathBuf,
-    /// Committed chunks and their lengths.
-    index: DashMap<ChunkId, u32>,
+    /// Committed chunks and where they lie.
+    index: DashMap<ChunkId, Loc>,
+    /// The pack files.
+    packs: PackSet,
     /// Committed manifests.
     images: DashSet<ImageId>,
     /// Sum of the lengths in `index`.
     bytes: AtomicU64,
     /// Makes temp and quarantine names unique within this process.
     counter: AtomicU64,
-    /// Serialise, per id (by its first byte), a commit's rename + index insert against a
-    /// quarantine's check + rename + index removal.
+    /// Serialise, per id (by its first byte), a commit's index insert against a quarantine's
+    /// check + tombstone + index removal (and manifest renames likewise).
     stripes: Vec<Mutex<()>>,
     chunk_reads: AtomicU64,
     read_bytes: AtomicU64,
@@ -265,32 +341,44 @@ impl ChunkStore {
     ///
     /// Takes the store lock ([`StoreError::Locked`] if another process has the store open), checks
     /// the format marker, removes temp files left by an interrupted write, and builds the index from
-    /// the directory listing (file names and sizes; no chunk is read). A directory that cannot be
-    /// created, listed or written fails with a [`StoreError::Io`] naming it.
+    /// the pack headers (see the module docs; only records no commit record covers are re-hashed).
+    /// A directory that cannot be created, listed or written fails with a [`StoreError::Io`]
+    /// naming it.
     pub fn open(dir: &Path) -> Result<ChunkStore, StoreError> {
         fs::create_dir_all(dir).map_err(io_at("create store directory", dir))?;
         let lock = DataDirLock::acquire_file(&dir.join(STORE_LOCK_FILE))?;
         let root = dir.to_path_buf();
+        let tmp_dir = root.join(TMP_DIR);
+        let root_changed = ensure_dir(&tmp_dir)?;
+        let counter = AtomicU64::new(0);
+        check_format(&root, &tmp_dir, &counter)?;
+        let mut root_changed = root_changed | ensure_dir(&root.join(PACKS_DIR))?;
+        for sub in [MANIFESTS_DIR, QUARANTINE_DIR] {
+            root_changed |= ensure_dir(&root.join(sub))?;
+        }
+        if root_changed {
+            sync_dir(&root)?;
+        }
+        let (packs, pack_list, ignored_packs) = PackSet::open(&root.join(PACKS_DIR))?;
         let mut store = ChunkStore {
-            chunks_dir: root.join(CHUNKS_DIR),
             manifests_dir: root.join(MANIFESTS_DIR),
-            tmp_dir: root.join(TMP_DIR),
+            tmp_dir,
             quarantine_dir: root.join(QUARANTINE_DIR),
             root,
             index: DashMap::new(),
+            packs,
             images: DashSet::new(),
             bytes: AtomicU64::new(0),
-            counter: AtomicU64::new(0),
+            counter,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             chunk_reads: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
             opened: OpenSummary::default(),
             _lock: lock,
         };
-        store.create_layout()?;
-        store.check_format()?;
         store.opened.stale_temp_files = store.clean_tmp()?;
-        store.load_chunks()?;
+        store.opened.ignored_entries += ignored_packs;
+        store.load_chunks(&pack_list)?;
         store.load_manifests()?;
         store.opened.chunks = store.index.len() as u64;
         store.opened.bytes = store.bytes.load(Ordering::Relaxed);
@@ -301,63 +389,12 @@ impl ChunkStore {
             bytes = store.opened.bytes,
             images = store.opened.images,
             stale_temp_files = store.opened.stale_temp_files,
-            quarantined = store.opened.quarantined,
+            packs = store.opened.packs,
+            rehashed_chunks = store.opened.rehashed_chunks,
+            damaged_bytes = store.opened.damaged_bytes,
             "chunk store opened"
         );
         Ok(store)
-    }
-
-    /// Creates the directories (and fsyncs their parents when it created any).
-    fn create_layout(&self) -> Result<(), StoreError> {
-        let mut root_changed = false;
-        for dir in [
-            &self.chunks_dir,
-            &self.manifests_dir,
-            &self.tmp_dir,
-            &self.quarantine_dir,
-        ] {
-            root_changed |= ensure_dir(dir)?;
-        }
-        let mut chunks_changed = false;
-        for byte in 0..=255u8 {
-            chunks_changed |= ensure_dir(&self.chunks_dir.join(format!("{byte:02x}")))?;
-        }
-        if chunks_changed {
-            sync_dir(&self.chunks_dir)?;
-        }
-        if root_changed {
-            sync_dir(&self.root)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the format marker if missing; refuses a store of another format.
-    fn check_format(&self) -> Result<(), StoreError> {
-        let path = self.root.join(FORMAT_FILE);
-        match fs::read_to_string(&path) {
-            Ok(text) => {
-                let found = text.lines().next().unwrap_or("").trim();
-                if found == FORMAT {
-                    Ok(())
-                } else {
-                    Err(StoreError::UnsupportedFormat {
-                        path,
-                        found: found.to_owned(),
-                        expected: FORMAT,
-                    })
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let temp = TempFile::write(
-                    &self.tmp_dir,
-                    FORMAT_FILE,
-                    &self.counter,
-                    format!("{FORMAT}\n").as_bytes(),
-                )?;
-                temp.commit(&path)
-            }
-            Err(e) => Err(io_error("read format marker", &path, e)),
-        }
     }
 
     /// Removes everything in `tmp/` (only interrupted writes put files there); returns the count.
@@ -384,45 +421,46 @@ impl ChunkStore {
         Ok(removed)
     }
 
-    /// Indexes every chunk file from the directory listing.
-    fn load_chunks(&mut self) -> Result<(), StoreError> {
-        for byte in 0..=255u8 {
-            let dir = self.chunks_dir.join(format!("{byte:02x}"));
-            for entry in fs::read_dir(&dir).map_err(io_at("list", &dir))? {
-                let entry = entry.map_err(io_at("list", &dir))?;
-                let path = entry.path();
-                let id = match parse_name::<ChunkId>(&entry.file_name()) {
-                    Some(id) if id.0[0] == byte => id,
-                    _ => {
-                        tracing::warn!(path = %path.display(), "ignoring unexpected entry in chunk dir");
-                        self.opened.ignored_entries += 1;
-                        continue;
+    /// Indexes every chunk record of every pack, oldest pack first, replaying tombstones.
+    fn load_chunks(&mut self, packs: &[(u32, PathBuf)]) -> Result<(), StoreError> {
+        for (n, path) in packs {
+            let Some(file) = self.packs.file(*n) else {
+                continue;
+            };
+            let scan = pack::scan(&file, path)?;
+            self.opened.packs += 1;
+            self.opened.rehashed_chunks += scan.rehashed;
+            self.opened.damaged_bytes += scan.damaged_bytes;
+            self.chunk_reads.fetch_add(scan.rehashed, Ordering::Relaxed);
+            self.read_bytes
+                .fetch_add(scan.rehashed_bytes, Ordering::Relaxed);
+            if scan.damaged_bytes > 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    bytes = scan.damaged_bytes,
+                    "pack ends in bytes that hold no valid record (torn by a crash?); ignored"
+                );
+            }
+            for (offset, record) in scan.records {
+                match record {
+                    Record::Chunk { id, len } => {
+                        let loc = Loc {
+                            pack: *n,
+                            offset,
+                            len,
+                        };
+                        self.index_insert(id, loc);
                     }
-                };
-                let meta = entry.metadata().map_err(io_at("stat", &path))?;
-                if !meta.is_file() {
-                    tracing::warn!(path = %path.display(), "ignoring non-file in chunk dir");
-                    self.opened.ignored_entries += 1;
-                    continue;
-                }
-                match u32::try_from(meta.len()) {
-                    Ok(len) if len > 0 && len <= MAX_CHUNK_SIZE => {
-                        self.index.insert(id, len);
-                        self.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+                    Record::Tombstone { id, pack, offset } => {
+                        if self
+                            .index
+                            .get(&id)
+                            .is_some_and(|l| l.pack == pack && l.offset == offset)
+                        {
+                            self.unindex(&id);
+                        }
                     }
-                    _ => {
-                        let dest = self.quarantine_path("chunk", &id.to_string());
-                        tracing::warn!(
-                            path = %path.display(),
-                            len = meta.len(),
-                            quarantine = %dest.display(),
-                            "chunk file has an impossible size; quarantined"
-                        );
-                        fs::rename(&path, &dest).map_err(io_at("quarantine", &path))?;
-                        sync_dir(&dir)?;
-                        sync_dir(&self.quarantine_dir)?;
-                        self.opened.quarantined += 1;
-                    }
+                    Record::Commit { .. } => {}
                 }
             }
         }
@@ -470,7 +508,7 @@ impl ChunkStore {
 
     /// Length of chunk `id`, if held.
     pub fn chunk_len(&self, id: &ChunkId) -> Option<u32> {
-        self.index.get(id).map(|len| *len)
+        self.index.get(id).map(|loc| loc.len)
     }
 
     /// Stores chunk `id` with bytes `data`.
@@ -478,49 +516,87 @@ impl ChunkStore {
     /// Verifies first: bytes that do not hash to `id` fail with [`StoreError::HashMismatch`] and
     /// nothing is written. All-zero bytes are not stored ([`Put::Zero`]). A chunk already held is
     /// not rewritten ([`Put::AlreadyPresent`]). Otherwise the chunk is committed (see the module
-    /// docs) before this returns [`Put::Stored`]. Blocks on two fsyncs: call it from
-    /// `spawn_blocking`, and from several tasks at once for throughput.
+    /// docs) before this returns [`Put::Stored`]. Blocks on an fdatasync that concurrent callers
+    /// share: call it from a blocking thread, or batch with [`ChunkStore::put_many`].
     pub fn put(&self, id: &ChunkId, data: &[u8]) -> Result<Put, StoreError> {
-        if data.len() > MAX_CHUNK_SIZE as usize {
-            return Err(StoreError::ChunkTooLarge {
-                id: *id,
-                len: data.len(),
-                max: MAX_CHUNK_SIZE,
-            });
-        }
-        let actual = ChunkId::of(data);
-        if actual != *id {
-            return Err(StoreError::HashMismatch {
-                expected: *id,
-                actual,
-                len: data.len(),
-            });
-        }
-        if is_all_zero(data) {
-            return Ok(Put::Zero);
-        }
-        self.put_verified(id, data)
+        let chunk = Verified::new(*id, data)?;
+        self.put_many(std::slice::from_ref(&chunk))
+            .map(|puts| puts.first().copied().unwrap_or(Put::AlreadyPresent))
     }
 
-    /// [`ChunkStore::put`] for bytes known to hash to `id` and not to be all zeros (the chunker
-    /// computed `id` from these very bytes). Also used by the import path.
+    /// Commits a batch of verified chunks with one append and one (shared) fdatasync, then makes
+    /// them visible together. Returns what happened to each, in order. If the write fails (a full
+    /// disk: [`StoreError::DiskFull`]), none of the batch is committed and the pack is cut back to
+    /// where the batch began.
+    pub fn put_many(&self, chunks: &[Verified<'_>]) -> Result<Vec<Put>, StoreError> {
+        let mut outcome = Vec::with_capacity(chunks.len());
+        let mut records = Vec::new();
+        for c in chunks {
+            if is_all_zero(c.data) {
+                outcome.push(Put::Zero);
+            } else if self.contains(&c.id)
+                || records
+                    .iter()
+                    .any(|(r, _)| matches!(r, Record::Chunk { id, .. } if *id == c.id))
+            {
+                outcome.push(Put::AlreadyPresent);
+            } else {
+                // `Verified::new` checked the length against MAX_CHUNK_SIZE (a u32).
+                let len = u32::try_from(c.data.len()).unwrap_or(u32::MAX);
+                records.push((Record::Chunk { id: c.id, len }, c.data));
+                outcome.push(Put::Stored);
+            }
+        }
+        if records.is_empty() {
+            return Ok(outcome);
+        }
+        let (locs, ticket) = self.packs.append(&records)?;
+        self.packs.sync_to(ticket)?;
+        let mut locs = locs.into_iter();
+        for (c, put) in chunks.iter().zip(outcome.iter_mut()) {
+            if *put != Put::Stored {
+                continue;
+            }
+            let Some(loc) = locs.next() else { break };
+            let _guard = self.stripe(c.id.0[0]);
+            if self.contains(&c.id) {
+                // Committed by a concurrent put meanwhile; our copy is dead weight in the pack.
+                *put = Put::AlreadyPresent;
+            } else {
+                self.index_insert(c.id, loc);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// [`ChunkStore::put`] for bytes known to hash to `id` (the chunker computed `id` from these
+    /// very bytes). Used by the import path.
     fn put_verified(&self, id: &ChunkId, data: &[u8]) -> Result<Put, StoreError> {
-        if self.contains(id) {
-            return Ok(Put::AlreadyPresent);
-        }
-        // `data.len()` was checked against MAX_CHUNK_SIZE (a u32) by every caller.
-        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let temp = TempFile::write(&self.tmp_dir, &id.to_string(), &self.counter, data)?;
+        let chunk = Verified::trusted(*id, data);
+        self.put_many(std::slice::from_ref(&chunk))
+            .map(|puts| puts.first().copied().unwrap_or(Put::AlreadyPresent))
+    }
+
+    /// Drops chunk `id` from the store (a tombstone record, fsynced); returns whether it was held.
+    /// Its bytes stay in the pack until a compaction. For tests and a later garbage collector.
+    pub fn remove(&self, id: &ChunkId) -> Result<bool, StoreError> {
         let _guard = self.stripe(id.0[0]);
-        if self.contains(id) {
-            // Committed by a concurrent put while we wrote; `temp` is removed on drop.
-            return Ok(Put::AlreadyPresent);
-        }
-        temp.commit(&self.chunk_path(id))?;
-        if self.index.insert(*id, len).is_none() {
-            self.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
-        }
-        Ok(Put::Stored)
+        let Some(loc) = self.index.get(id).map(|l| *l) else {
+            return Ok(false);
+        };
+        self.tombstone(id, loc)?;
+        self.unindex(id);
+        Ok(true)
+    }
+
+    /// Where chunk `id`'s bytes lie, if held.
+    pub fn chunk_location(&self, id: &ChunkId) -> Option<ChunkLocation> {
+        let loc = *self.index.get(id)?;
+        Some(ChunkLocation {
+            path: self.packs.path(loc.pack),
+            offset: loc.data_offset(),
+            len: loc.len,
+        })
     }
 
     /// The bytes of chunk `id`, re-verified against the id, or `None` if not held.
@@ -535,24 +611,23 @@ impl ChunkStore {
     /// [`ChunkStore::get`] into a caller's buffer (cleared first), to reuse allocations. Returns
     /// whether the chunk is held.
     pub fn get_into(&self, id: &ChunkId, buf: &mut Vec<u8>) -> Result<bool, StoreError> {
-        // Two rounds at most: a second only if a concurrent put replaced the bad file we read.
+        // Two rounds at most: a second only if a concurrent put replaced the bad record we read.
         for _ in 0..2 {
-            if !self.contains(id) {
+            let Some(loc) = self.index.get(id).map(|l| *l) else {
+                buf.clear();
                 return Ok(false);
-            }
-            let ident = match self.read_chunk_file(id, buf)? {
-                Some(ident) => ident,
-                None => {
-                    if self.forget_if_missing(id) {
-                        return Ok(false);
-                    }
-                    continue;
-                }
             };
+            if !self.read_chunk(&loc, buf)? {
+                if self.forget_if_gone(id, loc) {
+                    buf.clear();
+                    return Ok(false);
+                }
+                continue;
+            }
             if id.verify(buf) {
                 return Ok(true);
             }
-            match self.quarantine_chunk(id, Some(ident))? {
+            match self.quarantine_chunk(id, loc, buf)? {
                 Quarantine::Moved(quarantined) => {
                     buf.clear();
                     return Err(StoreError::CorruptChunk {
@@ -560,7 +635,10 @@ impl ChunkStore {
                         quarantined,
                     });
                 }
-                Quarantine::Vanished => return Ok(false),
+                Quarantine::Vanished => {
+                    buf.clear();
+                    return Ok(false);
+                }
                 Quarantine::Replaced => continue,
             }
         }
@@ -572,28 +650,23 @@ impl ChunkStore {
     /// chunk is not held. Does **not** verify (see the module docs); a read past the chunk's end
     /// fails with [`StoreError::OutOfRange`].
     pub fn read_at(&self, id: &ChunkId, offset: u32, buf: &mut [u8]) -> Result<bool, StoreError> {
-        let Some(chunk_len) = self.chunk_len(id) else {
+        let Some(loc) = self.index.get(id).map(|l| *l) else {
             return Ok(false);
         };
-        if u64::from(offset) + buf.len() as u64 > u64::from(chunk_len) {
+        if u64::from(offset) + buf.len() as u64 > u64::from(loc.len) {
             return Err(StoreError::OutOfRange {
                 id: *id,
                 offset,
                 len: buf.len(),
-                chunk_len,
+                chunk_len: loc.len,
             });
         }
-        let path = self.chunk_path(id);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.forget_if_missing(id);
-                return Ok(false);
-            }
-            Err(e) => return Err(io_error("open chunk file", &path, e)),
+        let path = self.packs.path(loc.pack);
+        let Some(file) = self.packs.file(loc.pack) else {
+            return Ok(false);
         };
-        file.read_exact_at(buf, u64::from(offset))
-            .map_err(io_at("read chunk file", &path))?;
+        file.read_exact_at(buf, loc.data_offset() + u64::from(offset))
+            .map_err(io_at("read pack", &path))?;
         self.chunk_reads.fetch_add(1, Ordering::Relaxed);
         self.read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -715,20 +788,21 @@ impl ChunkStore {
             quarantine_dir: self.quarantine_dir.clone(),
             ..VerifyReport::default()
         };
-        let mut ids: Vec<ChunkId> = self.index.iter().map(|e| *e.key()).collect();
-        ids.sort_unstable();
+        let mut chunks: Vec<(ChunkId, Loc)> = self.index.iter().map(|e| (*e.key(), *e)).collect();
+        // In pack order: one sequential pass over each pack.
+        chunks.sort_unstable_by_key(|(_, loc)| (loc.pack, loc.offset));
         let mut buf = Vec::new();
-        for id in ids {
-            let Some(ident) = self.read_chunk_file(&id, &mut buf)? else {
-                if self.forget_if_missing(&id) {
+        for (id, loc) in chunks {
+            if !self.read_chunk(&loc, &mut buf)? {
+                if self.forget_if_gone(&id, loc) {
                     report.vanished_chunks.push(id);
                 }
                 continue;
-            };
+            }
             report.chunks_checked += 1;
             report.bytes_checked += buf.len() as u64;
             if !id.verify(&buf) {
-                match self.quarantine_chunk(&id, Some(ident))? {
+                match self.quarantine_chunk(&id, loc, &buf)? {
                     Quarantine::Moved(_) => report.corrupt_chunks.push(id),
                     Quarantine::Vanished => report.vanished_chunks.push(id),
                     Quarantine::Replaced => {}
@@ -746,6 +820,8 @@ impl ChunkStore {
                 Err(e) => return Err(e),
             }
         }
+        report.corrupt_chunks.sort_unstable();
+        report.vanished_chunks.sort_unstable();
         if !report.is_clean() {
             tracing::warn!(
                 corrupt_chunks = report.corrupt_chunks.len(),
@@ -756,12 +832,6 @@ impl ChunkStore {
             );
         }
         Ok(report)
-    }
-
-    /// Path of chunk `id`'s file.
-    pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        let name = id.to_string();
-        self.chunks_dir.join(&name[..2]).join(name)
     }
 
     /// Path of image `id`'s manifest file.
@@ -776,68 +846,90 @@ impl ChunkStore {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reads chunk `id`'s file into `buf` (cleared first). `None` if the file does not exist.
-    fn read_chunk_file(
-        &self,
-        id: &ChunkId,
-        buf: &mut Vec<u8>,
-    ) -> Result<Option<FileIdent>, StoreError> {
-        buf.clear();
-        let path = self.chunk_path(id);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error("open chunk file", &path, e)),
+    /// Reads the chunk at `loc` into `buf` (resized to its length). `false` if its bytes are no
+    /// longer in the pack (cut short behind the store's back).
+    fn read_chunk(&self, loc: &Loc, buf: &mut Vec<u8>) -> Result<bool, StoreError> {
+        let Some(file) = self.packs.file(loc.pack) else {
+            buf.clear();
+            return Ok(false);
         };
-        let ident = file_ident(&file, &path)?;
-        // One byte past the largest chunk is enough to see that a file is too long.
-        (&file)
-            .take(u64::from(MAX_CHUNK_SIZE) + 1)
-            .read_to_end(buf)
-            .map_err(io_at("read chunk file", &path))?;
+        // Every byte is overwritten by the read: a reused buffer is not zeroed first.
+        buf.truncate(loc.len as usize);
+        buf.resize(loc.len as usize, 0);
+        match file.read_exact_at(buf, loc.data_offset()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                buf.clear();
+                return Ok(false);
+            }
+            Err(e) => return Err(io_error("read pack", &self.packs.path(loc.pack), e)),
+        }
         self.chunk_reads.fetch_add(1, Ordering::Relaxed);
         self.read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(Some(ident))
+        Ok(true)
     }
 
-    /// Drops `id` from the index if its file is really gone (not just replaced meanwhile). Returns
-    /// whether it did.
-    fn forget_if_missing(&self, id: &ChunkId) -> bool {
+    /// Drops `id` from the index if it still points at `loc`, whose bytes are gone. Returns whether
+    /// it did.
+    fn forget_if_gone(&self, id: &ChunkId, loc: Loc) -> bool {
         let _guard = self.stripe(id.0[0]);
-        if self.chunk_path(id).exists() {
+        if self.index.get(id).is_none_or(|l| *l != loc) {
             return false;
         }
-        tracing::warn!(chunk = %id, "chunk file disappeared; dropped from the index");
+        tracing::warn!(chunk = %id, pack = %self.packs.path(loc.pack).display(), "chunk bytes missing from its pack; dropped from the index");
         self.unindex(id);
         true
     }
 
-    fn unindex(&self, id: &ChunkId) {
-        if let Some((_, len)) = self.index.remove(id) {
-            self.bytes.fetch_sub(u64::from(len), Ordering::Relaxed);
+    fn index_insert(&self, id: ChunkId, loc: Loc) {
+        match self.index.insert(id, loc) {
+            None => {
+                self.bytes.fetch_add(u64::from(loc.len), Ordering::Relaxed);
+            }
+            Some(old) => {
+                self.bytes.fetch_sub(u64::from(old.len), Ordering::Relaxed);
+                self.bytes.fetch_add(u64::from(loc.len), Ordering::Relaxed);
+            }
         }
     }
 
-    /// Moves chunk `id`'s file to quarantine and drops it from the index, provided the file is
-    /// still the one that was read (`seen`).
+    fn unindex(&self, id: &ChunkId) {
+        if let Some((_, loc)) = self.index.remove(id) {
+            self.bytes.fetch_sub(u64::from(loc.len), Ordering::Relaxed);
+        }
+    }
+
+    /// Appends and syncs a tombstone killing the record at `loc`.
+    fn tombstone(&self, id: &ChunkId, loc: Loc) -> Result<(), StoreError> {
+        let record = Record::Tombstone {
+            id: *id,
+            pack: loc.pack,
+            offset: loc.offset,
+        };
+        let (_, ticket) = self.packs.append(&[(record, &[][..])])?;
+        self.packs.sync_to(ticket)
+    }
+
+    /// Copies the bad bytes `seen` of chunk `id` (read from `loc`) to quarantine, kills the record
+    /// with a tombstone and drops it from the index, provided the index still points at `loc`.
     fn quarantine_chunk(
         &self,
         id: &ChunkId,
-        seen: Option<FileIdent>,
+        loc: Loc,
+        seen: &[u8],
     ) -> Result<Quarantine, StoreError> {
         let _guard = self.stripe(id.0[0]);
-        let outcome =
-            self.move_to_quarantine(&self.chunk_path(id), "chunk", &id.to_string(), seen)?;
-        match &outcome {
-            Quarantine::Moved(dest) => {
-                tracing::warn!(chunk = %id, quarantine = %dest.display(), "corrupt chunk quarantined");
-                self.unindex(id);
-            }
-            Quarantine::Vanished => self.unindex(id),
-            Quarantine::Replaced => {}
+        if self.index.get(id).is_none_or(|l| *l != loc) {
+            return Ok(Quarantine::Replaced);
         }
-        Ok(outcome)
+        let dest = self.quarantine_path("chunk", &id.to_string());
+        let copy = TempFile::write(&self.tmp_dir, "quarantine", &self.counter, seen)?;
+        copy.commit(&dest)?;
+        self.tombstone(id, loc)?;
+        self.unindex(id);
+        tracing::warn!(chunk = %id, quarantine = %dest.display(), "corrupt chunk quarantined");
+        Ok(Quarantine::Moved(dest))
     }
 
     /// Renames `path` into the quarantine dir if it is still the file `seen` (any file if `None`).
@@ -874,6 +966,35 @@ impl ChunkStore {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         self.quarantine_dir
             .join(format!("{kind}-{name}.{secs}.{}.{n}", std::process::id()))
+    }
+}
+
+/// Writes the format marker if missing; refuses a store of another format.
+fn check_format(root: &Path, tmp_dir: &Path, counter: &AtomicU64) -> Result<(), StoreError> {
+    let path = root.join(FORMAT_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let found = text.lines().next().unwrap_or("").trim();
+            if found == FORMAT {
+                Ok(())
+            } else {
+                Err(StoreError::UnsupportedFormat {
+                    path,
+                    found: found.to_owned(),
+                    expected: FORMAT,
+                })
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let temp = TempFile::write(
+                tmp_dir,
+                FORMAT_FILE,
+                counter,
+                format!("{FORMAT}\n").as_bytes(),
+            )?;
+            temp.commit(&path)
+        }
+        Err(e) => Err(io_error("read format marker", &path, e)),
     }
 }
 

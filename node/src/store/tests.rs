@@ -24,6 +24,28 @@ fn tmp_files(store: &ChunkStore) -> usize {
     fs::read_dir(&store.tmp_dir).unwrap().count()
 }
 
+fn pack_bytes(store: &ChunkStore) -> u64 {
+    fs::read_dir(store.root().join(PACKS_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// XORs `mask` into byte `at` of chunk `id` where it lies on disk, behind the store's back.
+fn flip_on_disk(store: &ChunkStore, id: &ChunkId, at: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let loc = store.chunk_location(id).unwrap();
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&loc.path)
+        .unwrap();
+    let mut b = [0u8];
+    file.read_exact_at(&mut b, loc.offset + at).unwrap();
+    b[0] ^= mask;
+    file.write_all_at(&b, loc.offset + at).unwrap();
+}
+
 /// An image of `chunks` chunks of MIN_CHUNK_SIZE plus a `tail`-byte tail; chunk `i` is zero when
 /// `zero(i)`; random otherwise.
 fn image(seed: u64, chunks: usize, tail: usize, zero: impl Fn(usize) -> bool) -> Vec<u8> {
@@ -56,7 +78,9 @@ fn put_get_round_trip() {
     assert!(store.contains(&id));
     assert_eq!(store.chunk_len(&id), Some(100_000));
     assert_eq!(store.get(&id).unwrap().as_deref(), Some(&data[..]));
-    assert!(store.chunk_path(&id).is_file());
+    let loc = store.chunk_location(&id).unwrap();
+    assert!(loc.path.is_file());
+    assert_eq!(loc.len, 100_000);
     assert_eq!(tmp_files(&store), 0);
 
     let mut part = [0u8; 1000];
@@ -109,7 +133,8 @@ fn hash_mismatch_is_refused_and_nothing_written() {
         other => panic!("expected a hash mismatch, got {other:?}"),
     }
     assert!(!store.contains(&id));
-    assert!(!store.chunk_path(&id).exists());
+    assert!(store.chunk_location(&id).is_none());
+    assert_eq!(pack_bytes(&store), 0, "nothing may be written");
     assert_eq!(tmp_files(&store), 0);
     assert_eq!(store.stats().chunks, 0);
 }
@@ -158,7 +183,7 @@ fn dedup_across_images() {
 }
 
 #[test]
-fn reopen_rebuilds_the_index_from_names_without_reading_bytes() {
+fn reopen_rebuilds_the_index_from_headers_without_reading_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let mut ids = Vec::new();
     let manifest_id;
@@ -173,12 +198,12 @@ fn reopen_rebuilds_the_index_from_names_without_reading_bytes() {
         manifest_id = m.id();
         assert!(store.missing_chunks(&m).is_empty());
     }
-    // Overwrite one chunk with garbage of the same length: if open read the bytes, it would notice.
+    // Damage one committed chunk's bytes: if open read the bytes, it would notice.
     let victim = ids[0];
     let store = ChunkStore::open(dir.path()).unwrap();
-    let path = store.chunk_path(&victim);
+    assert_eq!(store.open_summary().rehashed_chunks, 0);
+    flip_on_disk(&store, &victim, 500, 0xAA);
     drop(store);
-    fs::write(&path, vec![0xAA; 1000]).unwrap();
 
     let store = ChunkStore::open(dir.path()).unwrap();
     let stats = store.stats();
@@ -197,39 +222,130 @@ fn reopen_rebuilds_the_index_from_names_without_reading_bytes() {
     assert!(!store.contains(&victim));
     assert_eq!(store.get(&victim).unwrap(), None);
     assert_eq!(store.stats().chunks, 22);
+    drop(store);
+    // The quarantine is durable (a tombstone); a fresh copy put afterwards wins over it.
+    let store = ChunkStore::open(dir.path()).unwrap();
+    assert!(!store.contains(&victim));
+    assert_eq!(store.stats().chunks, 22);
+    let (_, data) = chunk(100, 1000);
+    assert_eq!(store.put(&victim, &data).unwrap(), Put::Stored);
+    drop(store);
+    let store = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(store.get(&victim).unwrap(), Some(data));
+    assert_eq!(store.stats().chunks, 23);
+    assert!(store.verify().unwrap().is_clean());
 }
 
 #[test]
-fn open_removes_stale_temp_files_and_impossible_chunk_files() {
+fn put_many_commits_a_batch_and_reports_each_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(dir.path()).unwrap();
+    let (a, da) = chunk(40, 3000);
+    let (b, db) = chunk(41, 5000);
+    let zeros = vec![0u8; 4096];
+    let z = ChunkId::of(&zeros);
+    assert_eq!(store.put(&a, &da).unwrap(), Put::Stored);
+    let batch = [
+        Verified::new(a, &da).unwrap(),
+        Verified::new(b, &db).unwrap(),
+        Verified::new(b, &db).unwrap(),
+        Verified::new(z, &zeros).unwrap(),
+    ];
+    assert_eq!(
+        store.put_many(&batch).unwrap(),
+        vec![
+            Put::AlreadyPresent,
+            Put::Stored,
+            Put::AlreadyPresent,
+            Put::Zero
+        ]
+    );
+    assert_eq!(store.get(&b).unwrap(), Some(db.clone()));
+    assert_eq!(store.stats().chunks, 2);
+    assert_eq!(store.stats().bytes, 8000);
+    // A chunk whose bytes do not hash to its id cannot even be made into a batch entry.
+    assert!(matches!(
+        Verified::new(a, &db),
+        Err(StoreError::HashMismatch { .. })
+    ));
+    assert!(store.remove(&a).unwrap());
+    assert!(!store.remove(&a).unwrap());
+    drop(store);
+    let store = ChunkStore::open(dir.path()).unwrap();
+    assert!(!store.contains(&a), "the removal is durable");
+    assert_eq!(store.get(&b).unwrap(), Some(db));
+    assert_eq!(store.open_summary().packs, 1);
+    // A new process appends to a new pack, never to one an earlier process wrote.
+    store.put(&a, &da).unwrap();
+    assert_eq!(
+        store.chunk_location(&a).unwrap().path.file_name().unwrap(),
+        "00000002.pack"
+    );
+}
+
+#[test]
+fn open_removes_stale_temp_files_and_ignores_torn_pack_tails() {
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let (id, data) = chunk(8, 5000);
+    let pack_path;
     {
         let store = ChunkStore::open(dir.path()).unwrap();
         store.put(&id, &data).unwrap();
+        pack_path = store.chunk_location(&id).unwrap().path;
     }
     fs::write(dir.path().join("tmp/deadbeef.1.2.tmp"), b"half a chunk").unwrap();
     fs::write(dir.path().join("tmp/other.tmp"), b"").unwrap();
-    let empty = ChunkId::of(b"whatever");
-    let empty_name = empty.to_string();
-    fs::write(
-        dir.path()
-            .join("chunks")
-            .join(&empty_name[..2])
-            .join(&empty_name),
-        b"",
-    )
-    .unwrap();
-    fs::write(dir.path().join("chunks/00/not-a-chunk"), b"x").unwrap();
+    fs::write(dir.path().join("packs/not-a-pack"), b"x").unwrap();
+    // What a crash can leave after the last commit record: a whole chunk record that made it
+    // (kept: its bytes hash to its id), then one whose bytes are wrong (torn), then half a header.
+    let (good, good_data) = chunk(9, 3000);
+    let (torn, torn_data) = chunk(10, 3000);
+    let mut tail = Vec::new();
+    tail.extend_from_slice(
+        &pack::Record::Chunk {
+            id: good,
+            len: 3000,
+        }
+        .encode(),
+    );
+    tail.extend_from_slice(&good_data);
+    tail.extend_from_slice(
+        &pack::Record::Chunk {
+            id: torn,
+            len: 3000,
+        }
+        .encode(),
+    );
+    tail.extend_from_slice(&torn_data[..1000]);
+    tail.extend_from_slice(&[0u8; 2000]);
+    tail.extend_from_slice(&[0x56, 0x53, 0x50]);
+    let damaged = (64 + 3000 + 3) as u64;
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&pack_path)
+        .unwrap()
+        .write_all(&tail)
+        .unwrap();
 
     let store = ChunkStore::open(dir.path()).unwrap();
     let summary = store.open_summary();
     assert_eq!(summary.stale_temp_files, 2);
-    assert_eq!(summary.quarantined, 1);
     assert_eq!(summary.ignored_entries, 1);
+    assert_eq!(summary.rehashed_chunks, 2);
+    assert_eq!(summary.damaged_bytes, damaged);
     assert_eq!(tmp_files(&store), 0);
     assert!(store.contains(&id));
-    assert!(!store.contains(&empty));
-    assert_eq!(fs::read_dir(store.quarantine_dir()).unwrap().count(), 1);
+    assert!(store.contains(&good));
+    assert!(!store.contains(&torn));
+    assert_eq!(store.get(&good).unwrap(), Some(good_data));
+    assert!(store.verify().unwrap().is_clean());
+    // The damaged tail is left where it is, and later writes go to a new pack.
+    store.put(&torn, &torn_data).unwrap();
+    drop(store);
+    let store = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(store.open_summary().damaged_bytes, damaged);
+    assert_eq!(store.get(&torn).unwrap(), Some(torn_data));
 }
 
 #[test]
@@ -259,22 +375,29 @@ fn verify_quarantines_a_flipped_chunk() {
 
     // Flip one bit of chunk 3 on disk, in place.
     let (bad, _) = chunks[3];
-    let path = store.chunk_path(&bad);
-    let mut bytes = fs::read(&path).unwrap();
-    bytes[12_345] ^= 0x10;
-    fs::write(&path, &bytes).unwrap();
-    // Delete chunk 4 behind the store's back.
-    let (gone, _) = chunks[4];
-    fs::remove_file(store.chunk_path(&gone)).unwrap();
-
+    flip_on_disk(&store, &bad, 12_345, 0x10);
     let report = store.verify().unwrap();
     assert!(!report.is_clean());
     assert_eq!(report.corrupt_chunks, vec![bad]);
-    assert_eq!(report.vanished_chunks, vec![gone]);
-    assert_eq!(report.chunks_checked, 9);
+    assert!(report.vanished_chunks.is_empty());
+    assert_eq!(report.chunks_checked, 10);
     assert!(!store.contains(&bad));
+    assert!(store.chunk_location(&bad).is_none());
+
+    // Cut the pack short in the middle of a chunk, behind the store's back.
+    let (gone, _) = chunks[9];
+    let loc = store.chunk_location(&gone).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&loc.path)
+        .unwrap()
+        .set_len(loc.offset + 10)
+        .unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!(report.vanished_chunks, vec![gone]);
+    assert!(report.corrupt_chunks.is_empty());
+    assert_eq!(report.chunks_checked, 8);
     assert!(!store.contains(&gone));
-    assert!(!path.exists());
     let quarantined: Vec<_> = fs::read_dir(store.quarantine_dir())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -464,10 +587,7 @@ fn export_verifies_every_chunk() {
     let img = image(15, 4, 0, |_| false);
     let (m, _) = import(&store, &img, "rot");
     let victim = m.chunks[2];
-    let path = store.chunk_path(&victim);
-    let mut bytes = fs::read(&path).unwrap();
-    bytes[0] ^= 0x80;
-    fs::write(&path, bytes).unwrap();
+    flip_on_disk(&store, &victim, 0, 0x80);
     let err = store.export_image(&m, Cursor::new(Vec::new())).unwrap_err();
     assert!(
         matches!(err, StoreError::CorruptChunk { id, .. } if id == victim),
