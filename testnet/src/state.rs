@@ -2,8 +2,8 @@
 //! can remove all of it even when `up` or `run` was killed half-way.
 //!
 //! The file is `STATE_DIR/testnet.json`, replaced atomically (write, fsync, rename) on every change.
-//! Processes are recorded with their pid and the data dir on their command line; `down` only signals
-//! a pid whose `/proc/<pid>/cmdline` still mentions that marker, so a recycled pid is never killed.
+//! Processes are recorded with their pid and start time; `down` only signals a pid whose start time
+//! still matches, so a recycled pid is never killed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,8 +23,11 @@ pub struct Proc {
     pub role: String,
     /// Its pid.
     pub pid: u32,
-    /// A string its command line contains (its data dir or spec file), checked before signalling.
+    /// A string its command line contains (its data dir or spec file).
     pub marker: String,
+    /// Its start time (see [`sys::start_ticks`]): with the pid, what identifies it before signalling.
+    #[serde(default)]
+    pub start_ticks: Option<u64>,
 }
 
 /// Everything a testnet consists of.
@@ -93,6 +96,7 @@ impl State {
             role: role.to_owned(),
             pid,
             marker: marker.to_owned(),
+            start_ticks: sys::start_ticks(pid),
         });
         self.save()
     }
@@ -102,9 +106,14 @@ impl State {
         self.dir.join("nodes").join(name)
     }
 
-    /// Whether a recorded process still runs (and is still ours).
+    /// Whether a recorded process still runs (and is still ours: same pid and start time, so a
+    /// recycled pid is never mistaken for it, and a child caught between fork and exec — whose
+    /// command line is still its parent's — is not missed).
     pub fn alive(p: &Proc) -> bool {
-        sys::pid_matches(p.pid, &p.marker)
+        match p.start_ticks {
+            Some(t) => sys::start_ticks(p.pid) == Some(t),
+            None => sys::pid_matches(p.pid, &p.marker),
+        }
     }
 
     /// Stops every process, deletes every namespace, and removes the state dir's contents this

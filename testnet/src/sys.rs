@@ -71,6 +71,20 @@ pub fn pid_matches(pid: u32, marker: &str) -> bool {
     }
 }
 
+/// The start time of `pid` (clock ticks after boot, `/proc/<pid>/stat` field 22), unless it is
+/// gone or a zombie. Together with the pid it identifies one process for good.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain anything; fields follow the
+    // last ')'. Field 3 is the state, field 22 the start time.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
 /// Sends `sig` to `pid`, ignoring a process that is already gone.
 pub fn signal(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
