@@ -448,7 +448,7 @@ impl Daemon {
         }
         if let Some(e) = error {
             tracing::error!(%image, chunk = %id, "storing chunk: {e}");
-            self.mounts_store_failed(image, &e.to_string());
+            self.mounts_store_failed(image, e);
             if let Some(t) = self.transfers.remove(&image) {
                 for w in t.waiters {
                     w.fail(format!(

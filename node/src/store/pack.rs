@@ -257,10 +257,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What [`PackSet::open`] finds: the set, the packs' numbers and paths, and how many names were
+/// not packs.
+pub(crate) type OpenedPacks = (PackSet, Vec<(u32, PathBuf)>, u64);
+
 impl PackSet {
     /// Opens every pack in `dir` for reading. Returns the set and the packs' numbers and paths in
     /// ascending order, plus the names that are not packs (left alone).
-    pub(crate) fn open(dir: &Path) -> Result<(PackSet, Vec<(u32, PathBuf)>, u64), StoreError> {
+    pub(crate) fn open(dir: &Path) -> Result<OpenedPacks, StoreError> {
         let mut packs = Vec::new();
         let mut ignored = 0;
         for entry in fs::read_dir(dir).map_err(io_at("list", dir))? {
