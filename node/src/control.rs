@@ -15,6 +15,23 @@ use tokio::net::UnixStream;
 /// The socket's file name inside the data dir.
 pub const SOCKET_NAME: &str = "control.sock";
 
+/// What `vmswarm mount` asks the daemon for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MountRequest {
+    /// Image id (64 hex digits); exactly one of `image` and `clone`.
+    pub image: Option<String>,
+    /// Clone name.
+    pub clone: Option<String>,
+    /// `unix:/abs/path.sock` or `tcp:IP:PORT`.
+    pub nbd: String,
+    /// Export name (default: the clone's name, or the image's name).
+    pub name: Option<String>,
+    /// Fetch the rest of the image in the background.
+    pub prefetch: bool,
+    /// Allow a TCP address outside loopback.
+    pub allow_remote: bool,
+}
+
 /// A command for the daemon.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -44,20 +61,7 @@ pub enum Request {
     /// Re-hash every stored chunk; quarantine bad ones.
     Verify,
     /// Export an image (read-only) or a clone (writable) over NBD.
-    Mount {
-        /// Image id (64 hex digits); exactly one of `image` and `clone`.
-        image: Option<String>,
-        /// Clone name.
-        clone: Option<String>,
-        /// `unix:/abs/path.sock` or `tcp:IP:PORT`.
-        nbd: String,
-        /// Export name (default: the clone's name, or the image's name).
-        name: Option<String>,
-        /// Fetch the rest of the image in the background.
-        prefetch: bool,
-        /// Allow a TCP address outside loopback.
-        allow_remote: bool,
-    },
+    Mount(MountRequest),
     /// Stop an export (its connections are closed).
     Umount {
         /// Export name.
@@ -206,6 +210,21 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"cmd":"pull","image":"ab","output":null}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        // A mount's fields sit beside the tag, like every other command's.
+        let m = Request::Mount(MountRequest {
+            image: None,
+            clone: Some("vm1".into()),
+            nbd: "unix:/s".into(),
+            name: None,
+            prefetch: true,
+            allow_remote: false,
+        });
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"cmd":"mount","image":null,"clone":"vm1","nbd":"unix:/s","name":null,"prefetch":true,"allow_remote":false}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), m);
         let e: Reply = serde_json::from_str(r#"{"type":"error","message":"x"}"#).unwrap();
         assert_eq!(
             e,

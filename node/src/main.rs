@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use vmswarm_node::config::FileConfig;
-use vmswarm_node::control::{self, Request};
+use vmswarm_node::control::{self, MountRequest, Request};
 use vmswarm_node::daemon;
 
 /// Peer-to-peer VM image distribution node.
@@ -419,14 +419,14 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let v = control::call(
                 &data_dir(&cli.data, None)?,
-                &Request::Mount {
+                &Request::Mount(MountRequest {
                     image,
                     clone,
                     nbd,
                     name,
                     prefetch,
                     allow_remote: nbd_allow_remote,
-                },
+                }),
                 |_, _, _| {},
             )
             .await?;

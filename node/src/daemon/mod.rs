@@ -811,14 +811,7 @@ impl Daemon {
                 });
             }
             Request::Pull { image, output } => self.on_pull(image, output, reply),
-            Request::Mount {
-                image,
-                clone,
-                nbd,
-                name,
-                prefetch,
-                allow_remote,
-            } => self.on_mount(image, clone, nbd, name, prefetch, allow_remote, reply),
+            Request::Mount(req) => self.on_mount(req, reply),
             Request::Umount { name } => answer(&reply, self.on_umount(&name)),
             Request::Mounts => answer(&reply, Ok(self.mounts_json())),
             Request::Clone { image, name } => answer(&reply, self.on_clone(&image, &name)),

@@ -30,7 +30,7 @@ use vmswarm_protocol::fetch::FailReason;
 use vmswarm_protocol::{ImageId, Priority};
 
 use super::{Daemon, PendingManifest};
-use crate::control::Reply;
+use crate::control::{MountRequest, Reply};
 use crate::metrics::ExportMetrics;
 use crate::nbd::NbdAddr;
 use crate::nbd::export::{DemandRequest, ExportParts, MountExport};
@@ -285,17 +285,15 @@ where
 
 impl Daemon {
     /// `vmswarm mount`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn on_mount(
-        &mut self,
-        image: Option<String>,
-        clone: Option<String>,
-        nbd: String,
-        name: Option<String>,
-        prefetch: bool,
-        allow_remote: bool,
-        reply: mpsc::UnboundedSender<Reply>,
-    ) {
+    pub(super) fn on_mount(&mut self, req: MountRequest, reply: mpsc::UnboundedSender<Reply>) {
+        let MountRequest {
+            image,
+            clone,
+            nbd,
+            name,
+            prefetch,
+            allow_remote,
+        } = req;
         let fail = |m: String| {
             let _ = reply.send(Reply::Error { message: m });
         };
