@@ -63,20 +63,11 @@ pub fn report(summary: &run::RunSummary, dir: &Path, comparison: Option<&str>) -
     let image_mib = summary.image_size as f64 / 1048576.0;
     s.push_str(&format!(
         "\n{:<8} {:>18} {:>18} {:>26}\n",
-        "site", "WAN in, chunks", "WAN in, on wire", "a full copy per VM would be"
+        "site", "WAN in, chunks", "WAN in, on wire", "a full copy per host would be"
     ));
     for (i, site) in summary.sites.iter().enumerate() {
-        let vms_here = summary
-            .roles
-            .hosts
-            .iter()
-            .filter(|h| h.starts_with(&format!("s{i}n")))
-            .count();
-        let has_source = summary
-            .roles
-            .sources
-            .iter()
-            .any(|h| h.starts_with(&format!("s{i}n")));
+        let vms_here = summary.roles.hosts.iter().filter(|h| h.site == i).count();
+        let has_source = summary.roles.sources.iter().any(|h| h.site == i);
         let full = if has_source {
             0.0
         } else {

@@ -13,8 +13,9 @@
 
 pub mod image;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -27,15 +28,24 @@ use vmswarm_sim::scenario::{Prefetch, Scenario};
 
 use crate::plan::NodePlan;
 use crate::state::State;
-use crate::wan;
+use crate::{sys, wan};
+
+/// A testnet node in a scenario role.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRef {
+    /// Node name (`s1n2`).
+    pub name: String,
+    /// Its site index.
+    pub site: usize,
+}
 
 /// Which testnet node plays which scenario role.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Roles {
-    /// Node names of the source servers.
-    pub sources: Vec<String>,
-    /// Node name of each scenario host.
-    pub hosts: Vec<String>,
+    /// The source servers.
+    pub sources: Vec<NodeRef>,
+    /// Each scenario host, in scenario order (host groups in file order).
+    pub hosts: Vec<NodeRef>,
 }
 
 /// Maps the scenario's sources and hosts onto the testnet's nodes, site by site: sources first,
@@ -52,58 +62,50 @@ pub fn assign(sc: &Scenario, state: &State) -> anyhow::Result<Roles> {
             sc.sites.len()
         );
     }
-    let mut roles = Roles {
-        sources: Vec::new(),
-        hosts: Vec::new(),
+    let node_ref = |n: &NodePlan| NodeRef {
+        name: n.name.clone(),
+        site: n.site,
     };
+    let mut sources = Vec::new();
+    // Per site, the nodes its hosts get, handed out to host groups in file order below.
+    let mut host_nodes: Vec<std::vec::IntoIter<NodeRef>> = Vec::new();
     for s in 0..sc.sites.len() {
         let nodes: Vec<&NodePlan> = plan.nodes.iter().filter(|n| n.site == s).collect();
-        let sources = sc.sources.iter().filter(|x| x.site == s).count();
-        let hosts: u32 = sc
+        let n_sources = sc.sources.iter().filter(|x| x.site == s).count();
+        let n_hosts: u32 = sc
             .hosts
             .iter()
             .filter(|h| h.site == s)
             .map(|h| h.count)
             .sum();
-        let hosts = hosts as usize;
-        let shared = sources + hosts == nodes.len() + 1 && sources > 0;
-        if sources + hosts > nodes.len() + usize::from(shared) {
+        let n_hosts = n_hosts as usize;
+        let shared = n_sources > 0 && n_sources + n_hosts == nodes.len() + 1;
+        if n_sources + n_hosts > nodes.len() + usize::from(shared) {
             bail!(
-                "site {} needs {} nodes ({sources} sources + {hosts} hosts) but has {}",
+                "site {} needs {} nodes ({n_sources} sources + {n_hosts} hosts) but has {}",
                 sc.sites[s].name,
-                sources + hosts,
+                n_sources + n_hosts,
                 nodes.len()
             );
         }
-        for n in nodes.iter().take(sources) {
-            roles.sources.push(n.name.clone());
-        }
-        let first_host = if shared { sources - 1 } else { sources };
-        for n in nodes.iter().skip(first_host).take(hosts) {
-            roles.hosts.push(n.name.clone());
-        }
+        sources.extend(nodes.iter().take(n_sources).map(|n| node_ref(n)));
+        let first_host = n_sources - usize::from(shared);
+        let hosts: Vec<NodeRef> = nodes
+            .iter()
+            .skip(first_host)
+            .take(n_hosts)
+            .map(|n| node_ref(n))
+            .collect();
+        host_nodes.push(hosts.into_iter());
     }
-    // Hosts in scenario order (groups in file order, each group's site) — rebuild in that order.
-    let mut ordered = Vec::new();
-    let mut used = vec![0usize; sc.sites.len()];
-    let per_site: Vec<Vec<String>> = (0..sc.sites.len())
-        .map(|s| {
-            roles
-                .hosts
-                .iter()
-                .filter(|h| plan.nodes.iter().any(|n| &n.name == *h && n.site == s))
-                .cloned()
-                .collect()
-        })
-        .collect();
+    let mut hosts = Vec::new();
     for g in &sc.hosts {
         for _ in 0..g.count {
-            ordered.push(per_site[g.site][used[g.site]].clone());
-            used[g.site] += 1;
+            // The site's list holds exactly as many nodes as its groups have hosts (checked above).
+            hosts.extend(host_nodes[g.site].next());
         }
     }
-    roles.hosts = ordered;
-    Ok(roles)
+    Ok(Roles { sources, hosts })
 }
 
 /// What `run` records beside the CSV files, and what `compare` reads back.
@@ -173,23 +175,11 @@ pub struct RunOptions {
     pub timeout: Duration,
 }
 
+/// `vmswarm --data DATA args...` (the node's CLI), returning its stdout.
 fn vmswarm(bin: &Path, data: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin)
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "`vmswarm --data {} {}` failed: {}",
-            data.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let mut full: Vec<&OsStr> = vec![OsStr::new("--data"), data.as_os_str()];
+    full.extend(args.iter().map(OsStr::new));
+    sys::run(bin, &full)
 }
 
 /// The qemu-io commands that replay one VM's boot: reads, and think times as `sleep` (qemu-io
@@ -266,7 +256,7 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     image::generate(&file, sc.image_size, sc.chunk_size, opts.seed)?;
     let chunk = format!("{}", sc.chunk_size);
     let mut image_id = String::new();
-    for src in &roles.sources {
+    for src in roles.sources.iter().map(|n| &n.name) {
         let out = vmswarm(
             &opts.vmswarm,
             &node_dir(src),
@@ -327,7 +317,7 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
                 let script = qemu_io_script(&reads, sc.boot.think_mean, &mut rng);
                 vms.push(Vm {
                     host: h,
-                    node: roles.hosts[h].clone(),
+                    node: roles.hosts[h].name.clone(),
                     name: format!("vm{k}"),
                     socket: sockets.join(format!("vm{k}.sock")),
                     start_s,
@@ -455,7 +445,7 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         for (site, b) in site_bytes_in(&now, own) {
             wan_in_payload[n.site] += b - before.get(&site).copied().unwrap_or(0).min(b);
         }
-        if roles.sources.contains(&n.name) {
+        if roles.sources.iter().any(|s| s.name == n.name) {
             let out = now["metrics"]["bytes_out"].as_u64().unwrap_or(0);
             let was = baseline[i]["metrics"]["bytes_out"].as_u64().unwrap_or(0);
             source_egress += out.saturating_sub(was);

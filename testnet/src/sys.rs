@@ -2,21 +2,30 @@
 
 #![allow(unsafe_code)]
 
+use std::ffi::OsStr;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
 /// Runs `program args...`, returning its stdout; a failure names the command and its stderr.
-pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+pub fn run<P: AsRef<OsStr>, A: AsRef<OsStr>>(program: P, args: &[A]) -> anyhow::Result<String> {
+    let program = program.as_ref();
+    let shown = || {
+        std::iter::once(program)
+            .chain(args.iter().map(AsRef::as_ref))
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("running {program} (is it installed?)"))?;
+        .with_context(|| format!("running {} (is it installed?)", program.to_string_lossy()))?;
     if !out.status.success() {
         bail!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
+            "`{}` failed ({}): {}",
+            shown(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );

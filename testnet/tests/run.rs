@@ -1,12 +1,13 @@
 //! `run` and `compare` on a real testnet: a small three-site scenario booted lazily through NBD.
 //! Needs root (network namespaces); without it the test says so and returns.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use common::{BIN, is_root, ok};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_vmswarm-testnet");
 
 struct Down<'a>(&'a Path);
 impl Drop for Down<'_> {
@@ -17,31 +18,6 @@ impl Drop for Down<'_> {
             .arg("down")
             .output();
     }
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .arg("--dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "vmswarm-testnet {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
 #[test]

@@ -4,13 +4,14 @@
 //! Tests that need network namespaces need root (CI runs as root); without it they say so and
 //! return early, and the fallback test still runs.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{BIN, is_root};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_vmswarm-testnet");
 
 /// A testnet state dir whose testnet is torn down on drop (also when the test fails).
 struct Testnet {
@@ -30,24 +31,10 @@ impl Testnet {
         self.dir.path()
     }
     fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--dir")
-            .arg(self.path())
-            .args(args)
-            .env_remove("RUST_BACKTRACE")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        common::cli(self.path(), args)
     }
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args);
-        assert!(
-            out.status.success(),
-            "vmswarm-testnet {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::ok(self.path(), args)
     }
     fn state(&self) -> Value {
         serde_json::from_str(&std::fs::read_to_string(self.path().join("testnet.json")).unwrap())
@@ -61,13 +48,6 @@ impl Drop for Testnet {
             let _ = self.cmd(&["down"]);
         }
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
 fn pid_alive(pid: u64) -> bool {
@@ -324,5 +304,4 @@ fn bad_input_is_refused_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no testnet in"));
     // Nothing was created by the refused commands.
     assert!(!t.path().join("testnet.json").exists());
-    let _: PathBuf = t.path().to_path_buf();
 }
