@@ -201,12 +201,14 @@ pub fn compare(dir: &Path) -> anyhow::Result<(Comparison, String)> {
         "sim/test"
     );
     for r in &cmp.rows {
+        let ratio = if r.testnet == 0.0 {
+            "-".to_owned()
+        } else {
+            format!("{:.2}", r.ratio())
+        };
         table.push_str(&format!(
-            "{:<22} {:>12.2} {:>12.2} {:>8.2}\n",
-            r.metric,
-            r.testnet,
-            r.simulator,
-            r.ratio()
+            "{:<22} {:>12.2} {:>12.2} {:>8}\n",
+            r.metric, r.testnet, r.simulator, ratio
         ));
     }
     std::fs::write(dir.join("compare.txt"), &table)?;

@@ -123,7 +123,8 @@ impl Teardown {
 
 /// Runs the demo's scenario on the testnet in `state` and returns the report text.
 pub fn run_demo(state: &State, vmswarm: PathBuf, out: &Path, seed: u64) -> anyhow::Result<String> {
-    let scenario = state.dir.join("small-3site.toml");
+    // The scenario is kept next to the results: `compare` reads it from there.
+    let scenario = out.join("scenario.toml");
     std::fs::write(&scenario, SCENARIO)?;
     let summary = run::run(
         state,
@@ -136,13 +137,6 @@ pub fn run_demo(state: &State, vmswarm: PathBuf, out: &Path, seed: u64) -> anyho
             timeout: std::time::Duration::from_secs(300),
         },
     )?;
-    // Keep a copy of the scenario next to the results; compare reads it from there.
-    let kept = out.join("scenario.toml");
-    std::fs::write(&kept, SCENARIO)?;
-    let mut s: run::RunSummary =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
-    s.scenario_file = std::fs::canonicalize(&kept)?;
-    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&s)?)?;
     let comparison = crate::compare::compare(out).map(|(_, t)| t);
     let cmp_text = match &comparison {
         Ok(t) => Some(t.as_str()),

@@ -149,7 +149,7 @@ impl State {
                 problems.push(format!("{e:#}"));
             }
         }
-        for sub in ["nodes", "logs", "images"] {
+        for sub in ["nodes", "logs", "images", "nbd"] {
             let p = self.dir.join(sub);
             if p.exists()
                 && let Err(e) = std::fs::remove_dir_all(&p)

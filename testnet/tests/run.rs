@@ -114,4 +114,9 @@ fn a_scenario_boots_lazily_over_the_emulated_wan_and_compares_with_the_simulator
         assert!(out.path().join(f).exists(), "{f} missing");
     }
     ok(state.path(), &["down"]);
+    assert!(
+        !state.path().exists(),
+        "down left files in the state dir: {:?}",
+        std::fs::read_dir(state.path()).map(|d| d.count())
+    );
 }
