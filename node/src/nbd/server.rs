@@ -286,15 +286,16 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+    // Each reply is a header and (for READ) its data, written back to back without copying the data.
+    let (tx, mut rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
-        while let Some(buf) = rx.recv().await {
-            if wr.write_all(&buf).await.is_err() {
+        while let Some((head, data)) = rx.recv().await {
+            if wr.write_all(&head).await.is_err() || wr.write_all(&data).await.is_err() {
                 return;
             }
             // Coalesce replies that are already queued before flushing.
-            while let Ok(buf) = rx.try_recv() {
-                if wr.write_all(&buf).await.is_err() {
+            while let Ok((head, data)) = rx.try_recv() {
+                if wr.write_all(&head).await.is_err() || wr.write_all(&data).await.is_err() {
                     return;
                 }
             }
@@ -369,20 +370,18 @@ async fn execute<B: Backend>(
     req: proto::Request,
     payload: Vec<u8>,
     structured: bool,
-) -> Vec<u8> {
+) -> (Vec<u8>, Vec<u8>) {
     let mut out = Vec::new();
     if let Err(r) = proto::validate(&req, backend.info()) {
         proto::encode_status_reply(&mut out, structured, req.cookie, Err(&r));
-        return out;
+        return (out, Vec::new());
     }
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let result = match req.command {
         Command::Read => match backend.read(req.offset, req.length).await {
             Ok(data) if data.len() == req.length as usize => {
-                out.reserve(32 + data.len());
                 proto::encode_read_header(&mut out, structured, req.cookie, req.offset, req.length);
-                out.extend_from_slice(&data);
-                return out;
+                return (out, data);
             }
             Ok(data) => Err(Refusal {
                 errno: proto::Errno::Io,
@@ -410,7 +409,7 @@ async fn execute<B: Backend>(
         req.cookie,
         result.as_ref().map(|_| ()),
     );
-    out
+    (out, Vec::new())
 }
 
 #[cfg(test)]
