@@ -243,7 +243,7 @@ impl Daemon {
                         t.failed.insert(index, reason);
                     }
                 }
-                Event::PeerBanned { peer } => self.ban(peer),
+                Event::PeerBanned { peer } => self.ban(peer, "it sent a corrupt chunk"),
             }
         }
         self.maybe_finish(image);
@@ -454,12 +454,13 @@ impl Daemon {
         self.maybe_finish(image);
     }
 
-    /// Bans `peer` everywhere: it sent a corrupt chunk to one of our transfers.
-    pub(super) fn ban(&mut self, peer: PeerId) {
+    /// Bans `peer` everywhere (`reason` is logged): it sent a corrupt chunk to one of our transfers,
+    /// a bad manifest, or bytes that are not a message.
+    pub(super) fn ban(&mut self, peer: PeerId, reason: &str) {
         if !self.banned.insert(peer) {
             return;
         }
-        tracing::warn!(%peer, "banning peer: it sent a corrupt chunk");
+        tracing::warn!(%peer, "banning peer: {reason}");
         self.metrics
             .bans
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -148,6 +148,17 @@ impl Drop for Node {
     }
 }
 
+/// Node config for tests: give up on unavailable chunks after 3 s instead of 60 s.
+pub fn fast_config(dir: &Path) -> PathBuf {
+    let p = dir.join("fast.toml");
+    std::fs::write(
+        &p,
+        "[fetch]\nunavailable_deadline_ms = 3000\nrequest_timeout_ms = 2000\nmanifest_timeout_ms = 2000\n",
+    )
+    .unwrap();
+    p
+}
+
 /// Runs `vmswarm --data DIR args...`.
 pub fn cli(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
