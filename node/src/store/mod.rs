@@ -359,7 +359,11 @@ impl ChunkStore {
         if root_changed {
             sync_dir(&root)?;
         }
-        let (packs, pack_list, ignored_packs) = PackSet::open(&root.join(PACKS_DIR))?;
+        let pack::OpenedPacks {
+            set: packs,
+            packs: pack_list,
+            ignored: ignored_packs,
+        } = PackSet::open(&root.join(PACKS_DIR))?;
         let mut store = ChunkStore {
             manifests_dir: root.join(MANIFESTS_DIR),
             tmp_dir,

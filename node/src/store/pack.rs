@@ -240,6 +240,16 @@ struct Active {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Ticket(u32, u64);
 
+/// What [`PackSet::open`] found.
+#[derive(Debug)]
+pub(crate) struct OpenedPacks {
+    pub(crate) set: PackSet,
+    /// The packs' numbers and paths, in ascending order.
+    pub(crate) packs: Vec<(u32, PathBuf)>,
+    /// Entries that are not packs (left alone).
+    pub(crate) ignored: u64,
+}
+
 /// The store's packs: open handles for reading, the active pack for appending, group commit.
 #[derive(Debug)]
 pub(crate) struct PackSet {
@@ -258,9 +268,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl PackSet {
-    /// Opens every pack in `dir` for reading. Returns the set and the packs' numbers and paths in
-    /// ascending order, plus the names that are not packs (left alone).
-    pub(crate) fn open(dir: &Path) -> Result<(PackSet, Vec<(u32, PathBuf)>, u64), StoreError> {
+    /// Opens every pack in `dir` for reading.
+    pub(crate) fn open(dir: &Path) -> Result<OpenedPacks, StoreError> {
         let mut packs = Vec::new();
         let mut ignored = 0;
         for entry in fs::read_dir(dir).map_err(io_at("list", dir))? {
@@ -299,7 +308,11 @@ impl PackSet {
             }),
             synced: Condvar::new(),
         };
-        Ok((set, packs, ignored))
+        Ok(OpenedPacks {
+            set,
+            packs,
+            ignored,
+        })
     }
 
     /// The open handle of pack `n`.
