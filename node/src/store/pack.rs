@@ -31,6 +31,12 @@
 //!   after [`PACK_TARGET_BYTES`], so a later compaction can rewrite one pack at a time.
 //! - **A failed append** (full disk) truncates the pack back to where the append started, so the
 //!   pack ends at a record boundary again, and fails the whole batch.
+//! - **Page cache.** After each group commit, pages of the active pack more than [`CACHE_WINDOW`]
+//!   behind the synced end are dropped from the page cache (`posix_fadvise(DONTNEED)`; they are
+//!   clean by then). Writes then reuse just-freed pages instead of growing the cache into memory
+//!   the VM host has not backed yet, which made the kernel's copy into the page cache the largest
+//!   cost of a pull (36% of a puller's CPU samples; 2.6% with the window, BENCHMARKS.md). Chunks
+//!   written earlier than the window are read from disk when served.
 //!
 //! It leaves to the store: the index (which record a chunk id resolves to), tombstone semantics,
 //! hashing before an append, and quarantine.
