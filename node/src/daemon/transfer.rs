@@ -320,9 +320,10 @@ impl Daemon {
             Message::Chunk { id, data } => {
                 self.metrics.bytes_in(&site, data.len() as u64);
                 let expected = manifest.chunks[index as usize];
+                // Counted until `on_checked` (invalid) or `on_stored` (valid) lets it go.
+                t.storing += 1;
                 if id == expected && manifest.chunk_len(index) == Some(data.len() as u32) {
                     // Hashed on the blocking pool; the scheduler hears of it in `on_checked`.
-                    t.storing += 1;
                     self.ingest(Received {
                         image,
                         index,
