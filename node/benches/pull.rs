@@ -44,7 +44,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
+
+#[path = "../tests/common/daemon.rs"]
+mod daemon;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -530,98 +533,50 @@ async fn quinn_transfer(bytes: u64, suites: Vec<rustls::SupportedCipherSuite>) -
 // ---------------------------------------------------------------------------------------------
 // Real nodes.
 
-/// A running `vmswarm serve`; dropping it kills and reaps the process.
+/// A running `vmswarm serve` (the harness shared with the tests) with a name for the report.
 #[derive(Debug)]
 struct Daemon {
     name: String,
-    dir: PathBuf,
-    bin: PathBuf,
-    child: Option<Child>,
-    addr: String,
+    inner: daemon::Daemon,
 }
 
 impl Daemon {
     fn start(bin: &Path, dir: &Path, name: &str, bootstrap: Option<&str>) -> Result<Daemon> {
-        fs::create_dir_all(dir)?;
-        let log = File::create(dir.join("daemon.log"))?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("--data")
-            .arg(dir)
-            .args([
-                "serve",
-                "--listen",
-                "/ip4/127.0.0.1/udp/0/quic-v1",
-                "--site",
-                "dc1",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", b]);
-        }
-        let child = cmd.spawn().context("spawning vmswarm serve")?;
-        let mut d = Daemon {
+        let inner = daemon::Daemon::start(&daemon::Spawn {
+            bin,
+            dir,
+            site: "dc1",
+            bootstrap,
+            extra: &[],
+            log_filter: "warn",
+        })
+        .with_context(|| format!("daemon {name}"))?;
+        Ok(Daemon {
             name: name.to_owned(),
-            dir: dir.to_path_buf(),
-            bin: bin.to_path_buf(),
-            child: Some(child),
-            addr: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(text) = fs::read_to_string(dir.join("node.json")) {
-                let info: Value = serde_json::from_str(&text)?;
-                if let Some(a) = info["listen_addrs"][0].as_str() {
-                    d.addr = a.to_owned();
-                    if d.cli(&["status", "--json"])?.status.success() {
-                        return Ok(d);
-                    }
-                }
-            }
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("daemon {name} exited early ({status}):\n{}", d.log());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "daemon {name} did not come up:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            inner,
+        })
+    }
+
+    fn addr(&self) -> &str {
+        &self.inner.addr
     }
 
     fn pid(&self) -> String {
-        self.child
-            .as_ref()
-            .map_or_else(|| "0".into(), |c| c.id().to_string())
+        self.inner.pid().to_string()
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+        self.inner.log()
     }
 
     fn cli(&self, args: &[&str]) -> Result<Output> {
-        Command::new(&self.bin)
-            .arg("--data")
-            .arg(&self.dir)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .context("running vmswarm")
+        self.inner.cli(args)
     }
 
     fn status(&self) -> Result<Value> {
-        let out = self.cli(&["status", "--json"])?;
-        ensure!(
-            out.status.success(),
-            "status on {}: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
+        self.inner
+            .status()
+            .with_context(|| format!("daemon {}", self.name))
     }
 
     /// How many peers this daemon has exchanged `Hello` with.
@@ -653,14 +608,14 @@ impl Daemon {
 
     /// Starts `vmswarm pull IMAGE [-o output]` in the background.
     fn spawn_pull(&self, image: &str, output: Option<&Path>) -> Result<Process> {
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = Command::new(&self.inner.bin);
         cmd.arg("--data")
-            .arg(&self.dir)
+            .arg(&self.inner.dir)
             .args(["pull", image])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(File::create(self.dir.join("pull.err"))?);
+            .stderr(File::create(self.inner.dir.join("pull.err"))?);
         if let Some(o) = output {
             cmd.arg("-o").arg(o);
         }
@@ -674,7 +629,7 @@ impl Daemon {
             ok && out.contains(image),
             "pull on {} failed: {out}{}\n{}",
             self.name,
-            fs::read_to_string(self.dir.join("pull.err")).unwrap_or_default(),
+            fs::read_to_string(self.inner.dir.join("pull.err")).unwrap_or_default(),
             self.log()
         );
         Ok(())
@@ -682,30 +637,7 @@ impl Daemon {
 
     /// SIGTERM, then SIGKILL if it has not exited after 10 s.
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.inner.stop();
     }
 }
 
@@ -881,7 +813,7 @@ fn one_to_one(
     let mut exported_ok = None;
     for i in 0..pullers {
         let name = ["B", "C", "D", "E"][i % 4];
-        let mut b = Daemon::start(bin, &dir.join(name.to_lowercase()), name, Some(&a.addr))?;
+        let mut b = Daemon::start(bin, &dir.join(name.to_lowercase()), name, Some(a.addr()))?;
         wait_for_peers(&[&a, &b], 1, Duration::from_secs(30))?;
         let meter = Meter::start(vec![a.pid(), b.pid()]);
         b.pull(&id, None)?;
@@ -933,7 +865,7 @@ fn one_to_many(bin: &Path, dir: &Path, bytes: u64, pullers: usize, seed: u64) ->
     let image = dir.join("disk.raw");
     make_image(&image, bytes, seed)?;
     let mut daemons = vec![Daemon::start(bin, &dir.join("seed"), "seed", None)?];
-    let boot = daemons[0].addr.clone();
+    let boot = daemons[0].addr().to_owned();
     for i in 1..=pullers {
         let d = Daemon::start(
             bin,
@@ -969,7 +901,8 @@ fn one_to_many(bin: &Path, dir: &Path, bytes: u64, pullers: usize, seed: u64) ->
                     ok,
                     "pull on p{} failed: {}",
                     i + 1,
-                    fs::read_to_string(daemons[i + 1].dir.join("pull.err")).unwrap_or_default()
+                    fs::read_to_string(daemons[i + 1].inner.dir.join("pull.err"))
+                        .unwrap_or_default()
                 );
                 first.get_or_insert(meter.t.elapsed());
             } else {

@@ -11,17 +11,6 @@ use vmswarm_protocol::manifest::Manifest;
 
 const MIB: usize = 1 << 20;
 
-/// Node config for tests: give up on unavailable chunks after 3 s instead of 60 s.
-fn fast_config(dir: &std::path::Path) -> std::path::PathBuf {
-    let p = dir.join("fast.toml");
-    std::fs::write(
-        &p,
-        "[fetch]\nunavailable_deadline_ms = 3000\nrequest_timeout_ms = 2000\nmanifest_timeout_ms = 2000\n",
-    )
-    .unwrap();
-    p
-}
-
 fn metric(status: &Value, name: &str) -> u64 {
     status["metrics"][name].as_u64().unwrap_or(0)
 }
@@ -123,7 +112,7 @@ fn pulls_complete_when_the_publisher_is_killed_and_another_node_has_everything()
 fn missing_chunks_fail_the_pull_naming_them_and_a_restart_refetches_only_what_is_missing() {
     let seed = seed();
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = fast_config(tmp.path());
+    let cfg = common::fast_config(tmp.path());
     let cfg = cfg.to_str().unwrap();
     let mut publisher = Node::start(&tmp.path().join("n0"), "dc1", None, &[]);
     let puller_dir = tmp.path().join("n1");
@@ -323,7 +312,7 @@ fn cli_errors_are_clear() {
     drop(node);
 
     // An image nobody has: a clear failure after the (configured) manifest timeout.
-    let cfg = fast_config(tmp.path());
+    let cfg = common::fast_config(tmp.path());
     let metrics_port = free_tcp_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let node = Node::start(

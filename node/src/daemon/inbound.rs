@@ -3,6 +3,11 @@
 //! Chunk requests go through the protocol's `ServeQueue` (Demand first, round robin across peers, a
 //! bounded number of uploads at once); everything else is answered on the spot. Messages that make
 //! no sense where they arrive are protocol violations: the stream is dropped and the event logged.
+//! A request that is not a message at all (undecodable bytes, an oversized frame) never reaches this
+//! module: the codec refuses it (the frame limit is checked from the prefix) and libp2p drops the
+//! stream without an event (libp2p-request-response 0.30 only logs a failed `read_request`), so
+//! such a sender cannot be banned from here; it costs us one refused stream each time. Peers that
+//! lie in *answers* (corrupt chunks, garbage or oversized responses, bad manifests) are banned.
 
 use libp2p::PeerId;
 use libp2p::request_response::{self, InboundRequestId, ResponseChannel};
@@ -210,7 +215,7 @@ impl Daemon {
             let (peer, id) = (s.peer, s.chunk);
             tokio::task::spawn_blocking(move || {
                 // A recycled buffer: it goes back to the pool once the codec has written it.
-                let mut buf = crate::net::buffers::take(0);
+                let mut buf = crate::net::buffers::take(store.chunk_len(&id).unwrap_or(0) as usize);
                 let result = store
                     .get_into(&id, &mut buf)
                     .map(|held| held.then_some(buf));
@@ -304,7 +309,7 @@ impl Daemon {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(%peer, %image, "peer sent a bad manifest: {e}");
-                self.ban(peer);
+                self.ban(peer, "it sent a bad manifest");
                 return;
             }
         };

@@ -260,7 +260,7 @@ impl Daemon {
                     }
                     self.mounts_want_failed(image, index, reason);
                 }
-                Event::PeerBanned { peer } => self.ban(peer),
+                Event::PeerBanned { peer } => self.ban(peer, "it sent a corrupt chunk"),
             }
         }
         self.maybe_finish(image);
@@ -342,9 +342,10 @@ impl Daemon {
             Message::Chunk { id, data } => {
                 self.metrics.bytes_in(&site, data.len() as u64);
                 let expected = manifest.chunks[index as usize];
+                // Counted until `on_checked` (invalid) or `on_stored` (valid) lets it go.
+                t.storing += 1;
                 if id == expected && manifest.chunk_len(index) == Some(data.len() as u32) {
                     // Hashed on the blocking pool; the scheduler hears of it in `on_checked`.
-                    t.storing += 1;
                     self.ingest(Received {
                         image,
                         index,
@@ -480,12 +481,13 @@ impl Daemon {
         self.maybe_finish(image);
     }
 
-    /// Bans `peer` everywhere: it sent a corrupt chunk to one of our transfers.
-    pub(super) fn ban(&mut self, peer: PeerId) {
+    /// Bans `peer` everywhere (`reason` is logged): it sent a corrupt chunk to one of our transfers,
+    /// a bad manifest, or bytes that are not a message.
+    pub(super) fn ban(&mut self, peer: PeerId, reason: &str) {
         if !self.banned.insert(peer) {
             return;
         }
-        tracing::warn!(%peer, "banning peer: it sent a corrupt chunk");
+        tracing::warn!(%peer, "banning peer: {reason}");
         self.metrics
             .bans
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

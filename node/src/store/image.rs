@@ -3,7 +3,7 @@
 //!
 //! This module decides that an import commits every non-zero chunk before the manifest (an
 //! interrupted import leaves whole, verified chunks and no manifest), that imports write through a
-//! few threads (fsyncs issued from several threads share journal commits),
+//! few threads (their `put`s share the store's group commits),
 //! and that an export checks up front that every chunk is there, re-verifies each chunk as it
 //! reads it, and writes zero chunks as holes.
 
