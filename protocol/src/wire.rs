@@ -75,6 +75,10 @@ impl Capabilities {
     pub const SERVE: Capabilities = Capabilities(1);
     /// Reserved: takes part in multicast distribution (not implemented yet).
     pub const MULTICAST: Capabilities = Capabilities(2);
+    /// An origin: a source server that holds images for others and is not a swarm member. Fetch
+    /// schedulers treat fetches from it like fetches from another site (once per site), even when
+    /// it announces their own site ([`crate::fetch::PeerInfo::origin`]).
+    pub const ORIGIN: Capabilities = Capabilities(4);
 
     /// The raw bits.
     pub const fn bits(self) -> u32 {

@@ -141,6 +141,8 @@ struct PeerState {
     /// Its site, once its `Hello` arrived.
     site: Option<String>,
     rtt: Option<Duration>,
+    /// Its `Hello` announced `Capabilities::ORIGIN` (a source server, not a swarm member).
+    origin: bool,
 }
 
 /// An image we hold a manifest for (fully or partly).
@@ -669,6 +671,7 @@ impl Daemon {
             let state = self.peers.entry(peer).or_default();
             let first = state.site.is_none();
             state.site = Some(hello.site.clone());
+            state.origin = hello.capabilities.contains(Capabilities::ORIGIN);
             first
         };
         if !first || self.banned.contains(&peer) {
@@ -685,6 +688,7 @@ impl Daemon {
                     fetch::PeerInfo {
                         site: hello.site.clone(),
                         rtt,
+                        origin: hello.capabilities.contains(Capabilities::ORIGIN),
                     },
                 );
             }
