@@ -152,7 +152,7 @@ impl Daemon {
                 next_lookup: StdInstant::now() + super::PROVIDER_RETRY,
             },
         );
-        for (peer, _, _) in ready {
+        for (peer, _, _, _) in ready {
             let have = self.have_message(image);
             self.send(peer, have, Outbound::Have(image));
         }

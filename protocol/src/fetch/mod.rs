@@ -26,10 +26,12 @@
 //!   site is *assigned* the chunk's outside fetch: the one with the highest rendezvous score
 //!   (a hash of its stable peer key and the chunk index) among itself and its connected same-site
 //!   peers ([`FetchScheduler::set_local_peer`]; without it every node counts as assigned). The
-//!   assigned node queues its assigned Background chunks first; the others wait for its copy, a
-//!   Background want for at most [`Config::site_assign_wait`]. A same-site peer's `Fetching`
-//!   announcement is waited for, for at most [`Config::local_pending_wait`]. A Demand want waits for
-//!   either for at most [`Config::demand_local_wait`] from the moment it became Demand. Whenever we
+//!   assigned node queues its assigned Background chunks first; the others' Background wants wait
+//!   for its copy for at most [`Config::site_assign_wait`]. A same-site peer's `Fetching`
+//!   announcement is waited for, for at most [`Config::local_pending_wait`] by a Background want
+//!   and at most [`Config::demand_local_wait`] (from the moment it became Demand) by a Demand want;
+//!   a Demand want does not wait for an unannounced assignment (the assignee may not want the
+//!   chunk yet), so a flash crowd is deduplicated by the announcements. Whenever we
 //!   request a chunk from outside the site we announce it to our same-site peers
 //!   ([`Action::AnnounceFetching`]).
 //! - **Pipelining.** Each peer gets as many requests in flight as fill its bandwidth-delay product
@@ -111,8 +113,8 @@ pub struct Config {
     /// How long a Background want waits for the same-site peer assigned its outside fetch
     /// (rendezvous) when that peer has announced nothing.
     pub site_assign_wait: Duration,
-    /// How long a Demand want waits for a same-site copy (announced or assigned) before fetching
-    /// from outside the site itself, counted from the moment it became Demand.
+    /// How long a Demand want waits for a same-site peer's announced fetch before fetching from
+    /// outside the site itself, counted from the moment it became Demand.
     pub demand_local_wait: Duration,
     /// A Demand want whose only request is this old is also requested from a better-ranked peer
     /// that obtains the chunk.
@@ -1441,7 +1443,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let announced = self.local_pending[i] > 0;
         let assigned_elsewhere = !self.site_assigned_to_us(index);
         let waiting = match w.priority {
-            Priority::Demand => now < w.wan_after && (announced || assigned_elsewhere),
+            // A blocked VM does not wait for an assignment its assignee may not be acting on (its
+            // own VMs may not read the chunk yet); it waits only for an announced fetch.
+            Priority::Demand => now < w.wan_after && announced,
             Priority::Background => announced || (assigned_elsewhere && now < w.wan_after),
         };
         !waiting

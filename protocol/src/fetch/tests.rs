@@ -817,16 +817,21 @@ fn demand_waits_briefly_for_a_neighbours_copy() {
     s.handle_peer_connected(t(0), 9, info("dc2", 30));
     s.handle_peer_have(t(0), &9, &full(40));
     let theirs = (0..40).find(|&i| site_owner(100, &[1], i) == 1).unwrap();
-    let ours = (0..40).find(|&i| site_owner(100, &[1], i) == 100).unwrap();
-    s.handle_want(t(0), ours, Priority::Demand).unwrap();
+    let other = (0..40)
+        .find(|&i| i != theirs && site_owner(100, &[1], i) == 1)
+        .unwrap();
+    // A blocked VM does not wait for an assignment nobody acts on...
+    s.handle_want(t(0), other, Priority::Demand).unwrap();
     assert_eq!(
         requests(&drain_actions(&mut s)),
-        vec![(9, Priority::Demand, ours)]
+        vec![(9, Priority::Demand, other)]
     );
+    // ...but waits for an announced fetch, briefly.
+    s.handle_peer_fetching(t(0), &1, &[theirs]);
     s.handle_want(t(0), theirs, Priority::Demand).unwrap();
     assert!(
         requests(&drain_actions(&mut s)).is_empty(),
-        "assigned to peer 1"
+        "peer 1 is fetching it"
     );
     assert!(requests(&advance(&mut s, t(499))).is_empty());
     assert_eq!(
@@ -1241,7 +1246,7 @@ fn model_locality_allows(s: &FetchScheduler<u32>, now: Instant, p: &Peer, index:
         members().any(|q| site_score(q.key, index) >= mine)
     });
     match w.priority {
-        Priority::Demand => !(now < w.wan_after && (announced || assigned_elsewhere)),
+        Priority::Demand => !(now < w.wan_after && announced),
         Priority::Background => !(announced || (assigned_elsewhere && now < w.wan_after)),
     }
 }
