@@ -25,6 +25,9 @@ pub struct FileConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Announce this node as an origin (`Capabilities::ORIGIN`).
+    #[serde(default)]
+    pub origin: bool,
     /// Fetch tuning.
     #[serde(default)]
     pub fetch: FetchTuning,

@@ -48,6 +48,10 @@ enum Command {
         /// How long a mount records its boot profile, in seconds (default 60).
         #[arg(long, value_name = "SECS")]
         profile_window: Option<u64>,
+        /// Announce this node as an origin (a source server, not a swarm member): peers fetch each
+        /// chunk from it once per site and share it among themselves, even in its own site.
+        #[arg(long)]
+        origin: bool,
         /// TEST ONLY: corrupt every chunk this node serves.
         #[arg(long, hide = true)]
         corrupt_served_chunks: bool,
@@ -227,6 +231,7 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             demand_deadline_ms,
             profile_window,
+            origin,
             corrupt_served_chunks,
         } => {
             let file = match &config {
@@ -262,6 +267,7 @@ async fn run(cli: Cli) -> Result<()> {
                 fetch,
                 serve: vmswarm_protocol::serve::Config::default(),
                 manifest_timeout: file.manifest_timeout(),
+                origin: origin || file.origin,
                 corrupt_served_chunks,
                 profile_window: profile_window
                     .map(std::time::Duration::from_secs)

@@ -39,6 +39,7 @@ fn world() -> World {
         infos.push(PeerInfo {
             site: site.into(),
             rtt: Some(Duration::from_millis(rtt)),
+            origin: false,
         });
         let mut have = ChunkBitmap::new(CHUNKS);
         for i in 0..CHUNKS {

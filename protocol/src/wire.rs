@@ -77,6 +77,10 @@ impl Capabilities {
     pub const MULTICAST: Capabilities = Capabilities(2);
     /// Understands [`Message::GetBootProfile`] (peers without it are never sent one).
     pub const BOOT_PROFILES: Capabilities = Capabilities(4);
+    /// An origin: a source server that holds images for others and is not a swarm member. Fetch
+    /// schedulers treat fetches from it like fetches from another site (once per site), even when
+    /// it announces their own site ([`crate::fetch::PeerInfo::origin`]).
+    pub const ORIGIN: Capabilities = Capabilities(8);
 
     /// The raw bits.
     pub const fn bits(self) -> u32 {

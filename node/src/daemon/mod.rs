@@ -72,6 +72,9 @@ pub struct Options {
     pub serve: serve::Config,
     /// How long a pull waits for some peer to hand over the manifest before it fails.
     pub manifest_timeout: Duration,
+    /// Announce `Capabilities::ORIGIN` in our `Hello`: we are a source server, and peers fetch
+    /// each chunk from us once per site (as from another site), then share it among themselves.
+    pub origin: bool,
     /// TEST ONLY: flip a byte in every chunk we serve (to test that peers detect and ban us).
     pub corrupt_served_chunks: bool,
     /// How long a mount records its boot profile (first chunk touches).
@@ -152,6 +155,8 @@ struct PeerState {
     rtt: Option<Duration>,
     /// It announced [`Capabilities::BOOT_PROFILES`].
     boot_profiles: bool,
+    /// Its `Hello` announced `Capabilities::ORIGIN` (a source server, not a swarm member).
+    origin: bool,
 }
 
 /// An image we hold a manifest for (fully or partly).
@@ -464,7 +469,11 @@ impl Daemon {
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             site: self.opts.site.clone(),
-            capabilities: Capabilities::SERVE | Capabilities::BOOT_PROFILES,
+            capabilities: if self.opts.origin {
+                Capabilities::SERVE | Capabilities::BOOT_PROFILES | Capabilities::ORIGIN
+            } else {
+                Capabilities::SERVE | Capabilities::BOOT_PROFILES
+            },
             agent: format!("vmswarm/{}", env!("CARGO_PKG_VERSION")),
         })
     }
@@ -700,6 +709,7 @@ impl Daemon {
             let first = state.site.is_none();
             state.site = Some(hello.site.clone());
             state.boot_profiles = hello.capabilities.contains(Capabilities::BOOT_PROFILES);
+            state.origin = hello.capabilities.contains(Capabilities::ORIGIN);
             first
         };
         if !first || self.banned.contains(&peer) {
@@ -716,6 +726,7 @@ impl Daemon {
                     fetch::PeerInfo {
                         site: hello.site.clone(),
                         rtt,
+                        origin: hello.capabilities.contains(Capabilities::ORIGIN),
                     },
                 );
             }

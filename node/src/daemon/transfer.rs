@@ -123,7 +123,9 @@ impl Daemon {
         let seed = u64::from_le_bytes(image.0[..8].try_into().unwrap_or([0; 8]))
             ^ self.seed_counter
             ^ u64::from(std::process::id());
-        let mut sched = match FetchScheduler::new(self.opts.fetch.clone(), chunks, seed) {
+        let mut config = self.opts.fetch.clone();
+        config.chunk_bytes = img.manifest.chunk_size;
+        let mut sched = match FetchScheduler::new(config, chunks, seed) {
             Ok(s) => s,
             Err(e) => {
                 for w in waiters {
@@ -133,19 +135,22 @@ impl Daemon {
             }
         };
         let now = self.now();
-        let ready: Vec<(PeerId, String, Option<std::time::Duration>)> = self
+        // Our own id enables the per-site assignment of outside fetches.
+        sched.set_local_peer(now, self.swarm.local_peer_id());
+        let ready: Vec<(PeerId, String, Option<std::time::Duration>, bool)> = self
             .peers
             .iter()
             .filter(|(id, _)| !self.banned.contains(id))
-            .filter_map(|(id, p)| p.site.clone().map(|s| (*id, s, p.rtt)))
+            .filter_map(|(id, p)| p.site.clone().map(|s| (*id, s, p.rtt, p.origin)))
             .collect();
-        for (peer, site, rtt) in &ready {
+        for (peer, site, rtt, origin) in &ready {
             sched.handle_peer_connected(
                 now,
                 *peer,
                 fetch::PeerInfo {
                     site: site.clone(),
                     rtt: *rtt,
+                    origin: *origin,
                 },
             );
         }
@@ -165,7 +170,7 @@ impl Daemon {
                 next_lookup: StdInstant::now() + super::PROVIDER_RETRY,
             },
         );
-        for (peer, _, _) in ready {
+        for (peer, _, _, _) in ready {
             let have = self.have_message(image);
             self.send(peer, have, Outbound::Have(image));
         }

@@ -17,16 +17,38 @@
 //! - **Background order.** An explicit priority list ([`FetchScheduler::set_priority_order`], used for
 //!   boot profiles) first; then rarest first (fewest connected holders); ties broken by a random key
 //!   drawn from the seeded RNG, so that nodes pulling the same image spread over different chunks.
-//! - **Peer choice.** Same site first, then lower RTT (power-of-two buckets), then fewer requests in
-//!   flight, then a random per-peer key. If any same-site peer holds a chunk, it is fetched only
-//!   inside the site (waiting for a free slot there rather than crossing the WAN). If no same-site peer
-//!   holds it but one announced it is fetching it from another site (`Fetching`), we wait for that
-//!   copy for at most [`Config::local_pending_wait`]. Whenever we request a chunk from another site
-//!   we announce it to our same-site peers ([`Action::AnnounceFetching`]). Together these make each
-//!   chunk cross each WAN link about once per site.
-//! - **Failure.** A request that times out ([`Config::request_timeout`] plus four RTTs) is cancelled
-//!   and re-queued, and the peer gets a cool-down that doubles with each consecutive timeout. A
-//!   disconnect or a `Reject` re-queues the peer's requests. A chunk with a wrong hash bans its sender
+//! - **Peer choice.** Peers not in cool-down first, then same site, then lower RTT (power-of-two
+//!   buckets), then fewer requests in flight, then a random per-peer key. An *origin* (a source
+//!   server announcing [`PeerInfo::origin`]) counts as outside the site even when it sits in ours, so
+//!   a flash crowd against a same-site source is deduplicated like a WAN fetch.
+//! - **Once per site.** If any same-site peer holds a chunk, it is fetched only inside the site
+//!   (waiting for a free slot there rather than crossing the WAN). Otherwise exactly one node of the
+//!   site is *assigned* the chunk's outside fetch: the one with the highest rendezvous score
+//!   (a hash of its stable peer key and the chunk index) among itself and its connected same-site
+//!   peers ([`FetchScheduler::set_local_peer`]; without it every node counts as assigned). The
+//!   assigned node queues its assigned Background chunks first; the others' Background wants wait
+//!   for its copy for at most [`Config::site_assign_wait`]. A same-site peer's `Fetching`
+//!   announcement is waited for, for at most [`Config::local_pending_wait`] by a Background want
+//!   and at most [`Config::demand_local_wait`] (from the moment it became Demand) by a Demand want;
+//!   a Demand want does not wait for an unannounced assignment (the assignee may not want the
+//!   chunk yet), so a flash crowd is deduplicated by the announcements. Whenever we
+//!   request a chunk from outside the site we announce it to our same-site peers
+//!   ([`Action::AnnounceFetching`]).
+//! - **Pipelining.** Each peer gets as many requests in flight as fill its bandwidth-delay product
+//!   ([`Config::peer_rate_target`] x RTT / [`Config::chunk_bytes`]), at least
+//!   [`Config::max_in_flight_per_peer`] and at most 256.
+//! - **Hedging.** A Demand want whose only request has been outstanding for
+//!   [`Config::hedge_delay`] is also requested from a better-ranked peer that obtains the chunk
+//!   meanwhile (a same-site host when the request waits at a busy origin, or a less loaded peer);
+//!   the first copy wins and the other request is cancelled.
+//! - **Failure.** A request times out only when the peer has shown no progress (no chunk, no
+//!   reject) for [`Config::request_timeout`] plus four RTTs since the request was sent: requests
+//!   merely queued at a busy but working server do not time out, up to
+//!   [`Config::request_max_wait`]. A timed-out request is cancelled and re-queued, and the peer gets
+//!   a cool-down that doubles with each consecutive timeout (up to 30 s); a peer in cool-down keeps
+//!   one request slot as a probe, so the only holder of a chunk is never abandoned by everyone at
+//!   once, and a delivery ends the cool-down. A disconnect or a `Reject` re-queues the peer's
+//!   requests. A chunk with a wrong hash bans its sender
 //!   for the life of the scheduler ([`Event::PeerBanned`]) and re-queues the chunk. Wanted chunks
 //!   that no connected peer holds are reported ([`Event::NoSource`]) so the caller can look for
 //!   providers. A Demand want not delivered within [`Config::demand_deadline`] fails
@@ -47,6 +69,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt::Debug;
+use std::hash::Hash;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -55,7 +78,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::bitfield::ChunkBitmap;
 use crate::priority::Priority;
 use crate::time::Instant;
-use peer::{Peer, RankKey};
+use peer::{Peer, RankKey, site_score, stable_key};
 
 /// How many Background queue entries to scan for a peer before switching to a bitmap intersection.
 const SCAN_BUDGET: usize = 64;
@@ -63,22 +86,44 @@ const SCAN_BUDGET: usize = 64;
 const MAX_REPORTED_INDICES: usize = 1024;
 /// Longest cool-down a peer gets after repeated timeouts.
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+/// Most requests in flight to one peer, however large its bandwidth-delay product (a serving node
+/// queues at most 256 chunks per peer by default).
+pub const MAX_WINDOW: u32 = 256;
 
 /// Scheduler settings. [`Config::default`] gives the values the node ships with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Our own site (data center) name; peers announcing the same name are "same site".
     pub local_site: String,
-    /// Most requests in flight to one peer.
+    /// Fewest requests in flight one peer may have (its window grows with its bandwidth-delay
+    /// product, see [`Config::peer_rate_target`]).
     pub max_in_flight_per_peer: u32,
     /// Of those, how many Background requests may never use (kept for Demand).
     pub demand_reserved_slots: u32,
-    /// Base timeout of a chunk request; four times the peer's RTT is added.
+    /// How long a peer may show no progress (no chunk, no reject) while a request to it is
+    /// outstanding before that request times out; four times the peer's RTT is added.
     pub request_timeout: Duration,
+    /// Longest a request may stay outstanding at a peer that keeps making progress on others.
+    pub request_max_wait: Duration,
     /// A Demand want not delivered within this time fails with [`Event::WantFailed`].
     pub demand_deadline: Duration,
-    /// How long to wait for a same-site peer's announced fetch before fetching over the WAN ourselves.
+    /// How long a Background want waits for a same-site peer's announced fetch (`Fetching`) before
+    /// fetching from outside the site itself.
     pub local_pending_wait: Duration,
+    /// How long a Background want waits for the same-site peer assigned its outside fetch
+    /// (rendezvous) when that peer has announced nothing.
+    pub site_assign_wait: Duration,
+    /// How long a Demand want waits for a same-site peer's announced fetch before fetching from
+    /// outside the site itself, counted from the moment it became Demand.
+    pub demand_local_wait: Duration,
+    /// A Demand want whose only request is this old is also requested from a better-ranked peer
+    /// that obtains the chunk.
+    pub hedge_delay: Duration,
+    /// The image's chunk size in bytes, for the bandwidth-delay window (0: unknown, the window
+    /// stays at `max_in_flight_per_peer`).
+    pub chunk_bytes: u32,
+    /// Bytes per second one peer's window should sustain at its RTT.
+    pub peer_rate_target: u64,
     /// Endgame starts when every wanted chunk is in flight and at most this many remain.
     pub endgame_threshold: u32,
     /// In endgame, the most peers one chunk is requested from at once.
@@ -100,8 +145,14 @@ impl Default for Config {
             max_in_flight_per_peer: 16,
             demand_reserved_slots: 4,
             request_timeout: Duration::from_secs(4),
+            request_max_wait: Duration::from_secs(60),
             demand_deadline: Duration::from_secs(30),
             local_pending_wait: Duration::from_secs(4),
+            site_assign_wait: Duration::from_secs(10),
+            demand_local_wait: Duration::from_millis(500),
+            hedge_delay: Duration::from_millis(200),
+            chunk_bytes: 0,
+            peer_rate_target: 250_000_000,
             endgame_threshold: 16,
             endgame_max_requests: 2,
             timeout_backoff: Duration::from_millis(500),
@@ -134,6 +185,9 @@ pub struct PeerInfo {
     pub site: String,
     /// Initial RTT estimate, if the caller has one.
     pub rtt: Option<Duration>,
+    /// The peer is an origin (a source server, not a swarm member; `Capabilities::ORIGIN` in its
+    /// `Hello`): fetching from it counts as leaving the site for the once-per-site rules.
+    pub origin: bool,
 }
 
 /// What the caller found when it checked a received chunk against its id.
@@ -249,6 +303,8 @@ pub struct Stats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct BgKey {
     rank: u32,
+    /// Another node of our site is assigned the chunk's outside fetch.
+    foreign: bool,
     avail: u32,
     tiebreak: u32,
     index: u32,
@@ -268,12 +324,15 @@ struct Want<P> {
     /// The key it is queued under while unassigned Background.
     bg_key: Option<BgKey>,
     tiebreak: u32,
+    /// After this instant the want no longer waits for a same-site copy (announced or assigned).
+    wan_after: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
     priority: Priority,
     deadline: Instant,
+    sent: Instant,
 }
 
 /// Per-pass batch of what to send to one peer.
@@ -333,12 +392,23 @@ pub struct FetchScheduler<P> {
     demand_freed: BTreeSet<P>,
     /// Something changed for every queued Demand want (locality, a cool-down ended): look at all.
     demand_rescan: bool,
+    /// Our own stable key, if the caller told us who we are (enables the per-site assignment).
+    local_key: Option<u64>,
+    /// Per chunk, the highest rendezvous score among connected same-site, non-suspect peers (empty
+    /// without a local key).
+    best_other: Vec<u64>,
+    /// When wants stop waiting for a same-site copy.
+    wan_after_deadlines: BTreeSet<(Instant, u32)>,
+    /// Demand wants in flight to one peer whose chunk a new peer obtained: hedge candidates.
+    hedge_candidates: BTreeSet<u32>,
+    /// Hedge candidates whose request is too young yet, by the instant to look again.
+    hedge_due: BTreeSet<(Instant, u32)>,
 
     actions: VecDeque<Action<P>>,
     events: VecDeque<Event<P>>,
 }
 
-impl<P: Clone + Ord + Debug> FetchScheduler<P> {
+impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     /// A scheduler for an image of `chunks` chunks; `seed` drives every random tie-break.
     pub fn new(config: Config, chunks: u32, seed: u64) -> Result<Self, FetchError> {
         if config.max_in_flight_per_peer == 0 {
@@ -385,9 +455,26 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             demand_fresh: BTreeSet::new(),
             demand_freed: BTreeSet::new(),
             demand_rescan: false,
+            local_key: None,
+            best_other: Vec::new(),
+            wan_after_deadlines: BTreeSet::new(),
+            hedge_candidates: BTreeSet::new(),
+            hedge_due: BTreeSet::new(),
             actions: VecDeque::new(),
             events: VecDeque::new(),
         })
+    }
+
+    /// Tells the scheduler our own peer id, which enables the per-site assignment of outside
+    /// fetches (every node of the site must use the same kind of id for itself and its peers).
+    /// Call it before connecting peers; calling it again is ignored.
+    pub fn set_local_peer(&mut self, now: Instant, me: &P) {
+        if self.local_key.is_some() {
+            return;
+        }
+        self.local_key = Some(stable_key(me));
+        self.rebuild_site_scores();
+        self.schedule(now);
     }
 
     /// The configuration in force.
@@ -452,6 +539,12 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         match &mut self.wants[i] {
             None => {
                 let tiebreak = self.rng.random::<u32>();
+                let wan_after = now
+                    + match priority {
+                        Priority::Demand => self.config.demand_local_wait,
+                        Priority::Background => self.config.site_assign_wait,
+                    };
+                self.wan_after_deadlines.insert((wan_after, index));
                 self.wants[i] = Some(Want {
                     priority: Priority::Background,
                     demand_since: None,
@@ -460,6 +553,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                     requested_from: Vec::new(),
                     bg_key: None,
                     tiebreak,
+                    wan_after,
                 });
                 self.wanted.insert(index);
                 if self.avail[i] == 0 {
@@ -488,6 +582,12 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         w.priority = Priority::Demand;
         w.demand_since = Some(now);
         w.demand_deadline = Some(deadline);
+        let wan_after = now + self.config.demand_local_wait;
+        if wan_after < w.wan_after {
+            self.wan_after_deadlines.remove(&(w.wan_after, index));
+            self.wan_after_deadlines.insert((wan_after, index));
+            w.wan_after = wan_after;
+        }
         self.wanted_demand += 1;
         self.demand_deadlines.insert((deadline, index));
         if let Some(key) = w.bg_key.take() {
@@ -567,10 +667,22 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         if self.peers.contains_key(&peer) {
             self.remove_peer(now, &peer);
         }
-        let same_site = info.site == self.config.local_site;
+        let same_site = info.site == self.config.local_site && !info.origin;
         let tiebreak = self.rng.random::<u64>();
-        self.peers
-            .insert(peer, Peer::new(same_site, info.rtt, self.chunks, tiebreak));
+        let mut p = Peer::new(
+            same_site,
+            info.rtt,
+            self.chunks,
+            tiebreak,
+            stable_key(&peer),
+        );
+        p.limit = self.window(info.rtt);
+        p.last_progress = now;
+        let key = p.key;
+        self.peers.insert(peer, p);
+        if same_site {
+            self.site_member_added(key);
+        }
         self.schedule(now);
     }
 
@@ -582,8 +694,12 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
 
     /// A new RTT estimate for a peer (from ping).
     pub fn handle_rtt(&mut self, now: Instant, peer: &P, rtt: Duration) {
+        let limit = self.window(Some(rtt));
         if let Some(p) = self.peers.get_mut(peer) {
             p.rtt = Some(rtt);
+            p.limit = limit;
+            self.demand_freed.insert(peer.clone());
+            p.exhausted_gen = None;
             self.schedule(now);
         }
     }
@@ -662,10 +778,14 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             return Delivery::Discard;
         }
         let solicited = self.finish_request(peer, index).is_some();
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.last_progress = now;
+        }
         if solicited {
             if let Some(p) = self.peers.get_mut(peer) {
                 p.consecutive_timeouts = 0;
             }
+            self.end_cooldown(peer);
             self.set_suspect(peer, false);
         }
         let delivery = if self.wanted.contains(index) {
@@ -688,6 +808,11 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             return;
         }
         let was_in_flight = self.finish_request(peer, index).is_some();
+        if kind != RejectKind::Refused {
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.last_progress = now;
+            }
+        }
         match kind {
             RejectKind::NotFound => self.peer_lost_chunk(now, peer, index),
             RejectKind::Busy => self.cool_down(peer, now + self.config.timeout_backoff),
@@ -718,6 +843,26 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         while let Some((deadline, peer, index)) = self.request_deadlines.first().cloned() {
             if deadline > now {
                 break;
+            }
+            // A peer that made progress since the request was sent is serving, only busy: the
+            // request waits on, until the peer stalls or `request_max_wait` passes.
+            if let (Some(p), Some(req)) = (
+                self.peers.get(&peer),
+                self.in_flight.get(&(peer.clone(), index)).copied(),
+            ) {
+                let base = self.request_base_timeout(p);
+                let alive_until = p.last_progress + base;
+                let hard = req.sent + self.config.request_max_wait.max(base);
+                let next = alive_until.min(hard);
+                if next > now {
+                    self.request_deadlines
+                        .remove(&(deadline, peer.clone(), index));
+                    self.request_deadlines.insert((next, peer.clone(), index));
+                    if let Some(r) = self.in_flight.get_mut(&(peer.clone(), index)) {
+                        r.deadline = next;
+                    }
+                    continue;
+                }
             }
             self.finish_request(&peer, index);
             self.actions.push_back(Action::Cancel {
@@ -758,6 +903,22 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                 reason: FailReason::Unavailable,
             });
         }
+        // Wants that stop waiting for a same-site copy.
+        let mut waits_ended = false;
+        while self.wan_after_deadlines.first().is_some_and(|d| d.0 <= now) {
+            self.wan_after_deadlines.pop_first();
+            waits_ended = true;
+        }
+        if waits_ended {
+            self.bump_generation();
+        }
+        while let Some(&(at, index)) = self.hedge_due.first() {
+            if at > now {
+                break;
+            }
+            self.hedge_due.pop_first();
+            self.hedge_candidates.insert(index);
+        }
         // Same-site fetch announcements we stop waiting for.
         while let Some((until, peer, index)) = self.pending_expiry.first().cloned() {
             if until > now {
@@ -793,6 +954,8 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             self.demand_deadlines.first().map(|d| d.0),
             self.unavailable_deadlines.first().map(|d| d.0),
             self.pending_expiry.first().map(|d| d.0),
+            self.wan_after_deadlines.first().map(|d| d.0),
+            self.hedge_due.first().map(|d| d.0),
             (self.sourceless.count() > 0).then_some(self.no_source_due),
         ]
         .into_iter()
@@ -859,6 +1022,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                 .profile_rank
                 .as_ref()
                 .map_or(u32::MAX, |r| r[index as usize]),
+            foreign: !self.site_assigned_to_us(index),
             avail: self.avail[index as usize],
             tiebreak,
             index,
@@ -947,6 +1111,8 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         if let Some(deadline) = w.unavailable_deadline {
             self.unavailable_deadlines.remove(&(deadline, index));
         }
+        self.wan_after_deadlines.remove(&(w.wan_after, index));
+        self.hedge_candidates.remove(&index);
         if w.priority == Priority::Demand {
             self.wanted_demand -= 1;
         }
@@ -1033,8 +1199,12 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         self.clear_sourceless(index);
         self.rekey(index);
         if let Some(w) = &self.wants[i] {
-            if w.priority == Priority::Demand && w.requested_from.is_empty() {
-                self.demand_fresh.insert(index);
+            if w.priority == Priority::Demand {
+                if w.requested_from.is_empty() {
+                    self.demand_fresh.insert(index);
+                } else if w.requested_from.len() == 1 {
+                    self.hedge_candidates.insert(index);
+                }
             }
         }
     }
@@ -1094,6 +1264,9 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                 self.local_lost(index);
             }
         }
+        // The peer joins or leaves the site members the outside fetches are assigned among.
+        self.rebuild_site_scores();
+        self.bump_generation();
     }
 
     fn pending_gone(&mut self, index: u32) {
@@ -1130,6 +1303,9 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         for index in have {
             self.chunk_unavailable(now, index, local);
         }
+        if local {
+            self.rebuild_site_scores();
+        }
         self.bump_generation();
     }
 
@@ -1154,6 +1330,92 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         }
     }
 
+    /// Ends `peer`'s cool-down (it delivered), unless it refused us for good.
+    fn end_cooldown(&mut self, peer: &P) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if p.cooldown_until == Instant::ZERO || p.cooldown_until == Instant::MAX {
+            return;
+        }
+        self.cooldowns.remove(&(p.cooldown_until, peer.clone()));
+        p.cooldown_until = Instant::ZERO;
+        p.exhausted_gen = None;
+        self.demand_rescan = true;
+    }
+
+    /// Requests in flight a peer at `rtt` may have: its bandwidth-delay product in chunks.
+    fn window(&self, rtt: Option<Duration>) -> u32 {
+        let base = self.config.max_in_flight_per_peer;
+        let (Some(rtt), chunk) = (rtt, self.config.chunk_bytes) else {
+            return base;
+        };
+        if chunk == 0 {
+            return base;
+        }
+        let bdp = (self.config.peer_rate_target as f64 * rtt.as_secs_f64() / f64::from(chunk))
+            .ceil()
+            .min(f64::from(MAX_WINDOW)) as u32;
+        bdp.max(base).min(MAX_WINDOW.max(base))
+    }
+
+    /// How long a peer may show no progress before its oldest request times out.
+    fn request_base_timeout(&self, p: &Peer) -> Duration {
+        self.config.request_timeout + p.rtt.unwrap_or(Duration::ZERO).saturating_mul(4)
+    }
+
+    /// Whether we are the node of our site assigned chunk `index`'s outside fetch.
+    fn site_assigned_to_us(&self, index: u32) -> bool {
+        match self.local_key {
+            None => true,
+            Some(key) => site_score(key, index) > self.best_other[index as usize],
+        }
+    }
+
+    /// A same-site peer with `key` now counts among the site's members: raise the best scores, and
+    /// move the chunks it takes over from us behind our own in the Background queue.
+    fn site_member_added(&mut self, key: u64) {
+        let Some(mine) = self.local_key else {
+            return;
+        };
+        for index in 0..self.chunks {
+            let i = index as usize;
+            let score = site_score(key, index);
+            if score > self.best_other[i] {
+                let was_ours = site_score(mine, index) > self.best_other[i];
+                self.best_other[i] = score;
+                if was_ours && score > site_score(mine, index) {
+                    self.rekey(index);
+                }
+            }
+        }
+    }
+
+    /// Recomputes the best same-site scores from scratch (after a member left or turned suspect).
+    fn rebuild_site_scores(&mut self) {
+        if self.local_key.is_none() {
+            return;
+        }
+        let keys: Vec<u64> = self
+            .peers
+            .values()
+            .filter(|p| p.counts_as_local())
+            .map(|p| p.key)
+            .collect();
+        self.best_other = (0..self.chunks)
+            .map(|index| {
+                keys.iter()
+                    .map(|&k| site_score(k, index))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let queued: Vec<u32> = self.bg_queue.iter().map(|k| k.index).collect();
+        for index in queued {
+            self.rekey(index);
+        }
+    }
+
     fn ban(&mut self, now: Instant, peer: &P) {
         if self.banned.insert(peer.clone()) {
             self.remove_peer(now, peer);
@@ -1167,9 +1429,26 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
     // ----------------------------------------------------------------------------------------------
 
     /// Whether `peer` may be asked for `index` now, by the locality rules alone.
-    fn locality_allows(&self, peer: &Peer, index: u32) -> bool {
+    fn locality_allows(&self, now: Instant, peer: &Peer, index: u32) -> bool {
         let i = index as usize;
-        peer.same_site || (self.local_avail[i] == 0 && self.local_pending[i] == 0)
+        if peer.same_site {
+            return true;
+        }
+        if self.local_avail[i] > 0 {
+            return false;
+        }
+        let Some(w) = self.wants[i].as_ref() else {
+            return true;
+        };
+        let announced = self.local_pending[i] > 0;
+        let assigned_elsewhere = !self.site_assigned_to_us(index);
+        let waiting = match w.priority {
+            // A blocked VM does not wait for an assignment its assignee may not be acting on (its
+            // own VMs may not read the chunk yet); it waits only for an announced fetch.
+            Priority::Demand => now < w.wan_after && announced,
+            Priority::Background => announced || (assigned_elsewhere && now < w.wan_after),
+        };
+        !waiting
     }
 
     /// The best peer to ask for `index` at `priority`, skipping `exclude`.
@@ -1180,32 +1459,30 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         priority: Priority,
         exclude: &[P],
     ) -> Option<P> {
-        let limit = self.slot_limit(priority);
         self.peers
             .iter()
             .filter(|(id, p)| {
                 p.have.contains(index)
-                    && p.usable(now)
-                    && p.in_flight() < limit
-                    && self.locality_allows(p, index)
+                    && p.has_room(now, self.slot_limit(p, priority))
+                    && self.locality_allows(now, p, index)
                     && !exclude.contains(id)
             })
-            .min_by_key(|(_, p)| p.rank())
+            .min_by_key(|(_, p)| p.rank(now))
             .map(|(id, _)| id.clone())
     }
 
-    fn slot_limit(&self, priority: Priority) -> u32 {
+    /// Slots requests of `priority` may use at `peer` (its window; Background leaves the reserved
+    /// slots free).
+    fn slot_limit(&self, peer: &Peer, priority: Priority) -> u32 {
         match priority {
-            Priority::Demand => self.config.max_in_flight_per_peer,
-            Priority::Background => {
-                self.config.max_in_flight_per_peer - self.config.demand_reserved_slots
-            }
+            Priority::Demand => peer.limit,
+            Priority::Background => peer.limit - self.config.demand_reserved_slots,
         }
     }
 
     /// The best queued Background chunk for `peer`, if any.
-    fn pick_background(&self, peer: &Peer) -> Option<u32> {
-        let ok = |index: u32| peer.have.contains(index) && self.locality_allows(peer, index);
+    fn pick_background(&self, now: Instant, peer: &Peer) -> Option<u32> {
+        let ok = |index: u32| peer.have.contains(index) && self.locality_allows(now, peer, index);
         let mut scanned = 0;
         for key in &self.bg_queue {
             if ok(key.index) {
@@ -1222,7 +1499,7 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         // The peer holds little of what is queued: intersect bitmaps instead of walking the queue.
         peer.have
             .iter_and(&self.bg_unassigned)
-            .filter(|&i| self.locality_allows(peer, i))
+            .filter(|&i| self.locality_allows(now, peer, i))
             .filter_map(|i| self.wants[i as usize].as_ref().and_then(|w| w.bg_key))
             .min()
             .map(|k| k.index)
@@ -1241,14 +1518,21 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             return;
         };
         let rtt = p.rtt.unwrap_or(Duration::ZERO);
-        let deadline = now + self.config.request_timeout + rtt.saturating_mul(4);
+        let deadline = (now + self.config.request_timeout + rtt.saturating_mul(4))
+            .max(p.last_progress + self.config.request_timeout + rtt.saturating_mul(4));
         match priority {
             Priority::Demand => p.in_flight_demand += 1,
             Priority::Background => p.in_flight_background += 1,
         }
         let remote = !p.same_site;
-        self.in_flight
-            .insert((peer.clone(), index), InFlight { priority, deadline });
+        self.in_flight.insert(
+            (peer.clone(), index),
+            InFlight {
+                priority,
+                deadline,
+                sent: now,
+            },
+        );
         self.request_deadlines
             .insert((deadline, peer.clone(), index));
         if let Some(w) = self.wants[index as usize].as_mut() {
@@ -1261,6 +1545,40 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
         }
         if remote {
             pass.announce.push(index);
+        }
+    }
+
+    /// Also requests Demand want `index` from a better-ranked peer than the one its only request
+    /// waits at, once that request is [`Config::hedge_delay`] old.
+    fn try_hedge(&mut self, now: Instant, index: u32, pass: &mut Pass<P>) {
+        let Some(w) = self.wants[index as usize].as_ref() else {
+            return;
+        };
+        if w.priority != Priority::Demand || w.requested_from.len() != 1 {
+            return;
+        }
+        let first = w.requested_from[0].clone();
+        let Some(req) = self.in_flight.get(&(first.clone(), index)).copied() else {
+            return;
+        };
+        let due = req.sent + self.config.hedge_delay;
+        if now < due {
+            self.hedge_due.insert((due, index));
+            return;
+        }
+        let Some(current) = self.peers.get(&first).map(|p| p.rank(now)) else {
+            return;
+        };
+        let Some(better) = self.best_source(now, index, Priority::Demand, &[first]) else {
+            return;
+        };
+        let better_rank = self.peers.get(&better).map(|p| p.rank(now));
+        // Compare without the load term's own request: the first peer carries ours already.
+        let strictly_better = better_rank.is_some_and(|r| {
+            (r.0, r.1, r.2, r.3) < (current.0, current.1, current.2, current.3.saturating_sub(1))
+        });
+        if strictly_better {
+            self.assign(now, index, &better, Priority::Demand, pass);
         }
     }
 
@@ -1304,20 +1622,19 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
                 }
             }
             if !rescan {
-                let limit = self.slot_limit(Priority::Demand);
                 let mut freed: Vec<(RankKey, P)> = freed
                     .into_iter()
-                    .filter_map(|id| self.peers.get(&id).map(|p| (p.rank(), id)))
+                    .filter_map(|id| self.peers.get(&id).map(|p| (p.rank(now), id)))
                     .collect();
                 freed.sort();
                 for (_, id) in freed {
                     let takes: Vec<u32> = match self.peers.get(&id) {
-                        Some(p) if p.usable(now) && p.in_flight() < limit => {
-                            let room = (limit - p.in_flight()) as usize;
+                        Some(p) if p.has_room(now, p.limit) => {
+                            let room = (p.capacity(now, p.limit) - p.in_flight()) as usize;
                             self.demand_queue
                                 .iter()
                                 .map(|&(_, i)| i)
-                                .filter(|&i| p.have.contains(i) && self.locality_allows(p, i))
+                                .filter(|&i| p.have.contains(i) && self.locality_allows(now, p, i))
                                 .take(room)
                                 .collect()
                         }
@@ -1330,28 +1647,38 @@ impl<P: Clone + Ord + Debug> FetchScheduler<P> {
             }
         }
 
+        // 1b. Hedges: a Demand want waiting on one peer whose chunk a better-ranked peer obtained.
+        if !self.hedge_candidates.is_empty() {
+            let candidates = std::mem::take(&mut self.hedge_candidates);
+            for index in candidates {
+                self.try_hedge(now, index, &mut pass);
+            }
+        }
+
         // 2. Background: best-ranked peer with a free slot picks next, round robin by rank.
         if !self.bg_queue.is_empty() {
-            let limit = self.slot_limit(Priority::Background);
             let generation = self.generation;
             let mut heap: BinaryHeap<std::cmp::Reverse<(RankKey, P)>> = self
                 .peers
                 .iter()
                 .filter(|(_, p)| {
-                    p.usable(now) && p.in_flight() < limit && p.exhausted_gen != Some(generation)
+                    p.has_room(now, self.slot_limit(p, Priority::Background))
+                        && p.exhausted_gen != Some(generation)
                 })
-                .map(|(id, p)| std::cmp::Reverse((p.rank(), id.clone())))
+                .map(|(id, p)| std::cmp::Reverse((p.rank(now), id.clone())))
                 .collect();
             while let Some(std::cmp::Reverse((_, id))) = heap.pop() {
                 let Some(p) = self.peers.get(&id) else {
                     continue;
                 };
-                match self.pick_background(p) {
+                match self.pick_background(now, p) {
                     Some(index) => {
                         self.assign(now, index, &id, Priority::Background, &mut pass);
                         if let Some(p) = self.peers.get(&id) {
-                            if p.in_flight() < limit && !self.bg_queue.is_empty() {
-                                heap.push(std::cmp::Reverse((p.rank(), id)));
+                            if p.has_room(now, self.slot_limit(p, Priority::Background))
+                                && !self.bg_queue.is_empty()
+                            {
+                                heap.push(std::cmp::Reverse((p.rank(now), id)));
                             }
                         }
                     }

@@ -19,6 +19,7 @@ fn info(site: &str, rtt_ms: u64) -> PeerInfo {
     PeerInfo {
         site: site.into(),
         rtt: Some(Duration::from_millis(rtt_ms)),
+        origin: false,
     }
 }
 
@@ -36,6 +37,16 @@ fn bitmap(n: u32, indices: &[u32]) -> ChunkBitmap {
 
 fn drain_actions(s: &mut FetchScheduler<u32>) -> Vec<Action<u32>> {
     std::iter::from_fn(|| s.poll_action()).collect()
+}
+
+/// Runs every timer due up to `until`, returning the actions they produced.
+fn advance(s: &mut FetchScheduler<u32>, until: Instant) -> Vec<Action<u32>> {
+    let mut out = drain_actions(s);
+    while let Some(at) = s.poll_timeout().filter(|&at| at <= until) {
+        s.handle_timeout(at);
+        out.extend(drain_actions(s));
+    }
+    out
 }
 
 fn drain_events(s: &mut FetchScheduler<u32>) -> Vec<Event<u32>> {
@@ -321,12 +332,11 @@ fn same_site_fetch_announcement_defers_our_wan_fetch_for_a_bounded_time() {
     s.handle_peer_fetching(t(200), &1, &[1]);
     s.handle_want(t(200), 1, Priority::Demand).unwrap();
     assert!(requests(&drain_actions(&mut s)).is_empty());
-    let expiry = s.poll_timeout().unwrap();
-    assert!(expiry <= t(200) + cfg().local_pending_wait);
-    s.handle_timeout(expiry);
+    assert!(requests(&advance(&mut s, t(699))).is_empty());
     assert_eq!(
-        requests(&drain_actions(&mut s)),
-        vec![(2, Priority::Demand, 1)]
+        requests(&advance(&mut s, t(700))),
+        vec![(2, Priority::Demand, 1)],
+        "a Demand want waits demand_local_wait for the announced copy"
     );
 
     // Announcements from other sites do not defer anything.
@@ -350,13 +360,12 @@ fn timeout_requeues_elsewhere_cancels_and_cools_down() {
     );
     s.handle_peer_connected(t(10), 2, info("dc1", 2));
     s.handle_peer_have(t(10), &2, &full(4));
-    let deadline = s.poll_timeout().unwrap();
-    assert_eq!(
-        deadline,
-        t(0) + Duration::from_secs(4) + Duration::from_millis(4)
+    let deadline = t(0) + Duration::from_secs(4) + Duration::from_millis(4);
+    assert!(
+        advance(&mut s, t(4003)).is_empty(),
+        "nothing before the timeout (peer 2 is not better ranked: no hedge)"
     );
-    s.handle_timeout(deadline);
-    let actions = drain_actions(&mut s);
+    let actions = advance(&mut s, deadline);
     assert_eq!(cancels(&actions), vec![(1, 0)]);
     assert_eq!(requests(&actions), vec![(2, Priority::Demand, 0)]);
     // Peer 1 is cooling down: a new want goes to peer 2 although 1 is nearer.
@@ -379,10 +388,8 @@ fn a_dead_local_holder_does_not_keep_us_off_the_wan() {
         requests(&drain_actions(&mut s)),
         vec![(1, Priority::Demand, 0)]
     );
-    let deadline = s.poll_timeout().unwrap();
-    s.handle_timeout(deadline);
     assert_eq!(
-        requests(&drain_actions(&mut s)),
+        requests(&advance(&mut s, t(4004))),
         vec![(2, Priority::Demand, 0)]
     );
 }
@@ -610,6 +617,258 @@ fn local_have_cancels_in_flight_requests() {
     assert_eq!(s.peer_in_flight(&1), 0);
 }
 
+#[test]
+fn busy_server_that_keeps_delivering_is_not_timed_out() {
+    let config = Config {
+        request_max_wait: Duration::from_secs(20),
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 8, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(8));
+    s.handle_want_many(t(0), 0..4, Priority::Demand).unwrap();
+    let reqs = requests(&drain_actions(&mut s));
+    assert_eq!(reqs.len(), 4);
+    // The server delivers one chunk every 3 s: each request waits longer than the 4 s timeout in
+    // its queue, but the peer is making progress, so nothing times out.
+    for (k, r) in reqs.iter().take(3).enumerate() {
+        let at = t(3_000 * (k as u64 + 1));
+        assert!(
+            cancels(&advance(&mut s, at)).is_empty(),
+            "no timeout by {at:?}"
+        );
+        assert_eq!(
+            s.handle_chunk(at, &1, r.2, ChunkOutcome::Valid),
+            Delivery::Accept
+        );
+    }
+    // Then it stalls: the last request times out 4 s + 4 RTT after the last delivery.
+    assert!(cancels(&advance(&mut s, t(13_003))).is_empty());
+    assert_eq!(cancels(&advance(&mut s, t(13_004))), vec![(1, reqs[3].2)]);
+}
+
+#[test]
+fn a_request_waits_at_most_request_max_wait() {
+    let config = Config {
+        request_max_wait: Duration::from_secs(10),
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 8, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(8));
+    s.handle_want_many(t(0), 0..2, Priority::Background)
+        .unwrap();
+    let reqs = requests(&drain_actions(&mut s));
+    assert_eq!(reqs.len(), 2);
+    // The peer keeps delivering other chunks (unsolicited here), never ours.
+    for k in 1..=4 {
+        let at = t(2_000 * k);
+        let a = advance(&mut s, at);
+        assert!(cancels(&a).is_empty(), "{at:?} {a:?}");
+        s.handle_chunk(at, &1, 7, ChunkOutcome::Valid);
+    }
+    assert!(cancels(&advance(&mut s, t(9_999))).is_empty());
+    let cancelled = cancels(&advance(&mut s, t(10_000)));
+    assert_eq!(cancelled.len(), 2, "both give up at 10 s: {cancelled:?}");
+}
+
+#[test]
+fn cooling_peer_keeps_a_probe_for_chunks_only_it_holds() {
+    let mut s = FetchScheduler::new(cfg(), 64, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc2", 10));
+    s.handle_peer_have(t(0), &1, &full(64));
+    s.handle_want_many(t(0), 0..64, Priority::Background)
+        .unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)).len(), 12);
+    // All 12 time out together: the peer cools down, but keeps one request (a probe) instead of
+    // leaving every chunk unrequested for the cool-down.
+    let actions = advance(&mut s, t(4_040));
+    assert_eq!(cancels(&actions).len(), 12);
+    let probe = requests(&actions);
+    assert_eq!(probe.len(), 1, "one probe while cooling: {probe:?}");
+    assert_eq!(s.peer_in_flight(&1), 1);
+    // The probe is answered: the cool-down ends and the full window is used again.
+    s.handle_chunk(t(4_100), &1, probe[0].2, ChunkOutcome::Valid);
+    assert_eq!(requests(&drain_actions(&mut s)).len(), 12);
+}
+
+#[test]
+fn queued_demand_request_is_hedged_to_a_peer_that_obtains_the_chunk() {
+    // No endgame here: it would duplicate the Background tail for its own reasons.
+    let config = Config {
+        endgame_threshold: 0,
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 8, 9).unwrap();
+    // Peer 1 is an origin in our own site, busy with 3 of our requests; peer 2 a same-site host.
+    s.handle_peer_connected(
+        t(0),
+        1,
+        PeerInfo {
+            origin: true,
+            ..info("dc1", 1)
+        },
+    );
+    s.handle_peer_connected(t(0), 2, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(8));
+    s.handle_want_many(t(0), [0, 1, 2], Priority::Demand)
+        .unwrap();
+    let actions = drain_actions(&mut s);
+    assert_eq!(requests(&actions).len(), 3);
+    assert!(
+        actions.contains(&Action::AnnounceFetching {
+            peer: 2,
+            indices: vec![0, 1, 2]
+        }),
+        "a fetch from an origin is announced like a WAN fetch: {actions:?}"
+    );
+    // Peer 2 obtains chunk 0 after 50 ms: too early to hedge, so we look again at 200 ms.
+    s.handle_peer_have_update(t(50), &2, &[0]);
+    assert!(requests(&drain_actions(&mut s)).is_empty());
+    assert_eq!(
+        requests(&advance(&mut s, t(200))),
+        vec![(2, Priority::Demand, 0)]
+    );
+    assert_eq!(s.requested_from(0).len(), 2);
+    // The hedge wins; the queued request at the origin is cancelled.
+    assert_eq!(
+        s.handle_chunk(t(210), &2, 0, ChunkOutcome::Valid),
+        Delivery::Accept
+    );
+    assert_eq!(cancels(&drain_actions(&mut s)), vec![(1, 0)]);
+    // A Background want is never hedged.
+    s.handle_want(t(300), 5, Priority::Background).unwrap();
+    let a = drain_actions(&mut s);
+    assert_eq!(requests(&a), vec![(1, Priority::Background, 5)], "{a:?}");
+    s.handle_peer_have_update(t(600), &2, &[5]);
+    let a = advance(&mut s, t(1_000));
+    assert!(requests(&a).is_empty(), "{a:?}");
+}
+
+/// The peer among `members` (plus ourselves, `me`) with the highest score for `index`.
+fn site_owner(me: u32, members: &[u32], index: u32) -> u32 {
+    std::iter::once(me)
+        .chain(members.iter().copied())
+        .max_by_key(|p| site_score(stable_key(p), index))
+        .unwrap()
+}
+
+#[test]
+fn outside_fetches_are_assigned_once_per_site() {
+    let n = 40;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    for p in [1, 2, 3] {
+        s.handle_peer_connected(t(0), p, info("dc1", 1));
+    }
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    let ours: Vec<u32> = (0..n)
+        .filter(|&i| site_owner(100, &[1, 2, 3], i) == 100)
+        .collect();
+    assert!(!ours.is_empty() && ours.len() < n as usize);
+    let mut got: Vec<u32> = requests(&drain_actions(&mut s))
+        .iter()
+        .map(|r| r.2)
+        .collect();
+    got.sort();
+    assert_eq!(got.len(), 12.min(ours.len()));
+    assert!(
+        got.iter().all(|i| ours.contains(i)),
+        "only chunks assigned to us cross the WAN: {got:?}, ours {ours:?}"
+    );
+    // A neighbour's chunk arrives at the neighbour: fetched inside the site.
+    let theirs = (0..n)
+        .find(|&i| site_owner(100, &[1, 2, 3], i) == 2)
+        .unwrap();
+    s.handle_peer_have_update(t(100), &2, &[theirs]);
+    assert!(requests(&drain_actions(&mut s)).contains(&(2, Priority::Background, theirs)));
+    // After `site_assign_wait` without copies, we fetch the rest ourselves.
+    for r in got {
+        s.handle_chunk(t(500), &9, r, ChunkOutcome::Valid);
+    }
+    let before: Vec<u32> = requests(&drain_actions(&mut s))
+        .iter()
+        .map(|r| r.2)
+        .collect();
+    assert!(before.iter().all(|i| ours.contains(i)), "{before:?}");
+    let after = requests(&advance(&mut s, t(10_000)));
+    assert!(
+        after.iter().any(|r| !ours.contains(&r.2)),
+        "the wait is bounded: {after:?}"
+    );
+    // Without our own id, every node counts as assigned (the old behaviour).
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)).len(), 12);
+}
+
+#[test]
+fn demand_waits_briefly_for_a_neighbours_copy() {
+    let mut s = FetchScheduler::new(cfg(), 40, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(40));
+    let theirs = (0..40).find(|&i| site_owner(100, &[1], i) == 1).unwrap();
+    let other = (0..40)
+        .find(|&i| i != theirs && site_owner(100, &[1], i) == 1)
+        .unwrap();
+    // A blocked VM does not wait for an assignment nobody acts on...
+    s.handle_want(t(0), other, Priority::Demand).unwrap();
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(9, Priority::Demand, other)]
+    );
+    // ...but waits for an announced fetch, briefly.
+    s.handle_peer_fetching(t(0), &1, &[theirs]);
+    s.handle_want(t(0), theirs, Priority::Demand).unwrap();
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "peer 1 is fetching it"
+    );
+    assert!(requests(&advance(&mut s, t(499))).is_empty());
+    assert_eq!(
+        requests(&advance(&mut s, t(500))),
+        vec![(9, Priority::Demand, theirs)],
+        "a blocked VM waits at most demand_local_wait"
+    );
+}
+
+#[test]
+fn window_grows_with_the_bandwidth_delay_product() {
+    let config = Config {
+        chunk_bytes: 1 << 20,
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 400, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc2", 165));
+    s.handle_peer_connected(t(0), 2, info("dc3", 1));
+    s.handle_peer_have(t(0), &1, &full(400));
+    s.handle_want_many(t(0), 0..200, Priority::Background)
+        .unwrap();
+    drain_actions(&mut s);
+    // 250 MB/s x 165 ms = 41 MB = 40 chunks of 1 MiB, 4 of them kept for Demand.
+    assert_eq!(s.peer_in_flight(&1), 36);
+    s.handle_peer_have(t(0), &2, &full(400));
+    drain_actions(&mut s);
+    assert_eq!(
+        s.peer_in_flight(&2),
+        12,
+        "a near peer keeps the minimum of 16"
+    );
+    // A new RTT estimate resizes the window.
+    s.handle_rtt(t(1), &2, Duration::from_millis(100));
+    drain_actions(&mut s);
+    assert_eq!(s.peer_in_flight(&2), 20);
+}
+
 // --------------------------------------------------------------------------------------------------
 // Property tests: the scheduler in virtual time against random peers.
 // --------------------------------------------------------------------------------------------------
@@ -622,6 +881,8 @@ struct SimPeer {
     behaviour: Behaviour,
     /// Disconnects at this virtual millisecond (and reconnects 2 s later), if set.
     flap_at: Option<u64>,
+    /// Announces itself as an origin (a source server).
+    origin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -630,7 +891,16 @@ enum Behaviour {
     Corrupt,
     /// Never answers.
     Dead,
+    /// A busy server: answers its requests one at a time, [`SLOW_SERVICE_MS`] each, in arrival
+    /// order (its queue makes later requests wait far longer than the request timeout).
+    Slow,
 }
+
+/// The scheduler's own id in the property tests (peers are 0..7).
+const SELF_ID: u32 = 1_000;
+
+/// Service time of one chunk at a [`Behaviour::Slow`] peer.
+const SLOW_SERVICE_MS: u64 = 1_500;
 
 #[derive(Debug, Clone)]
 struct Scenario {
@@ -640,23 +910,37 @@ struct Scenario {
     wants: Vec<(u64, u32, Priority)>,
     seed: u64,
     max_in_flight: u32,
+    /// Whether the scheduler knows its own id (per-site assignment of outside fetches on).
+    know_self: bool,
+    /// `Config::chunk_bytes` (0: no bandwidth-delay window).
+    chunk_bytes: u32,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
-    (1u32..48, 1usize..7, any::<u64>(), 2u32..6).prop_flat_map(|(chunks, npeers, seed, max_in_flight)| {
+    (
+        1u32..48,
+        1usize..7,
+        any::<u64>(),
+        2u32..6,
+        any::<bool>(),
+        prop_oneof![Just(0u32), Just(65_536u32), Just(1 << 20)],
+    )
+        .prop_flat_map(|(chunks, npeers, seed, max_in_flight, know_self, chunk_bytes)| {
         let peer = (
             0u8..3,
             1u64..200,
             proptest::collection::vec(any::<bool>(), chunks as usize),
-            prop_oneof![6 => Just(Behaviour::Honest), 1 => Just(Behaviour::Corrupt), 1 => Just(Behaviour::Dead)],
+            prop_oneof![6 => Just(Behaviour::Honest), 1 => Just(Behaviour::Corrupt), 1 => Just(Behaviour::Dead), 2 => Just(Behaviour::Slow)],
             proptest::option::weighted(0.3, 0u64..20_000),
+            proptest::bool::weighted(0.15),
         )
-            .prop_map(|(site, rtt_ms, have, behaviour, flap_at)| SimPeer {
+            .prop_map(|(site, rtt_ms, have, behaviour, flap_at, origin)| SimPeer {
                 site,
                 rtt_ms,
                 have,
                 behaviour,
                 flap_at,
+                origin,
             });
         let want = (0u64..5_000, 0..chunks, prop_oneof![Just(Priority::Demand), Just(Priority::Background)]);
         (
@@ -669,6 +953,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 wants,
                 seed,
                 max_in_flight,
+                know_self,
+                chunk_bytes,
             })
     })
 }
@@ -723,9 +1009,17 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
         local_site: "dc1".into(),
         max_in_flight_per_peer: sc.max_in_flight,
         demand_reserved_slots: 1,
+        chunk_bytes: sc.chunk_bytes,
         ..Config::default()
     };
     let mut s = FetchScheduler::<u32>::new(config.clone(), sc.chunks, sc.seed).unwrap();
+    if sc.know_self {
+        s.set_local_peer(t(0), &SELF_ID);
+    }
+    // When each Slow peer is free to serve its next request.
+    let mut slow_free_at = vec![0u64; sc.peers.len()];
+    // When each outstanding request was sent, by (peer, index).
+    let mut sent_at: BTreeMap<(u32, u32), u64> = BTreeMap::new();
     let mut queue = SimQueue::default();
     let mut connected = vec![false; sc.peers.len()];
     let mut epoch = vec![0u32; sc.peers.len()];
@@ -778,6 +1072,7 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                 }
                 SimEvent::Disconnect(p) => {
                     if connected[p as usize] {
+                        slow_free_at[p as usize] = 0;
                         connected[p as usize] = false;
                         epoch[p as usize] += 1;
                         s.handle_peer_disconnected(now, &p);
@@ -794,6 +1089,7 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                             PeerInfo {
                                 site: site_name(sp.site),
                                 rtt: Some(Duration::from_millis(sp.rtt_ms)),
+                                origin: sp.origin,
                             },
                         );
                         let mut have = ChunkBitmap::new(sc.chunks);
@@ -807,6 +1103,7 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                 }
                 SimEvent::Response(p, index, ep) => {
                     if connected[p as usize] && epoch[p as usize] == ep {
+                        sent_at.remove(&(p, index));
                         let outcome = match sc.peers[p as usize].behaviour {
                             Behaviour::Corrupt => ChunkOutcome::Corrupt,
                             _ => ChunkOutcome::Valid,
@@ -822,7 +1119,39 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
         }
         // Drain outputs and check them.
         while let Some(a) = s.poll_action() {
-            if let Action::Request { peer, indices, .. } = &a {
+            if let Action::Cancel { peer, indices } = &a {
+                for &i in indices {
+                    let sent = sent_at.remove(&(*peer, i));
+                    // Still wanted after a Cancel: the request timed out (a delivered or failed
+                    // want is no longer wanted). A busy server that keeps serving is never timed
+                    // out before `request_max_wait`.
+                    if s.is_wanted(i) && sc.peers[*peer as usize].behaviour == Behaviour::Slow {
+                        let waited = now_ms - sent.unwrap_or(now_ms);
+                        prop_assert!(
+                            waited >= config.request_max_wait.as_millis() as u64,
+                            "request for {i} queued at busy peer {peer} timed out after {waited} ms (seed {})",
+                            sc.seed
+                        );
+                    }
+                }
+            }
+            if let Action::Request {
+                peer,
+                indices,
+                priority,
+            } = &a
+            {
+                for &i in indices {
+                    sent_at.entry((*peer, i)).or_insert(now_ms);
+                    if *priority == Priority::Background {
+                        let p = &s.peers[peer];
+                        prop_assert!(
+                            model_locality_allows(&s, now, p, i),
+                            "Background request for {i} to peer {peer} breaks the locality rules (seed {})",
+                            sc.seed
+                        );
+                    }
+                }
                 prop_assert!(!banned.contains(peer), "request to banned peer {peer}");
                 prop_assert!(
                     connected[*peer as usize],
@@ -834,11 +1163,21 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                         sp.have[i as usize],
                         "peer {peer} asked for chunk {i} it lacks"
                     );
-                    if sp.behaviour != Behaviour::Dead {
-                        queue.push(
+                    match sp.behaviour {
+                        Behaviour::Dead => {}
+                        Behaviour::Slow => {
+                            let p = *peer as usize;
+                            let start = slow_free_at[p].max(now_ms + sp.rtt_ms / 2);
+                            slow_free_at[p] = start + SLOW_SERVICE_MS;
+                            queue.push(
+                                start + SLOW_SERVICE_MS + sp.rtt_ms / 2,
+                                SimEvent::Response(*peer, i, epoch[*peer as usize]),
+                            );
+                        }
+                        Behaviour::Honest | Behaviour::Corrupt => queue.push(
                             now_ms + sp.rtt_ms,
                             SimEvent::Response(*peer, i, epoch[*peer as usize]),
-                        );
+                        ),
                     }
                 }
             }
@@ -888,6 +1227,30 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
     Ok(trace)
 }
 
+/// The locality rules, restated from the scheduler's state without its helpers: may `p` be asked
+/// for `index` now?
+fn model_locality_allows(s: &FetchScheduler<u32>, now: Instant, p: &Peer, index: u32) -> bool {
+    if p.same_site {
+        return true;
+    }
+    let members = || s.peers.values().filter(|q| q.same_site && !q.suspect);
+    if members().any(|q| q.have.contains(index)) {
+        return false;
+    }
+    let Some(w) = s.wants[index as usize].as_ref() else {
+        return true;
+    };
+    let announced = s.local_pending[index as usize] > 0;
+    let assigned_elsewhere = s.local_key.is_some_and(|me| {
+        let mine = site_score(me, index);
+        members().any(|q| site_score(q.key, index) >= mine)
+    });
+    match w.priority {
+        Priority::Demand => !(now < w.wan_after && announced),
+        Priority::Background => !(announced || (assigned_elsewhere && now < w.wan_after)),
+    }
+}
+
 fn check_invariants(
     s: &FetchScheduler<u32>,
     config: &Config,
@@ -899,12 +1262,28 @@ fn check_invariants(
     for (id, p) in &s.peers {
         prop_assert!(!banned.contains(id), "banned peer {id} still tracked");
         prop_assert!(connected[*id as usize]);
-        prop_assert!(
-            p.in_flight() <= config.max_in_flight_per_peer,
-            "peer {id} over its limit"
+        let sp = &sc.peers[*id as usize];
+        prop_assert_eq!(
+            p.same_site,
+            site_name(sp.site) == config.local_site && !sp.origin,
+            "an origin never counts as same-site"
         );
+        // The window: the configured minimum, grown to the bandwidth-delay product, capped.
+        let bdp = if config.chunk_bytes == 0 {
+            0
+        } else {
+            (config.peer_rate_target as f64 * sp.rtt_ms as f64
+                / 1000.0
+                / f64::from(config.chunk_bytes))
+            .ceil() as u32
+        };
+        prop_assert_eq!(
+            p.limit,
+            bdp.min(MAX_WINDOW).max(config.max_in_flight_per_peer)
+        );
+        prop_assert!(p.in_flight() <= p.limit, "peer {id} over its limit");
         prop_assert!(
-            p.in_flight_background <= config.max_in_flight_per_peer - config.demand_reserved_slots,
+            p.in_flight_background <= p.limit - config.demand_reserved_slots,
             "background used reserved slots"
         );
         let counted = s.in_flight.keys().filter(|(q, _)| q == id).count() as u32;
@@ -913,16 +1292,17 @@ fn check_invariants(
     // A queued Demand want has no peer that could take it now (checked independently of
     // `best_source`): it never waits behind Background work or idle slots.
     for &(_, index) in &s.demand_queue {
-        let i = index as usize;
-        let local_holder = s
-            .peers
-            .values()
-            .any(|p| p.same_site && !p.suspect && p.have.contains(index));
         for (id, p) in &s.peers {
+            let capacity = if p.cooldown_until == Instant::MAX {
+                0
+            } else if p.cooldown_until > now {
+                1
+            } else {
+                p.limit
+            };
             let could = p.have.contains(index)
-                && p.cooldown_until <= now
-                && p.in_flight() < config.max_in_flight_per_peer
-                && (p.same_site || (!local_holder && s.local_pending[i] == 0));
+                && p.in_flight() < capacity
+                && model_locality_allows(s, now, p, index);
             prop_assert!(
                 !could,
                 "demand want {index} queued while peer {id} could serve it"
@@ -946,6 +1326,12 @@ fn check_invariants(
                 index
             );
             prop_assert_eq!(queued_bg, s.bg_unassigned.contains(index));
+            prop_assert!(
+                w.requested_from.len() <= 2,
+                "chunk {} requested from {} peers at once (hedge and endgame allow 2)",
+                index,
+                w.requested_from.len()
+            );
         }
         let avail = s.peers.values().filter(|p| p.have.contains(index)).count() as u32;
         prop_assert_eq!(s.avail[index as usize], avail);

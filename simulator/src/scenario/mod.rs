@@ -633,6 +633,26 @@ impl Checker<'_> {
             p.local_pending_wait_ms,
             &mut f.local_pending_wait,
         )?;
+        ms(
+            "request_max_wait_ms",
+            p.request_max_wait_ms,
+            &mut f.request_max_wait,
+        )?;
+        ms(
+            "site_assign_wait_ms",
+            p.site_assign_wait_ms,
+            &mut f.site_assign_wait,
+        )?;
+        ms(
+            "demand_local_wait_ms",
+            p.demand_local_wait_ms,
+            &mut f.demand_local_wait,
+        )?;
+        ms("hedge_delay_ms", p.hedge_delay_ms, &mut f.hedge_delay)?;
+        if let Some(v) = &p.peer_rate_target {
+            let rate = self.rate("protocol.peer_rate_target", v)?;
+            f.peer_rate_target = rate.round() as u64;
+        }
         if let Some(v) = p.endgame_threshold {
             f.endgame_threshold = v;
         }

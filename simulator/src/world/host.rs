@@ -17,10 +17,12 @@ impl World {
         let chunks = self.manifest.chunk_count();
         let mut config = self.sc.fetch.clone();
         config.local_site = self.sc.sites[self.hosts[h as usize].site].name.clone();
+        config.chunk_bytes = self.sc.chunk_size;
         let seed = substream(self.seed, STREAM_SCHED, h.into());
         // Invariant: this configuration was accepted by `FetchScheduler::new` in `World::new`, and
         // only `local_site` differs, which the scheduler does not check.
         let mut sched = FetchScheduler::new(config, chunks, seed).expect("checked in World::new");
+        sched.set_local_peer(now, &self.hosts[h as usize].node);
         let background: Vec<u32> = match self.plan.background {
             Background::None => Vec::new(),
             Background::All => (0..chunks).collect(),
@@ -121,16 +123,19 @@ impl World {
 
     pub(super) fn on_host_message(&mut self, h: u32, from: NodeId, msg: Msg) {
         let now = self.now();
-        let info = PeerInfo {
-            site: self.sc.sites[self.nodes[from as usize].site].name.clone(),
-            rtt: Some(self.rtt(self.hosts[h as usize].node, from)),
-        };
+        let host_site = self.hosts[h as usize].site;
         let full = &self.full;
         let Some(sched) = self.hosts[h as usize].sched.as_mut() else {
             return;
         };
         match msg {
             Msg::Hello { have } => {
+                // Source servers announce themselves as origins (`Capabilities::ORIGIN`).
+                let info = PeerInfo {
+                    site: self.sc.sites[self.nodes[from as usize].site].name.clone(),
+                    rtt: Some(self.sc.rtt[host_site][self.nodes[from as usize].site]),
+                    origin: from < self.sources,
+                };
                 sched.handle_peer_connected(now, from, info);
                 sched.handle_peer_have(now, &from, have.as_deref().unwrap_or(full));
             }
@@ -412,13 +417,19 @@ impl World {
         }
         let indices: Rc<[u32]> = std::mem::take(&mut host.pending_have).into();
         let node = host.node;
-        let peers = host.have_peers.clone();
-        for peer in peers {
-            self.counters.have_updates += 1;
-            self.send(
-                node,
-                peer,
-                Msg::HaveUpdate {
+        // One event per destination site: every message to a site takes the same RTT/2.
+        let mut by_site: Vec<Vec<NodeId>> = vec![Vec::new(); self.sc.sites.len()];
+        for &peer in &self.hosts[h as usize].have_peers {
+            by_site[self.nodes[peer as usize].site].push(peer);
+        }
+        self.counters.have_updates += self.hosts[h as usize].have_peers.len() as u64;
+        for to in by_site.into_iter().filter(|v| !v.is_empty()) {
+            let delay = self.rtt(node, to[0]) / 2;
+            self.q.schedule_in(
+                delay,
+                Ev::HaveBatch {
+                    from: node,
+                    to: to.into_boxed_slice(),
                     indices: indices.clone(),
                 },
             );

@@ -18,7 +18,9 @@
 //!   RTT/2 after its last byte left (propagation), verified (always valid here) and committed.
 //! - A `Cancel` removes a queued request, or stops a send in progress (the stream is reset).
 //! - A host batches the chunks it commits into one `HaveUpdate` per connected host every
-//!   `routing.have_batch_ms`.
+//!   `routing.have_batch_ms`. The messages of one batch to the hosts of one site arrive at the
+//!   same instant (RTT/2 depends only on the sites), so they travel as one event that delivers
+//!   them in turn: the same messages at the same instants, far fewer queue operations.
 //! - A VM read maps to chunks through the manifest; missing chunks become Demand wants; the VM
 //!   waits for all of them. A failed Demand want (deadline passed) is re-wanted at once (the guest
 //!   retries the read) and counted.
@@ -113,11 +115,24 @@ enum Ev {
     HostStart(u32),
     VmStart(u32),
     LookupDone(u32),
-    Connect { host: u32, peer: NodeId },
-    Msg { to: NodeId, from: NodeId, msg: Msg },
+    Connect {
+        host: u32,
+        peer: NodeId,
+    },
+    Msg {
+        to: NodeId,
+        from: NodeId,
+        msg: Msg,
+    },
     Timer(u32),
     ReadIssue(u32),
     HaveFlush(u32),
+    /// One `HaveUpdate` batch from `from` to each of `to` (hosts of one site).
+    HaveBatch {
+        from: NodeId,
+        to: Box<[NodeId]>,
+        indices: Rc<[u32]>,
+    },
 }
 
 /// What a flow carries.
@@ -519,6 +534,19 @@ impl World {
                 self.run_vm(v, now);
             }
             Ev::HaveFlush(h) => self.have_flush(h),
+            Ev::HaveBatch { from, to, indices } => {
+                for &peer in to.iter() {
+                    if let Some(h) = self.host_of(peer) {
+                        self.on_host_message(
+                            h,
+                            from,
+                            Msg::HaveUpdate {
+                                indices: indices.clone(),
+                            },
+                        );
+                    }
+                }
+            }
         }
     }
 
