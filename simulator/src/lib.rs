@@ -6,6 +6,7 @@
 //!
 //! - [`units`]: sizes and rates as written in scenario files.
 //! - [`scenario`]: scenario files and their validation.
+//! - [`content`]: which chunks are all-zero or share content (never fetched, fetched once).
 //! - [`engine`]: virtual time and the event queue.
 //! - [`net`]: links, flows and max-min fair rates.
 //! - [`boot`]: what a booting VM reads, and when.
@@ -21,6 +22,7 @@
 
 pub mod boot;
 pub mod checks;
+pub mod content;
 pub mod engine;
 pub mod net;
 pub mod record;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use vmswarm_sim::checks;
+use vmswarm_sim::content::Content;
 use vmswarm_sim::record::RunResult;
 use vmswarm_sim::report;
 use vmswarm_sim::scenario::{Scenario, Strategy as Strat};
@@ -173,6 +174,44 @@ fn every_strategy_boots_every_vm_and_passes_the_checks() {
             Strat::Vmswarm => {}
         }
     }
+}
+
+#[test]
+fn zero_and_repeated_chunks_are_never_fetched_twice() {
+    // 128 chunks: every 4th all-zero, every 8th (from 6 on) a copy of chunk 2.
+    let first: Vec<Option<u32>> = (0..128u32)
+        .map(|i| match i {
+            _ if i % 4 == 0 => None,
+            _ if i % 8 == 6 && i > 6 => Some(2),
+            _ => Some(i),
+        })
+        .collect();
+    let content = Content::from_firsts(first).unwrap();
+    let (zero, copies, distinct) = content.summary();
+    assert_eq!((zero, copies), (32, 15));
+    let chunk = 256 * 1024u64;
+    for s in Strat::ALL {
+        let mut sc = with_strategy(ONE_SITE, s);
+        sc.content = Some(content.clone());
+        let r = run(sc, 4);
+        let summary = report::summarise(&r);
+        assert!(summary.checks.ok(), "{s:?}: {:?}", summary.checks.problems);
+        assert_eq!(summary.boot.as_ref().unwrap().booted, 16, "{s:?}");
+        if matches!(s, Strat::Central | Strat::SwarmFull) {
+            for h in &r.hosts {
+                assert_eq!(h.chunks, 128, "{s:?}: host {} holds every chunk", h.host);
+                assert_eq!(
+                    h.fetched_bytes,
+                    u64::from(distinct) * chunk,
+                    "{s:?}: host {} fetched each distinct non-zero chunk once",
+                    h.host
+                );
+            }
+        }
+    }
+    let mut wrong = scenario(ONE_SITE);
+    wrong.content = Some(Content::distinct(5));
+    assert!(world::run(wrong, 1, "x".into(), &mut |_| {}).is_err());
 }
 
 #[test]

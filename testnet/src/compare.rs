@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use vmswarm_sim::content::Content;
 use vmswarm_sim::record::{Counters, RunResult, VmRecord};
 use vmswarm_sim::scenario::Scenario;
 
@@ -76,10 +77,15 @@ fn read_vms(dir: &Path, sites: usize) -> anyhow::Result<Vec<VmRecord>> {
     Ok(out)
 }
 
-/// The scenario as the testnet ran it.
-pub fn scenario_for(summary: &RunSummary) -> anyhow::Result<Scenario> {
+/// The scenario as the testnet ran it, from the results in `dir`: its network, and the image's
+/// content layout (zero and repeated chunks) when `run` recorded it.
+pub fn scenario_for(dir: &Path, summary: &RunSummary) -> anyhow::Result<Scenario> {
     let mut sc = Scenario::load(&summary.scenario_file, &summary.overrides)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let layout = dir.join(crate::run::CONTENT_FILE);
+    if layout.exists() {
+        sc.content = Some(Content::load(&layout)?);
+    }
     let n = sc.sites.len().min(summary.rtt_ms.len());
     for a in 0..n {
         for b in 0..n {
@@ -103,6 +109,10 @@ pub fn scenario_for(summary: &RunSummary) -> anyhow::Result<Scenario> {
             s.nic_up = bytes;
             s.nic_down = bytes;
         }
+    }
+    // `run` publishes on ordinary nodes (started by `up` without `--origin`).
+    for s in &mut sc.sources {
+        s.origin = false;
     }
     Ok(sc)
 }
@@ -143,7 +153,7 @@ pub fn compare(dir: &Path) -> anyhow::Result<(Comparison, String)> {
     })?;
     let summary: RunSummary = serde_json::from_str(&text)
         .with_context(|| format!("parsing {}/summary.json", dir.display()))?;
-    let sc = scenario_for(&summary)?;
+    let sc = scenario_for(dir, &summary)?;
     let sim = vmswarm_sim::world::run(sc, summary.seed, "simulator".to_owned(), &mut |_| {})
         .map_err(|e| anyhow::anyhow!("simulator: {e}"))?;
     let testnet = as_run("testnet", &summary, read_vms(dir, summary.sites.len())?);

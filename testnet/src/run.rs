@@ -16,17 +16,18 @@ pub mod image;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vmswarm_sim::boot::{self, VmReads};
 use vmswarm_sim::record::VmRecord;
 use vmswarm_sim::scenario::{Prefetch, Scenario};
 
 use crate::plan::NodePlan;
+
+/// The image's content layout in a results folder (`vmswarm_sim::content`'s JSON).
+pub const CONTENT_FILE: &str = "content.json";
 use crate::state::State;
 use crate::{sys, wan};
 
@@ -254,6 +255,10 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     std::fs::create_dir_all(&images)?;
     let file = images.join(format!("{}.raw", sc.name));
     image::generate(&file, sc.image_size, sc.chunk_size, opts.seed)?;
+    // What the nodes will find in it (zero and repeated chunks), for `compare`'s simulator run.
+    let content = image::content_layout(&file, sc.chunk_size)?;
+    std::fs::write(opts.out.join(CONTENT_FILE), content.to_json())
+        .with_context(|| format!("writing {}", opts.out.join(CONTENT_FILE).display()))?;
     let chunk = format!("{}", sc.chunk_size);
     let mut image_id = String::new();
     for src in roles.sources.iter().map(|n| &n.name) {
@@ -292,9 +297,10 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         None
     };
 
-    // 2. One export per VM, and its boot reads.
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let shared = Rc::new(boot::shared_trace(&sc.boot, sc.image_size, &mut rng));
+    // 2. One export per VM, and its boot reads: the very reads, think times and start times the
+    // simulator draws for this seed, so `compare` holds both to the same boot traces.
+    let mut traces = vmswarm_sim::world::vm_traces(&sc, opts.seed).into_iter();
+    let mut starts = vmswarm_sim::world::vm_start_times(&sc, opts.seed).into_iter();
     let sockets = state.dir.join("nbd");
     std::fs::create_dir_all(&sockets)?;
     struct Vm {
@@ -312,8 +318,9 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         for _ in 0..g.count {
             for _ in 0..g.vms {
                 let k = vms.len();
-                let reads = VmReads::new(&sc.boot, sc.image_size, shared.clone(), &mut rng);
-                let start_s = g.start_s + rng.random::<f64>() * g.start_spread_s;
+                let (Some((reads, mut rng)), Some(start_s)) = (traces.next(), starts.next()) else {
+                    bail!("the simulator drew fewer VMs than the scenario has");
+                };
                 let script = qemu_io_script(&reads, sc.boot.think_mean, &mut rng);
                 vms.push(Vm {
                     host: h,

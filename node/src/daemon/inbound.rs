@@ -163,6 +163,7 @@ impl Daemon {
         let Some(&id) = chunks.first() else {
             return;
         };
+        tracing::debug!(%peer, chunk = %id, ?priority, "chunk request");
         if self.banned.contains(&peer) {
             self.respond(
                 channel,
@@ -246,6 +247,7 @@ impl Daemon {
                     }
                 }
                 let len = data.len() as u64;
+                tracing::debug!(%peer, chunk = %id, "chunk response queued");
                 if self.respond(channel, Message::Chunk { id, data }) {
                     self.serving.insert(request_id);
                     let site = self.site_of(&peer);

@@ -449,6 +449,16 @@ impl Daemon {
         });
         if spec.prefetch {
             self.start_prefetch(spec.image, metrics);
+        } else if !self.transfers.contains_key(&spec.image)
+            && self
+                .images
+                .get(&spec.image)
+                .is_some_and(|i| !i.present.is_full())
+        {
+            // A lazy mount's transfer starts now, wanting nothing: peers' Have sets, RTTs and the
+            // provider lookup are in place before the first read, and the transfer lives as long
+            // as the mount ([`Daemon::is_mounted`]), so a read never waits for them again.
+            self.start_transfer_wanting(spec.image, Vec::new(), false);
         }
         let result = serde_json::json!({
             "name": name,
@@ -608,13 +618,45 @@ impl Daemon {
         }
     }
 
+    /// Whether some export serves `image` (its transfer then stays, wanting or not).
+    pub(super) fn is_mounted(&self, image: &ImageId) -> bool {
+        self.mounts.mounts.values().any(|m| m.image == *image)
+    }
+
     /// `vmswarm umount`.
     pub(super) fn on_umount(&mut self, name: &str) -> Result<serde_json::Value, String> {
         let Some(m) = self.mounts.mounts.remove(name) else {
             return Err(format!("no export named {name:?} (see `vmswarm mounts`)"));
         };
-        self.drop_mount(name, m)?;
+        let image = m.image;
+        let result = self.drop_mount(name, m);
+        self.after_last_umount(image);
+        result?;
         Ok(serde_json::json!({ "name": name }))
+    }
+
+    /// Once no export serves `image`, its mounts' fetches end: prefetch (Background) wants are
+    /// dropped unless a pull wants the whole image, and an idle transfer is finished.
+    fn after_last_umount(&mut self, image: ImageId) {
+        if self.is_mounted(&image) {
+            return;
+        }
+        self.mounts.prefetching.remove(&image);
+        let now = self.now();
+        let mut dropped = Vec::new();
+        if let Some(t) = self.transfers.get_mut(&image) {
+            if t.waiters.is_empty() {
+                dropped = (0..t.sched.chunk_count())
+                    .filter(|&i| t.sched.is_wanted(i))
+                    .collect();
+                t.sched.handle_unwant_many(now, dropped.iter().copied());
+            }
+        }
+        // Reads still waiting came through the closed exports: nobody is left to answer.
+        for index in dropped {
+            self.fail_waiters(image, index, "the export was unmounted");
+        }
+        self.pump_transfer(image);
     }
 
     fn drop_mount(&mut self, name: &str, m: Mount) -> Result<(), String> {
@@ -810,6 +852,7 @@ impl Daemon {
         if !first || self.mounts.storing.contains(&key) {
             return; // one fetch per chunk: it is wanted or being stored already
         }
+        tracing::debug!(%image, index, "demand read of a missing chunk");
         if !self.transfers.contains_key(&image) {
             self.start_transfer_wanting(image, Vec::new(), false);
         }

@@ -57,7 +57,7 @@ impl Waiter {
 #[derive(Debug)]
 pub(super) struct Transfer {
     pub(super) sched: FetchScheduler<PeerId>,
-    waiters: Vec<Waiter>,
+    pub(super) waiters: Vec<Waiter>,
     /// Chunk requests in flight, by (peer, index).
     in_flight: HashMap<(PeerId, u32), OutboundRequestId>,
     /// Chunks received and not yet committed (being checked or written).
@@ -200,6 +200,10 @@ impl Daemon {
                     priority,
                     indices,
                 } => {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let site = self.site_of(&peer);
+                        tracing::debug!(%image, %peer, %site, ?priority, ?indices, "requesting");
+                    }
                     for index in indices {
                         let id = manifest.chunks[index as usize];
                         let msg = Message::Request {
@@ -278,10 +282,15 @@ impl Daemon {
         if t.sched.stats().wanted > 0 || t.storing > 0 {
             return;
         }
+        let complete = self.images.get(&image).is_some_and(|i| i.present.is_full());
+        if !complete && t.waiters.is_empty() && self.is_mounted(&image) {
+            // A mounted image's next read needs the peers' Have sets, RTTs and announcements
+            // the scheduler holds: it stays, idle, until the last umount.
+            return;
+        }
         let Some(t) = self.transfers.remove(&image) else {
             return;
         };
-        let complete = self.images.get(&image).is_some_and(|i| i.present.is_full());
         if complete {
             tracing::info!(%image, "image complete");
             for w in t.waiters {
@@ -410,6 +419,7 @@ impl Daemon {
             // duplicate is stored once; the store answers the second copy with AlreadyPresent).
             if t.sched.handle_chunk(now, &c.peer, c.index, outcome) == Delivery::Accept {
                 self.metrics.fetch_latency(c.sent.elapsed());
+                tracing::debug!(image = %c.image, peer = %c.peer, index = c.index, ms = c.sent.elapsed().as_secs_f64() * 1e3, "chunk accepted");
                 self.metrics
                     .chunks_fetched
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

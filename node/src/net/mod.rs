@@ -82,7 +82,14 @@ pub fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, NetError> {
             })
         })
         .map_err(|e| NetError::Build(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(300))
+                // Every peer speaks the protocols we open streams for, so a new stream sends its
+                // protocol name and its first message together instead of waiting one round trip
+                // for the listener's confirmation: a chunk request costs one RTT, not two (which
+                // is what a Demand read across a WAN waits for).
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }

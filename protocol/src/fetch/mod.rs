@@ -628,6 +628,16 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
     }
 
+    /// [`Self::handle_unwant`] for many chunks, rescheduling once.
+    pub fn handle_unwant_many(&mut self, now: Instant, indices: impl IntoIterator<Item = u32>) {
+        for index in indices {
+            if index < self.chunks {
+                self.drop_want(index, None);
+            }
+        }
+        self.schedule(now);
+    }
+
     /// We obtained chunk `index` some other way (local store, another image sharing the chunk, a
     /// copy that arrived for another index with the same id): the want is done and its requests are
     /// cancelled.

@@ -618,6 +618,29 @@ fn local_have_cancels_in_flight_requests() {
 }
 
 #[test]
+fn unwant_many_drops_wants_and_cancels_their_requests() {
+    let mut s = FetchScheduler::new(cfg(), 8, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(8));
+    s.handle_want_many(t(0), 0..8, Priority::Background)
+        .unwrap();
+    let sent = requests(&drain_actions(&mut s));
+    assert!(!sent.is_empty());
+    s.handle_unwant_many(t(1), 0..8);
+    let mut cancelled: Vec<u32> = cancels(&drain_actions(&mut s))
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect();
+    cancelled.sort_unstable();
+    let mut requested: Vec<u32> = sent.iter().map(|r| r.2).collect();
+    requested.sort_unstable();
+    assert_eq!(cancelled, requested);
+    assert_eq!(s.stats().wanted, 0);
+    assert_eq!(s.stats().requests_in_flight, 0);
+    assert!((0..8).all(|i| !s.is_wanted(i)));
+}
+
+#[test]
 fn busy_server_that_keeps_delivering_is_not_timed_out() {
     let config = Config {
         request_max_wait: Duration::from_secs(20),

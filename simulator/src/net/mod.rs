@@ -236,6 +236,14 @@ impl<T> Network<T> {
         }
     }
 
+    /// Changes a link's capacity (its flows' rates are recomputed at the next update).
+    pub fn set_capacity(&mut self, id: LinkId, capacity: f64) {
+        if self.links[id as usize].capacity != capacity {
+            self.links[id as usize].capacity = capacity;
+            self.mark_dirty(id);
+        }
+    }
+
     /// Removes a link no flow crosses any more (its slot is reused). Returns false if flows remain.
     pub fn remove_link(&mut self, id: LinkId) -> bool {
         let l = &mut self.links[id as usize];

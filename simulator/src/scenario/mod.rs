@@ -8,6 +8,7 @@
 mod overrides;
 mod raw;
 
+use crate::content::Content;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ pub const DEFAULT_INTRA_SITE_RTT_MS: f64 = 0.1;
 /// Default per-connection flow-control window: libp2p-quic's default `max_connection_data`
 /// (15 MB; its per-stream `max_stream_data` is 10 MB, larger than any chunk).
 pub const DEFAULT_WINDOW_BYTES: u64 = 15_000_000;
+/// Default initial congestion window: quinn's (ten 1200-byte datagrams), which libp2p-quic keeps.
+pub const DEFAULT_INITIAL_WINDOW_BYTES: u64 = 12_000;
 /// Default cap on the peers (other than sources) a host connects to.
 pub const DEFAULT_MAX_PEERS: u32 = 50;
 /// Kademlia's lookup parallelism.
@@ -111,6 +114,10 @@ pub struct SourceSpec {
     pub nic_up: f64,
     /// NIC download capacity, bytes/s.
     pub nic_down: f64,
+    /// It announces `Capabilities::ORIGIN` (a dedicated source server, as `vmswarm serve
+    /// --origin`): hosts fetch each chunk from it once per site, even in its own site. Default
+    /// true; false models an image published on an ordinary node.
+    pub origin: bool,
 }
 
 /// One read of a recorded boot trace.
@@ -167,10 +174,17 @@ pub struct Scenario {
     pub image_size: u64,
     /// Chunk size, bytes.
     pub chunk_size: u32,
+    /// Which chunks are zero or share content; `None`: all distinct. A layout set by hand must
+    /// describe [`Scenario::chunk_count`] chunks ([`crate::world::World::new`] checks).
+    pub content: Option<Content>,
     /// RTT between two nodes of the same site.
     pub intra_site_rtt: Duration,
     /// Per-connection flow-control window, bytes.
     pub window: f64,
+    /// Initial congestion window of a connection, bytes (`network.initial_window`); zero when the
+    /// congestion model is off (`network.congestion = false`: a connection is then capped by
+    /// `window` / RTT only, as before the model existed). The model: `world::links`.
+    pub initial_window: f64,
     /// Rates are recomputed at most once per this interval (zero: at every flow start and end).
     /// A flow then starts up to this late and a finished flow's bandwidth is handed on up to this
     /// late; rates stay feasible.
@@ -327,6 +341,17 @@ impl Checker<'_> {
                 format!("{chunks} chunks is more than a manifest can list ({MAX_CHUNKS})"),
             ));
         }
+        let content = match &raw.image.content {
+            None => None,
+            Some(rel) => {
+                let base = self.file.parent().unwrap_or(Path::new("."));
+                let c = Content::load(&base.join(rel))
+                    .map_err(|e| self.invalid("image.content", e.to_string()))?;
+                c.check_len(chunks as u32)
+                    .map_err(|e| self.invalid("image.content", e.to_string()))?;
+                Some(c)
+            }
+        };
 
         // Network and sites.
         let intra_ms = raw
@@ -337,6 +362,11 @@ impl Checker<'_> {
         let window = match &raw.network.window {
             Some(t) => self.size("network.window", t)? as f64,
             None => DEFAULT_WINDOW_BYTES as f64,
+        };
+        let initial_window = match (&raw.network.initial_window, raw.network.congestion) {
+            (_, Some(false)) => 0.0,
+            (Some(t), _) => self.size("network.initial_window", t)? as f64,
+            (None, _) => DEFAULT_INITIAL_WINDOW_BYTES as f64,
         };
         let rate_quantum = self.ms(
             "network.rate_quantum_ms",
@@ -462,6 +492,7 @@ impl Checker<'_> {
                     site,
                     nic_up,
                     nic_down,
+                    origin: s.origin.unwrap_or(true),
                 });
             }
         }
@@ -499,8 +530,10 @@ impl Checker<'_> {
             strategy: raw.strategy,
             image_size,
             chunk_size,
+            content,
             intra_site_rtt,
             window,
+            initial_window,
             rate_quantum,
             sites,
             rtt: matrix,

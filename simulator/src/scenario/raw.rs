@@ -86,6 +86,8 @@ pub(crate) struct RawScenario {
 pub(crate) struct RawImage {
     pub(crate) size: String,
     pub(crate) chunk_size: Option<String>,
+    /// A content layout file (see `content`), relative to the scenario file.
+    pub(crate) content: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +96,8 @@ pub(crate) struct RawNetwork {
     pub(crate) intra_site_rtt_ms: Option<f64>,
     pub(crate) window: Option<String>,
     pub(crate) rate_quantum_ms: Option<f64>,
+    pub(crate) initial_window: Option<String>,
+    pub(crate) congestion: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +144,7 @@ pub(crate) struct RawSource {
     pub(crate) nic_down: Option<String>,
     #[serde(default = "one")]
     pub(crate) count: u32,
+    pub(crate) origin: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,10 +23,17 @@ impl World {
         // only `local_site` differs, which the scheduler does not check.
         let mut sched = FetchScheduler::new(config, chunks, seed).expect("checked in World::new");
         sched.set_local_peer(now, &self.hosts[h as usize].node);
+        let store = &self.hosts[h as usize].store;
+        // Held chunks (the all-zero ones) are not wanted, as a node's pull does not want them.
         let background: Vec<u32> = match self.plan.background {
             Background::None => Vec::new(),
-            Background::All => (0..chunks).collect(),
-            Background::Profile => self.profile.clone(),
+            Background::All => (0..chunks).filter(|&c| !store.contains(c)).collect(),
+            Background::Profile => self
+                .profile
+                .iter()
+                .copied()
+                .filter(|&c| !store.contains(c))
+                .collect(),
         };
         if self.plan.profile_order {
             sched.set_priority_order(now, &self.profile);
@@ -130,11 +137,12 @@ impl World {
         };
         match msg {
             Msg::Hello { have } => {
-                // Source servers announce themselves as origins (`Capabilities::ORIGIN`).
+                // Source servers announce themselves as origins (`Capabilities::ORIGIN`) unless
+                // the scenario says otherwise.
                 let info = PeerInfo {
                     site: self.sc.sites[self.nodes[from as usize].site].name.clone(),
                     rtt: Some(self.sc.rtt[host_site][self.nodes[from as usize].site]),
-                    origin: from < self.sources,
+                    origin: from < self.sources && self.sc.sources[from as usize].origin,
                 };
                 sched.handle_peer_connected(now, from, info);
                 sched.handle_peer_have(now, &from, have.as_deref().unwrap_or(full));
@@ -166,7 +174,8 @@ impl World {
         self.drain(h);
     }
 
-    /// Stores a verified chunk: Have updates, waiting reads, background progress.
+    /// Stores a verified chunk, and so every chunk with the same content (the store keeps one
+    /// copy, as a node's does): Have updates, waiting reads, background progress.
     fn commit(&mut self, h: u32, index: u32, from: NodeId) {
         let now = self.now();
         let len = self.chunk_len(index);
@@ -182,13 +191,36 @@ impl World {
         if from_source {
             host.from_sources += len;
         }
+        let mut copies = Vec::new();
+        for &c in self.content.group(index) {
+            if host.store.insert(c) {
+                copies.push(c);
+                if let Some(sched) = host.sched.as_mut() {
+                    if sched.is_wanted(c) {
+                        sched.handle_local_have(now, c);
+                    }
+                }
+            }
+        }
         if !host.have_peers.is_empty() {
             host.pending_have.push(index);
+            host.pending_have.extend_from_slice(&copies);
             if !host.flush_armed {
                 host.flush_armed = true;
                 self.q.schedule_in(batch, Ev::HaveFlush(h));
             }
         }
+        self.settle(h, index, Some((len, from_site)));
+        for c in copies {
+            self.settle(h, c, None);
+        }
+    }
+
+    /// Chunk `index` is now held by host `h`: background progress, and the reads waiting for it
+    /// (`fetched`: its size and the site it came from, when it was fetched rather than copied
+    /// locally from a chunk with the same content).
+    fn settle(&mut self, h: u32, index: u32, fetched: Option<(u64, usize)>) {
+        let now = self.now();
         let in_target = match self.plan.background {
             Background::None => false,
             Background::All => true,
@@ -213,7 +245,7 @@ impl World {
         let Some(waiting) = self.hosts[h as usize].waiters.remove(&index) else {
             return;
         };
-        if let Some(&first) = waiting.first() {
+        if let (Some(&first), Some((len, from_site))) = (waiting.first(), fetched) {
             let vm = &mut self.vms[first as usize];
             vm.fetched += len;
             vm.from_site[from_site] += len;

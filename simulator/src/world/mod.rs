@@ -29,6 +29,7 @@ mod host;
 mod links;
 mod server;
 
+use crate::content::Content;
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
@@ -61,6 +62,9 @@ pub enum WorldError {
     /// The scheduler refused its configuration.
     #[error("fetch scheduler: {0}")]
     Fetch(#[from] vmswarm_protocol::fetch::FetchError),
+    /// The content layout does not fit the image.
+    #[error("image: {0}")]
+    Content(#[from] crate::content::ContentError),
 }
 
 /// Progress of a run, for a status line.
@@ -127,6 +131,11 @@ enum Ev {
     Timer(u32),
     ReadIssue(u32),
     HaveFlush(u32),
+    /// A congestion-window tick of the connection `from -> to` (see `links`).
+    CwndTick {
+        from: NodeId,
+        to: NodeId,
+    },
     /// One `HaveUpdate` batch from `from` to each of `to` (hosts of one site).
     HaveBatch {
         from: NodeId,
@@ -209,6 +218,44 @@ const STREAM_START: u64 = 3;
 const STREAM_ROUTING: u64 = 4;
 const STREAM_SCHED: u64 = 5;
 
+/// The part of the boot trace all VMs share, for run `seed`.
+fn shared_trace(sc: &Scenario, seed: u64) -> Rc<SharedTrace> {
+    let mut boot_rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_BOOT, 0));
+    Rc::new(boot::shared_trace(&sc.boot, sc.image_size, &mut boot_rng))
+}
+
+/// VM `v`'s boot reads and the random stream its think times are then drawn from.
+fn vm_trace(sc: &Scenario, seed: u64, shared: &Rc<SharedTrace>, v: u32) -> (VmReads, ChaCha8Rng) {
+    let mut rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_VM, v.into()));
+    let reads = VmReads::new(&sc.boot, sc.image_size, shared.clone(), &mut rng);
+    (reads, rng)
+}
+
+/// Every VM's boot reads and think-time stream for run `seed`, in VM order (host groups in file
+/// order, their hosts, their VMs), exactly as [`World::new`] draws them: the testnet replays these.
+pub fn vm_traces(sc: &Scenario, seed: u64) -> Vec<(VmReads, ChaCha8Rng)> {
+    let shared = shared_trace(sc, seed);
+    let vms: u32 = sc.hosts.iter().map(|g| g.count * g.vms).sum();
+    (0..vms).map(|v| vm_trace(sc, seed, &shared, v)).collect()
+}
+
+/// Every VM's start time (s) for run `seed`, in VM order (as [`vm_traces`]).
+pub fn vm_start_times(sc: &Scenario, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_START, 0));
+    let mut out = Vec::new();
+    for g in &sc.hosts {
+        for _ in 0..g.count * g.vms {
+            let offset = if g.start_spread_s > 0.0 {
+                rand::Rng::random::<f64>(&mut rng) * g.start_spread_s
+            } else {
+                0.0
+            };
+            out.push(g.start_s + offset);
+        }
+    }
+    out
+}
+
 /// The synthetic id of chunk `index` (distinct per index, never an all-zero chunk's id).
 pub fn chunk_id(index: u32) -> ChunkId {
     let mut b = [0xA5u8; 32];
@@ -229,6 +276,7 @@ pub struct World {
     q: EventQueue<Ev>,
     net: Network<Transfer>,
     manifest: Manifest,
+    content: Content,
     full: ChunkBitmap,
     profile: Vec<u32>,
     profile_set: ChunkBitmap,
@@ -237,7 +285,7 @@ pub struct World {
     vms: Vec<Vm>,
     sources: u32,
     site_links: Vec<links::SiteLinks>,
-    windows: HashMap<(NodeId, NodeId), (LinkId, u32)>,
+    conns: HashMap<(NodeId, NodeId), links::Conn>,
     providers: Vec<(Instant, u32)>,
     lookup_delay: Vec<Duration>,
     routing_rng: ChaCha8Rng,
@@ -276,9 +324,20 @@ impl World {
         )?;
         // Check the scheduler configuration once, before building anything.
         FetchScheduler::<NodeId>::new(sc.fetch.clone(), chunks, 0)?;
-        let mut boot_rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_BOOT, 0));
-        let shared: Rc<SharedTrace> =
-            Rc::new(boot::shared_trace(&sc.boot, sc.image_size, &mut boot_rng));
+        let content = match &sc.content {
+            Some(c) => {
+                c.check_len(chunks)?;
+                c.clone()
+            }
+            None => Content::distinct(chunks),
+        };
+        // Every host holds the all-zero chunks from the start, as a node does (the manifest
+        // names them; reads of them are zeros).
+        let mut empty_store = ChunkBitmap::new(chunks);
+        for i in (0..chunks).filter(|&i| content.is_zero(i)) {
+            empty_store.insert(i);
+        }
+        let shared = shared_trace(&sc, seed);
         let profile = boot::profile(&shared, &manifest);
         let mut profile_set = ChunkBitmap::new(chunks);
         for &c in &profile {
@@ -305,7 +364,7 @@ impl World {
         let mut q = EventQueue::new();
         let mut hosts = Vec::new();
         let mut vms = Vec::new();
-        let mut start_rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_START, 0));
+        let vm_starts = vm_start_times(&sc, seed);
         let mut first_start = Instant::MAX;
         for g in &sc.hosts {
             for _ in 0..g.count {
@@ -321,15 +380,8 @@ impl World {
                     sending: HashMap::new(),
                     uploaded: 0.0,
                 });
-                let starts: Vec<Instant> = (0..g.vms)
-                    .map(|_| {
-                        let offset = if g.start_spread_s > 0.0 {
-                            rand::Rng::random::<f64>(&mut start_rng) * g.start_spread_s
-                        } else {
-                            0.0
-                        };
-                        instant_from_secs(g.start_s + offset)
-                    })
+                let starts: Vec<Instant> = (0..g.vms as usize)
+                    .map(|k| instant_from_secs(vm_starts[vms.len() + k]))
                     .collect();
                 // The host starts with its first VM, and before it (events at one instant run in
                 // the order they were scheduled).
@@ -338,8 +390,7 @@ impl World {
                 let mut host_vms = Vec::new();
                 for start in starts {
                     let v = vms.len() as u32;
-                    let mut rng = ChaCha8Rng::seed_from_u64(substream(seed, STREAM_VM, v.into()));
-                    let reads = VmReads::new(&sc.boot, sc.image_size, shared.clone(), &mut rng);
+                    let (reads, rng) = vm_trace(&sc, seed, &shared, v);
                     vms.push(Vm {
                         host: h,
                         start,
@@ -362,7 +413,7 @@ impl World {
                     node,
                     site: g.site,
                     sched: None,
-                    store: ChunkBitmap::new(chunks),
+                    store: empty_store.clone(),
                     conns: BTreeSet::new(),
                     have_peers: Vec::new(),
                     pending_have: Vec::new(),
@@ -397,6 +448,7 @@ impl World {
             net,
             full: ChunkBitmap::full(chunks),
             manifest,
+            content,
             profile,
             profile_set,
             nodes,
@@ -407,7 +459,7 @@ impl World {
             vms,
             sources,
             site_links,
-            windows: HashMap::new(),
+            conns: HashMap::new(),
             providers: Vec::new(),
             lookup_delay,
             routing_rng: ChaCha8Rng::seed_from_u64(substream(seed, STREAM_ROUTING, 0)),
@@ -534,6 +586,7 @@ impl World {
                 self.run_vm(v, now);
             }
             Ev::HaveFlush(h) => self.have_flush(h),
+            Ev::CwndTick { from, to } => self.cwnd_tick(from, to),
             Ev::HaveBatch { from, to, indices } => {
                 for &peer in to.iter() {
                     if let Some(h) = self.host_of(peer) {

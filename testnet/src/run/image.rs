@@ -12,6 +12,9 @@ use std::path::Path;
 use anyhow::Context;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use vmswarm_protocol::ChunkId;
+use vmswarm_protocol::chunker::is_all_zero;
+use vmswarm_sim::content::Content;
 
 const BLOCK: usize = 64 * 1024;
 const WORDS: &[&str] = &[
@@ -107,10 +110,63 @@ pub fn generate(path: &Path, size: u64, chunk_size: u32, seed: u64) -> anyhow::R
     Ok(())
 }
 
+/// The content layout of the image at `path` in `chunk_size` chunks (which chunks are all-zero and
+/// which repeat an earlier one), for the simulator to fetch what the nodes fetch.
+pub fn content_layout(path: &Path, chunk_size: u32) -> anyhow::Result<Content> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; chunk_size as usize];
+    let mut ids = Vec::new();
+    let mut zero = Vec::new();
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            let got = f
+                .read(&mut buf[n..])
+                .with_context(|| format!("reading {}", path.display()))?;
+            if got == 0 {
+                break;
+            }
+            n += got;
+        }
+        if n == 0 {
+            break;
+        }
+        ids.push(ChunkId::of(&buf[..n]));
+        zero.push(is_all_zero(&buf[..n]));
+        if n < buf.len() {
+            break;
+        }
+    }
+    Ok(Content::from_ids(&ids, |i, _| zero[i as usize]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn content_layout_finds_the_zero_and_repeated_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let c = 64 * 1024;
+        let mut bytes = vec![0u8; 5 * c + 100];
+        bytes[c..2 * c].fill(7);
+        bytes[3 * c..4 * c].fill(7);
+        bytes[4 * c..5 * c].fill(9);
+        bytes[5 * c..].fill(7);
+        std::fs::write(&p, &bytes).unwrap();
+        let layout = content_layout(&p, c as u32).unwrap();
+        assert_eq!(layout.chunk_count(), 6);
+        assert!(layout.is_zero(0) && layout.is_zero(2) && !layout.is_zero(5));
+        assert_eq!(layout.group(3), &[1, 3]);
+        assert!(
+            layout.group(5).is_empty(),
+            "a short tail is its own content"
+        );
+        assert_eq!(layout.summary(), (2, 1, 3));
+    }
 
     #[test]
     fn layout_mixes_zero_duplicate_and_distinct_chunks_deterministically() {
