@@ -1,0 +1,128 @@
+//! The simulator held against real processes (issue #6): for the demo's testnet (3 sites x 4
+//! nodes, RTTs 31/75/165 ms through the WAN emulator, 100 Mbit/s WAN per site, 200 Mbit/s NICs)
+//! and the `small-3site` scenario, the simulator's median and max VM boot times are within ±25%
+//! of the testnet's, and the chunk bytes entering each site over the WAN within ±10%.
+//!
+//! The testnet runs five times on fresh nodes and each metric is the median of the five: this
+//! machine is shared, and one run's CPU noise is not a model error. The simulator is deterministic
+//! (same seed, same traces, same image layout). Needs root (network namespaces); without it the
+//! test says so and returns.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{BIN, is_root, ok};
+use serde_json::Value;
+
+const RUNS: usize = 5;
+const SEED: &str = "7";
+
+struct Down<'a>(&'a Path);
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .arg("--dir")
+            .arg(self.0)
+            .arg("down")
+            .output();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `(testnet, simulator)` of `metric` in a `compare.json`.
+fn row(compare: &Value, metric: &str) -> (f64, f64) {
+    let r = compare["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["metric"] == metric)
+        .unwrap_or_else(|| panic!("no {metric:?} in {compare}"));
+    (
+        r["testnet"].as_f64().unwrap(),
+        r["simulator"].as_f64().unwrap(),
+    )
+}
+
+#[test]
+fn simulator_matches_the_testnet_within_the_validation_bands() {
+    if !is_root() {
+        eprintln!("SKIPPED: creating network namespaces needs root");
+        return;
+    }
+    let scenario =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../simulator/scenarios/small-3site.toml");
+    let mut compares = Vec::new();
+    for run in 0..RUNS {
+        let state = tempfile::Builder::new()
+            .prefix("vtv")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let _down = Down(state.path());
+        ok(
+            state.path(),
+            &[
+                "up",
+                "--sites",
+                "3",
+                "--nodes-per-site",
+                "4",
+                "--wan",
+                "31ms,75ms,165ms",
+                "--wan-bw",
+                "100mbit",
+                "--nic-bw",
+                "200mbit",
+            ],
+        );
+        ok(
+            state.path(),
+            &[
+                "run",
+                scenario.to_str().unwrap(),
+                "--out",
+                out.path().to_str().unwrap(),
+                "--seed",
+                SEED,
+                "--timeout-s",
+                "240",
+            ],
+        );
+        let table = ok(
+            state.path(),
+            &["compare", out.path().to_str().unwrap(), "--sim"],
+        );
+        eprintln!("run {run} (seed {SEED}):\n{table}");
+        let text = std::fs::read_to_string(out.path().join("compare.json")).unwrap();
+        compares.push(serde_json::from_str::<Value>(&text).unwrap());
+        ok(state.path(), &["down"]);
+    }
+    let mut failures = Vec::new();
+    for (metric, band) in [
+        ("p50 boot (s)", 0.25),
+        ("max boot (s)", 0.25),
+        ("WAN in site1 (MB)", 0.10),
+        ("WAN in site2 (MB)", 0.10),
+    ] {
+        let testnet = median(compares.iter().map(|c| row(c, metric).0).collect());
+        let sim = row(&compares[0], metric).1;
+        let ratio = sim / testnet;
+        eprintln!("{metric}: testnet median {testnet:.2}, simulator {sim:.2}, ratio {ratio:.2} (band ±{band})");
+        if (ratio - 1.0).abs() > band {
+            failures.push(format!(
+                "{metric}: simulator {sim:.2} vs testnet median {testnet:.2} = {ratio:.2}, outside ±{band}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "seed {SEED}: the simulator disagrees with the testnet:\n{}",
+        failures.join("\n")
+    );
+}
