@@ -113,7 +113,9 @@ fn simulator_matches_the_testnet_within_the_validation_bands() {
         let testnet = median(compares.iter().map(|c| row(c, metric).0).collect());
         let sim = row(&compares[0], metric).1;
         let ratio = sim / testnet;
-        eprintln!("{metric}: testnet median {testnet:.2}, simulator {sim:.2}, ratio {ratio:.2} (band ±{band})");
+        eprintln!(
+            "{metric}: testnet median {testnet:.2}, simulator {sim:.2}, ratio {ratio:.2} (band ±{band})"
+        );
         if (ratio - 1.0).abs() > band {
             failures.push(format!(
                 "{metric}: simulator {sim:.2} vs testnet median {testnet:.2} = {ratio:.2}, outside ±{band}"
