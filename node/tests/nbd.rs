@@ -832,3 +832,77 @@ fn prefetch_fills_the_image_and_the_boot_profile_is_recorded_and_replayed() {
     assert_eq!(got["order"], serde_json::json!(order));
     assert!(c.log().contains("profile from a peer"), "{}", c.log());
 }
+
+#[test]
+fn a_lazy_mount_keeps_its_transfer_and_umount_stops_its_prefetch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Node::start(&tmp.path().join("a"), "dc1", None, &[]);
+    let b = Node::start(&tmp.path().join("b"), "dc2", Some(&a.addr), &[]);
+    let file = tmp.path().join("disk.raw");
+    // Large enough that a prefetch over loopback takes seconds, so the umount lands mid-way.
+    let size = 512 * MIB;
+    make_pattern_image(&file, size);
+    let image = publish(&a, &file);
+    wait_for_peers(&b, 1);
+    let image_of = |node: &Node| -> Value {
+        node.status()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == image.as_str())
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let sock = tmp.path().join("b.sock");
+    let sock_arg = format!("unix:{}", sock.display());
+
+    // A lazy mount's transfer exists from the mount on and survives reads that complete.
+    cli_ok(&b, &["mount", &image, "--nbd", &sock_arg, "--name", "lazy"]);
+    let out = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -P {} 0 4096", pattern(0)),
+            &unix_uri(&sock, "lazy"),
+        ],
+    );
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    assert_eq!(image_of(&b)["pulling"], true, "{}", b.log());
+    // The read's chunk, and whatever qemu probes on open: a few chunks, not the image.
+    let present = image_of(&b)["present"].as_u64().unwrap();
+    assert!((1..=4).contains(&present), "{present} chunks present");
+    cli_ok(&b, &["umount", "lazy"]);
+    assert_eq!(
+        image_of(&b)["pulling"],
+        false,
+        "the last umount ends the transfer"
+    );
+
+    // A prefetching mount, unmounted at once: the prefetch stops short of the whole image.
+    cli_ok(
+        &b,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &sock_arg,
+            "--name",
+            "pre",
+            "--prefetch",
+        ],
+    );
+    cli_ok(&b, &["umount", "pre"]);
+    let at_umount = image_of(&b)["present"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let later = image_of(&b);
+    let chunks = later["chunks"].as_u64().unwrap();
+    assert_eq!(later["pulling"], false, "{later}\n{}", b.log());
+    assert!(
+        later["present"].as_u64().unwrap() < chunks,
+        "the prefetch went on after umount: {at_umount} chunks at umount, {later}"
+    );
+    assert_eq!(b.status()["fetches_in_flight"], 0);
+}
