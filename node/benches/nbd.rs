@@ -23,6 +23,14 @@
 //!    qemu-io's own start-up and handshake. Reported: medians, and B's per-export Demand latency
 //!    (want to stored chunk) from `mounts --json`.
 //!
+//! 3. **A boot-like trace, lazily and with a boot profile.** A seeded trace of 48 extents of 512 KiB
+//!    scattered over the image, read as 64 KiB reads with 1 ms pauses (384 reads, 24 MiB, 4.7% of
+//!    the image), replayed with `qemu-io` on a fresh node that holds nothing, three ways: a lazy
+//!    mount (Demand fetches only; its boot profile is saved at umount); a `--prefetch` mount on a
+//!    node that gets that profile from the first node and prefetches in its order; and a
+//!    `--prefetch` mount without any profile (rarest first). Wall clock of the replay, median of
+//!    three rounds, each round on fresh nodes.
+//!
 //! Prints a table and rewrites the generated block of the section "NBD exports" in `BENCHMARKS.md`.
 //! `VMSWARM_BENCH_NO_WRITE=1` leaves `BENCHMARKS.md` alone. Every process it starts is killed and
 //! reaped by a guard, also on failure.
@@ -295,6 +303,27 @@ fn run() -> Result<()> {
         bail!("expected 10 Demand fetches on B, saw {demand_n}: {m}");
     }
 
+    // A boot-like trace: lazy, prefetch with the profile the lazy boot recorded, prefetch without.
+    let trace = boot_trace(size, 11);
+    let mut lazy = Vec::new();
+    let mut profiled = Vec::new();
+    let mut unprofiled = Vec::new();
+    for round in 0..3 {
+        let c_dir = dir.join(format!("c{round}"));
+        let (_c, c_addr) = serve(&bin, &c_dir, "dc1", Some(&a_addr))?;
+        lazy.push(boot(&bin, dir, &c_dir, &image, &trace, false)?);
+        let d_dir = dir.join(format!("d{round}"));
+        let (_d, _) = serve(&bin, &d_dir, "dc1", Some(&c_addr))?;
+        profiled.push(boot(&bin, dir, &d_dir, &image, &trace, true)?);
+        let e_dir = dir.join(format!("e{round}"));
+        let (_e, _) = serve(&bin, &e_dir, "dc1", Some(&a_addr))?;
+        unprofiled.push(boot(&bin, dir, &e_dir, &image, &trace, true)?);
+        eprintln!(
+            "boot trace round {round}: lazy {:.3} s, prefetch with profile {:.3} s, prefetch without {:.3} s",
+            lazy[round], profiled[round], unprofiled[round]
+        );
+    }
+
     let mut table = String::new();
     table.push_str("| workload | vmswarm export | qemu-nbd (same file) | vmswarm / qemu-nbd |\n|---|---|---|---|\n");
     for (name, bytes, v, q) in &results {
@@ -315,11 +344,97 @@ fn run() -> Result<()> {
         median(cold.clone()),
         median(warm.clone())
     ));
+    table.push_str(&format!(
+        "\nBoot-like trace (384 reads of 64 KiB in 48 scattered 512 KiB extents, 1 ms pauses; a fresh \
+         node each time, chunks from loopback peers), `qemu-io` wall clock, median of 3: lazy mount \
+         **{:.2} s**; `--prefetch` with the boot profile the lazy boot recorded **{:.2} s**; \
+         `--prefetch` without a profile {:.2} s.\n",
+        median(lazy),
+        median(profiled),
+        median(unprofiled)
+    ));
     println!("{table}");
     if write {
         update_benchmarks(&table)?;
     }
     Ok(())
+}
+
+/// A seeded boot-like `qemu-io` script over an image of `size` bytes (see the module docs).
+fn boot_trace(size: u64, seed: u64) -> String {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let extent = 512 * 1024;
+    let mut s = String::new();
+    for _ in 0..48 {
+        let start = rng.next_u64() % (size / extent) * extent;
+        for k in 0..8 {
+            s.push_str(&format!("read {} 65536\nsleep 1\n", start + k * 65536));
+        }
+    }
+    s.push_str("quit\n");
+    s
+}
+
+/// Mounts `image` on the node in `data` (with `--prefetch` if asked, once it has a peer), replays
+/// `trace` through the export with `qemu-io`, unmounts (which saves a recorded boot profile), and
+/// returns the replay's wall clock in seconds.
+fn boot(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    image: &str,
+    trace: &str,
+    prefetch: bool,
+) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st: Value = serde_json::from_str(&cli(bin, data, &["status", "--json"])?)?;
+        if st["peers"].as_object().is_some_and(|p| !p.is_empty()) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} found no peer",
+            data.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let name = data
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("node dir name")?
+        .to_owned();
+    let sock = dir.join(format!("{name}.sock"));
+    let nbd = format!("unix:{}", sock.display());
+    let mut args = vec!["mount", image, "--nbd", &nbd, "--name", "boot"];
+    if prefetch {
+        args.push("--prefetch");
+    }
+    cli(bin, data, &args)?;
+    let uri = format!("nbd+unix:///boot?socket={}", sock.display());
+    let t = Instant::now();
+    let mut child = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", &uri])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting qemu-io")?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("qemu-io stdin")?;
+        stdin.write_all(trace.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let secs = t.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && !stdout.contains("failed"),
+        "boot trace on {name} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cli(bin, data, &["umount", "boot"])?;
+    Ok(secs)
 }
 
 fn update_benchmarks(table: &str) -> Result<()> {
