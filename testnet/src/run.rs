@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rand_chacha::ChaCha8Rng;
 use vmswarm_sim::boot::{self, VmReads};
-use vmswarm_sim::record::VmRecord;
+use vmswarm_sim::record::{LinkRecord, VmRecord};
 use vmswarm_sim::scenario::{Prefetch, Scenario};
 
 use crate::plan::NodePlan;
@@ -181,6 +181,60 @@ fn vmswarm(bin: &Path, data: &Path, args: &[&str]) -> anyhow::Result<String> {
     let mut full: Vec<&OsStr> = vec![OsStr::new("--data"), data.as_os_str()];
     full.extend(args.iter().map(OsStr::new));
     sys::run(bin, &full)
+}
+
+/// Per-link chunk payload in the simulator's link schema: each node's NIC up (bytes it served) and
+/// down (bytes it fetched), each site's WAN up and down (chunk bytes fetched across sites, from
+/// the nodes' per-site counters). Capacities are the shaped rates (unknown when unshaped); peak
+/// utilisation is not measured (left empty).
+fn link_records(
+    plan: &crate::plan::Plan,
+    host_in: &[Vec<u64>],
+    host_out: &[u64],
+) -> Vec<LinkRecord> {
+    let cap = |bps: Option<u64>| bps.map_or(f64::NAN, |b| b as f64 / 8.0);
+    let mut links = Vec::new();
+    let nsites = plan.sites.len();
+    let mut wan_up = vec![0u64; nsites];
+    let mut wan_down = vec![0u64; nsites];
+    for (i, n) in plan.nodes.iter().enumerate() {
+        let fetched = host_in.get(i).cloned().unwrap_or_default();
+        for (s, b) in fetched.iter().enumerate() {
+            if s != n.site {
+                wan_down[n.site] += b;
+                wan_up[s] += b;
+            }
+        }
+        for (class, bytes) in [
+            ("host_up", host_out.get(i).copied().unwrap_or(0)),
+            ("host_down", fetched.iter().sum()),
+        ] {
+            links.push(LinkRecord {
+                class: class.to_owned(),
+                owner: n.name.clone(),
+                capacity: cap(plan.nic_bps.filter(|_| plan.netns)),
+                bytes: bytes as f64,
+                peak_utilisation: f64::NAN,
+            });
+        }
+    }
+    let wan = if plan.netns {
+        plan.wan.uplink_bps
+    } else {
+        None
+    };
+    for (s, site) in plan.sites.iter().enumerate() {
+        for (class, bytes) in [("wan_up", wan_up[s]), ("wan_down", wan_down[s])] {
+            links.push(LinkRecord {
+                class: class.to_owned(),
+                owner: site.clone(),
+                capacity: cap(wan),
+                bytes: bytes as f64,
+                peak_utilisation: f64::NAN,
+            });
+        }
+    }
+    links
 }
 
 /// The qemu-io commands that replay one VM's boot: reads, and think times as `sleep` (qemu-io
@@ -440,6 +494,7 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let mut wan_in_payload = vec![0u64; nsites];
     let mut source_egress = 0u64;
     let mut host_in: Vec<Vec<u64>> = Vec::new();
+    let mut host_out: Vec<u64> = Vec::new();
     for (i, n) in state.plan.nodes.iter().enumerate() {
         let now: serde_json::Value =
             vmswarm(&opts.vmswarm, &node_dir(&n.name), &["status", "--json"])
@@ -452,9 +507,10 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         for (site, b) in site_bytes_in(&now, own) {
             wan_in_payload[n.site] += b - before.get(&site).copied().unwrap_or(0).min(b);
         }
+        let out = now["metrics"]["bytes_out"].as_u64().unwrap_or(0);
+        let was = baseline[i]["metrics"]["bytes_out"].as_u64().unwrap_or(0);
+        host_out.push(out.saturating_sub(was));
         if roles.sources.iter().any(|s| s.name == n.name) {
-            let out = now["metrics"]["bytes_out"].as_u64().unwrap_or(0);
-            let was = baseline[i]["metrics"]["bytes_out"].as_u64().unwrap_or(0);
             source_egress += out.saturating_sub(was);
         }
         let mut per_site = vec![0u64; nsites];
@@ -542,6 +598,13 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         vmswarm_sim::report::vm_records_csv(&state.plan.sites, &records),
     )?;
     std::fs::write(opts.out.join("wan.csv"), wan_csv)?;
+    std::fs::write(
+        opts.out.join("links.csv"),
+        vmswarm_sim::report::link_records_csv(
+            &link_records(&state.plan, &host_in, &host_out),
+            t0.elapsed().as_secs_f64(),
+        ),
+    )?;
     std::fs::write(
         opts.out.join("summary.json"),
         serde_json::to_vec_pretty(&summary)?,

@@ -96,6 +96,32 @@ fn a_scenario_boots_lazily_over_the_emulated_wan_and_compares_with_the_simulator
         assert_eq!(line.split(',').nth(7), Some("0"), "read failures: {line}");
     }
 
+    // Per-link results in the simulator's schema; WAN-down payload per site as in the summary.
+    let links = std::fs::read_to_string(out.path().join("links.csv")).unwrap();
+    assert!(
+        links.starts_with(
+            "class,owner,capacity_bytes_per_s,bytes,mean_utilisation,peak_utilisation\n"
+        ),
+        "{links}"
+    );
+    for site in [1, 2] {
+        let row = links
+            .lines()
+            .find(|l| l.starts_with(&format!("wan_down,site{site},")))
+            .unwrap_or_else(|| panic!("no wan_down row for site{site}: {links}"));
+        let bytes: f64 = row.split(',').nth(3).unwrap().parse().unwrap();
+        assert_eq!(
+            bytes,
+            summary["wan_in_payload"][site].as_f64().unwrap(),
+            "{row}"
+        );
+        assert_eq!(row.split(',').nth(2), Some("12500000"), "100 Mbit/s: {row}");
+    }
+    assert_eq!(
+        links.lines().filter(|l| l.starts_with("host_up,")).count(),
+        6
+    );
+
     let table = ok(
         state.path(),
         &["compare", out.path().to_str().unwrap(), "--sim"],

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::checks::{self, Checks};
-use crate::record::{Counters, RunResult, VmRecord};
+use crate::record::{Counters, LinkRecord, RunResult, VmRecord};
 use crate::units::fmt_bytes;
 
 /// Errors from writing reports.
@@ -374,19 +374,33 @@ pub fn hosts_csv(r: &RunResult) -> String {
 
 /// The per-link CSV.
 pub fn links_csv(r: &RunResult) -> String {
+    link_records_csv(&r.links, r.counters.end_s)
+}
+
+/// The per-link CSV of any list of link records over a run of `span_s` seconds (the testnet writes
+/// its results with it too). A capacity or peak that is not finite (unknown, unlimited) is left
+/// empty, and so is the mean utilisation then.
+pub fn link_records_csv(links: &[LinkRecord], span_s: f64) -> String {
     let mut t =
         String::from("class,owner,capacity_bytes_per_s,bytes,mean_utilisation,peak_utilisation\n");
-    let span = r.counters.end_s.max(1e-9);
-    for l in &r.links {
+    let span = span_s.max(1e-9);
+    let num = |x: f64, digits: usize| {
+        if x.is_finite() {
+            format!("{x:.digits$}")
+        } else {
+            String::new()
+        }
+    };
+    for l in links {
         let _ = writeln!(
             t,
-            "{},{},{:.0},{:.0},{:.6},{:.6}",
+            "{},{},{},{:.0},{},{}",
             l.class,
             csv_field(&l.owner),
-            l.capacity,
+            num(l.capacity, 0),
             l.bytes,
-            l.bytes / (l.capacity * span),
-            l.peak_utilisation
+            num(l.bytes / (l.capacity * span), 6),
+            num(l.peak_utilisation, 6)
         );
     }
     t
