@@ -169,18 +169,23 @@ impl MountExport {
         let manifest = self.manifest.clone();
         let zero = self.zero.clone();
         let buf = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
+            // A recycled buffer (the reply writer gives it back): a fresh one of a large READ
+            // would be new pages, faulted in and zeroed by the kernel on every request. Its
+            // contents are unspecified, so every byte is written below: the range's chunks
+            // cover [offset, end) exactly.
+            let mut buf = crate::net::buffers::take(len as usize);
             for i in range {
-                if zero.contains(i) {
-                    continue;
-                }
                 let Some(r) = manifest.chunk_range(i) else {
-                    continue;
+                    return Err(eio(format!("chunk {i} is outside the image")));
                 };
                 let from = r.start.max(offset);
                 let to = r.end.min(end);
-                let id = manifest.chunks[i as usize];
                 let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+                if zero.contains(i) {
+                    dst.fill(0);
+                    continue;
+                }
+                let id = manifest.chunks[i as usize];
                 match store.read_at(&id, (from - r.start) as u32, dst) {
                     Ok(true) => {}
                     Ok(false) => {

@@ -293,11 +293,13 @@ where
             if wr.write_all(&head).await.is_err() || wr.write_all(&data).await.is_err() {
                 return;
             }
+            crate::net::buffers::give(data);
             // Coalesce replies that are already queued before flushing.
             while let Ok((head, data)) = rx.try_recv() {
                 if wr.write_all(&head).await.is_err() || wr.write_all(&data).await.is_err() {
                     return;
                 }
+                crate::net::buffers::give(data);
             }
             if wr.flush().await.is_err() {
                 return;

@@ -5,8 +5,9 @@
 //! pages, so every chunk paid page faults and the kernel's zeroing of each page (on the project's
 //! VM, where the host backs guest memory lazily, about 5% of a puller's CPU). Buffers come from
 //! [`take`] (receiving a chunk, reading one from the store to serve it) and go back with [`give`]
-//! once their bytes are written (to the store, or to the QUIC stream). At most [`MAX_POOLED`]
-//! buffers are kept, so the pool holds at most a few tens of MiB however large the image.
+//! once their bytes are written (to the store, to the QUIC stream, or to an NBD client: a READ
+//! reply's buffer comes from here too). At most [`MAX_POOLED`] buffers and [`MAX_POOLED_BYTES`]
+//! bytes are kept, however large the image or the reads.
 //!
 //! It leaves to callers what the bytes mean: a buffer from [`take`] has the requested length and
 //! unspecified contents, and every caller overwrites all of it.
@@ -17,6 +18,8 @@ use vmswarm_protocol::wire::MAX_CHUNK_BYTES;
 
 /// Most buffers kept for reuse.
 pub const MAX_POOLED: usize = 64;
+/// Most bytes (capacity) kept for reuse.
+pub const MAX_POOLED_BYTES: usize = 64 << 20;
 /// Buffers smaller than this are not worth keeping.
 const MIN_POOLED: usize = 64 * 1024;
 
@@ -42,7 +45,8 @@ pub fn give(buf: Vec<u8>) {
         return;
     }
     let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-    if pool.len() < MAX_POOLED {
+    let held: usize = pool.iter().map(Vec::capacity).sum();
+    if pool.len() < MAX_POOLED && held + buf.capacity() <= MAX_POOLED_BYTES {
         pool.push(buf);
     }
 }
@@ -68,5 +72,10 @@ mod tests {
             give(vec![0u8; MIN_POOLED]);
         }
         assert!(POOL.lock().unwrap().len() <= MAX_POOLED);
+        for _ in 0..8 {
+            give(vec![0u8; MAX_CHUNK_BYTES]);
+        }
+        let pool = POOL.lock().unwrap();
+        assert!(pool.iter().map(Vec::capacity).sum::<usize>() <= MAX_POOLED_BYTES);
     }
 }
