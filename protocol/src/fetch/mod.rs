@@ -14,6 +14,11 @@
 //!   Background requests, so a Demand want never waits for Background traffic to drain. A Background
 //!   want that becomes Demand while in flight is re-requested at Demand priority from the same peer,
 //!   which lets the serving side move it up its queue.
+//! - **Background yields while a VM reads.** While Demand wants exist, and for
+//!   [`Config::demand_backoff`] after the last one ended, a peer takes at most
+//!   [`Config::background_during_demand`] new Background requests beside its Demand ones: a
+//!   prefetch's streams would otherwise share the connection (and the nodes' CPU) with the chunk a
+//!   VM is blocked on. Full windows resume when the back-off ends.
 //! - **Background order.** An explicit priority list ([`FetchScheduler::set_priority_order`], used for
 //!   boot profiles) first; then rarest first (fewest connected holders); ties broken by a random key
 //!   drawn from the seeded RNG, so that nodes pulling the same image spread over different chunks.
@@ -128,6 +133,11 @@ pub struct Config {
     pub endgame_threshold: u32,
     /// In endgame, the most peers one chunk is requested from at once.
     pub endgame_max_requests: u32,
+    /// While Demand wants exist, and for `demand_backoff` after the last one ended, each peer takes
+    /// at most `background_during_demand` Background requests (new ones; those in flight finish).
+    pub demand_backoff: Duration,
+    /// See [`Config::demand_backoff`].
+    pub background_during_demand: u32,
     /// Cool-down after a peer's first timeout (doubles per consecutive timeout, up to 30 s) and after
     /// a `Busy` reject.
     pub timeout_backoff: Duration,
@@ -155,6 +165,8 @@ impl Default for Config {
             peer_rate_target: 250_000_000,
             endgame_threshold: 16,
             endgame_max_requests: 2,
+            demand_backoff: Duration::from_millis(250),
+            background_during_demand: 2,
             timeout_backoff: Duration::from_millis(500),
             no_source_retry: Duration::from_secs(5),
             unavailable_deadline: Duration::from_secs(60),
@@ -360,6 +372,8 @@ pub struct FetchScheduler<P> {
     wants: Vec<Option<Want<P>>>,
     wanted: ChunkBitmap,
     wanted_demand: u32,
+    /// Background stays throttled until then (see [`Config::demand_backoff`]).
+    demand_backoff_until: Option<Instant>,
     demand_queue: BTreeSet<(Instant, u32)>,
     bg_queue: BTreeSet<BgKey>,
     bg_unassigned: ChunkBitmap,
@@ -460,6 +474,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             wan_after_deadlines: BTreeSet::new(),
             hedge_candidates: BTreeSet::new(),
             hedge_due: BTreeSet::new(),
+            demand_backoff_until: None,
             actions: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -622,6 +637,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 
     /// Stops wanting chunk `index` (cancelling its requests). Unknown or unwanted indices are ignored.
     pub fn handle_unwant(&mut self, now: Instant, index: u32) {
+        self.note_demand(now);
         if index < self.chunks {
             self.drop_want(index, None);
             self.schedule(now);
@@ -630,6 +646,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 
     /// [`Self::handle_unwant`] for many chunks, rescheduling once.
     pub fn handle_unwant_many(&mut self, now: Instant, indices: impl IntoIterator<Item = u32>) {
+        self.note_demand(now);
         for index in indices {
             if index < self.chunks {
                 self.drop_want(index, None);
@@ -782,6 +799,8 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if index >= self.chunks {
             return Delivery::Discard;
         }
+        // The Demand want this chunk may end keeps Background throttled for a while after.
+        self.note_demand(now);
         if outcome == ChunkOutcome::Corrupt {
             self.ban(now, peer);
             self.schedule(now);
@@ -975,6 +994,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             // A peer coming out of cool-down may take queued work.
             let cooldown = self.cooldowns.first().map(|c| c.0);
             next = next.into_iter().chain(cooldown).min();
+        }
+        if !self.bg_queue.is_empty() && self.wanted_demand == 0 {
+            // Background takes its full windows again when the back-off ends.
+            next = next.into_iter().chain(self.demand_backoff_until).min();
         }
         next
     }
@@ -1473,7 +1496,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             .iter()
             .filter(|(id, p)| {
                 p.have.contains(index)
-                    && p.has_room(now, self.slot_limit(p, priority))
+                    && p.has_room(now, self.slot_limit(now, p, priority))
                     && self.locality_allows(now, p, index)
                     && !exclude.contains(id)
             })
@@ -1482,11 +1505,29 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     }
 
     /// Slots requests of `priority` may use at `peer` (its window; Background leaves the reserved
-    /// slots free).
-    fn slot_limit(&self, peer: &Peer, priority: Priority) -> u32 {
+    /// slots free, and takes fewer while a VM is reading: [`Config::demand_backoff`]).
+    fn slot_limit(&self, now: Instant, peer: &Peer, priority: Priority) -> u32 {
         match priority {
             Priority::Demand => peer.limit,
-            Priority::Background => peer.limit - self.config.demand_reserved_slots,
+            Priority::Background => {
+                let base = peer.limit - self.config.demand_reserved_slots;
+                if self.demand_backoff_until.is_some_and(|t| now < t) {
+                    // Room is counted over all requests in flight: this leaves Background
+                    // `background_during_demand` of them beside the peer's Demand requests.
+                    base.min(peer.in_flight_demand + self.config.background_during_demand)
+                } else {
+                    base
+                }
+            }
+        }
+    }
+
+    /// Pushes the Background back-off forward while Demand wants exist.
+    fn note_demand(&mut self, now: Instant) {
+        if self.wanted_demand > 0 {
+            self.demand_backoff_until = Some(now + self.config.demand_backoff);
+        } else if self.demand_backoff_until.is_some_and(|t| now >= t) {
+            self.demand_backoff_until = None;
         }
     }
 
@@ -1593,6 +1634,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     }
 
     fn schedule(&mut self, now: Instant) {
+        self.note_demand(now);
         // Cool-downs that ended: this pass looks at those peers again, and `poll_timeout` only ever
         // reports instants after `now`.
         while self.cooldowns.first().is_some_and(|c| c.0 <= now) {
@@ -1672,7 +1714,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 .peers
                 .iter()
                 .filter(|(_, p)| {
-                    p.has_room(now, self.slot_limit(p, Priority::Background))
+                    p.has_room(now, self.slot_limit(now, p, Priority::Background))
                         && p.exhausted_gen != Some(generation)
                 })
                 .map(|(id, p)| std::cmp::Reverse((p.rank(now), id.clone())))
@@ -1685,7 +1727,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     Some(index) => {
                         self.assign(now, index, &id, Priority::Background, &mut pass);
                         if let Some(p) = self.peers.get(&id) {
-                            if p.has_room(now, self.slot_limit(p, Priority::Background))
+                            if p.has_room(now, self.slot_limit(now, p, Priority::Background))
                                 && !self.bg_queue.is_empty()
                             {
                                 heap.push(std::cmp::Reverse((p.rank(now), id)));

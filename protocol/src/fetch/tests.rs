@@ -641,6 +641,39 @@ fn unwant_many_drops_wants_and_cancels_their_requests() {
 }
 
 #[test]
+fn background_backs_off_while_a_vm_reads_and_resumes_after() {
+    let mut s = FetchScheduler::new(cfg(), 64, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(64));
+    // A VM reads chunk 0 before the prefetch starts.
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    s.handle_want_many(t(0), 1..64, Priority::Background)
+        .unwrap();
+    let sent = requests(&drain_actions(&mut s));
+    let bg = sent.iter().filter(|r| r.1 == Priority::Background).count();
+    assert_eq!(
+        bg, 2,
+        "two Background requests beside the Demand one: {sent:?}"
+    );
+    // The Demand chunk arrives; Background stays throttled for the back-off.
+    s.handle_chunk(t(10), &1, 0, ChunkOutcome::Valid);
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "no Background request while the back-off runs"
+    );
+    let until = s.poll_timeout().unwrap();
+    assert_eq!(until, t(10) + Config::default().demand_backoff);
+    // When it ends, the full window (16 - 4 reserved) is used.
+    s.handle_timeout(until);
+    let more = requests(&drain_actions(&mut s));
+    assert_eq!(more.len(), 12 - 2, "{more:?}");
+    assert!(
+        s.poll_timeout() != Some(until),
+        "the back-off timer is spent"
+    );
+}
+
+#[test]
 fn busy_server_that_keeps_delivering_is_not_timed_out() {
     let config = Config {
         request_max_wait: Duration::from_secs(20),
