@@ -117,11 +117,13 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(
             &p,
-            "site = \"dc1\"\nlisten = [\"/ip4/127.0.0.1/udp/0/quic-v1\"]\n[fetch]\nrequest_timeout_ms = 900\n",
+            "site = \"dc1\"\nlisten = [\"/ip4/127.0.0.1/udp/0/quic-v1\"]\norigin = true\n[fetch]\nrequest_timeout_ms = 900\n",
         )
         .unwrap();
         let c = FileConfig::load(&p).unwrap();
         assert_eq!(c.site.as_deref(), Some("dc1"));
+        assert!(c.origin);
+        assert!(!FileConfig::default().origin);
         let mut f = vmswarm_protocol::fetch::Config::default();
         c.apply(&mut f);
         assert_eq!(f.request_timeout.as_millis(), 900);

@@ -383,3 +383,32 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn an_origin_is_announced_as_one_and_serves_a_same_site_pull() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = Node::start(&tmp.path().join("origin"), "dc1", None, &["--origin"]);
+    let file = tmp.path().join("disk.raw");
+    let data = make_image(&file, 8 * MIB, seed);
+    let image = publish(&origin, &file);
+    let host = Node::start(&tmp.path().join("host"), "dc1", Some(&origin.addr), &[]);
+    let out = tmp.path().join("out.raw");
+    let res = host.cli(&["pull", &image, "-o", out.to_str().unwrap()]);
+    assert!(
+        res.status.success(),
+        "seed {seed}: {}\n{}",
+        String::from_utf8_lossy(&res.stderr),
+        host.log()
+    );
+    assert!(std::fs::read(&out).unwrap() == data, "seed {seed}");
+    let origin_id = origin.status()["peer_id"].as_str().unwrap().to_owned();
+    let peers = host.status()["peers"].clone();
+    assert_eq!(peers[&origin_id]["origin"], true, "{peers}");
+    let host_id = host.status()["peer_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        origin.status()["peers"][&host_id]["origin"],
+        false,
+        "an ordinary node does not announce itself as an origin"
+    );
+}

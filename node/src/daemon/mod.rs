@@ -1030,6 +1030,7 @@ impl Daemon {
                     serde_json::json!({
                         "site": p.site,
                         "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                        "origin": p.origin,
                     }),
                 )
             })
