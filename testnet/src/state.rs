@@ -141,6 +141,22 @@ impl State {
                 }
             }
         }
+        // Anything else started for this testnet: a process `up` spawned but was killed before
+        // recording (it names this dir on its command line).
+        let dir = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        let strays = sys::pids_under(&dir);
+        for &pid in &strays {
+            sys::signal(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && strays.iter().any(|&p| sys::start_ticks(p).is_some()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for &pid in &strays {
+            if sys::start_ticks(pid).is_some() {
+                sys::signal(pid, libc::SIGKILL);
+            }
+        }
         // Node namespaces first, the router (with bridges, veth peers and the TUN device) last.
         for ns in self.namespaces.iter().rev() {
             if sys::netns_exists(ns)

@@ -3,6 +3,8 @@
 #![allow(unsafe_code)]
 
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
@@ -106,4 +108,35 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     unsafe {
         libc::kill(pid, sig);
     }
+}
+
+/// Live processes (not this one) with an argument that is `dir` or lies under it: what a testnet
+/// in `dir` started, found by its command line (`--data DIR/nodes/..`, `--spec DIR/wan.json`),
+/// including a process whose start was never recorded because `up` was killed right after
+/// spawning it.
+pub fn pids_under(dir: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let dir = dir.as_os_str().as_bytes();
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let under = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == dir || (arg.starts_with(dir) && arg.get(dir.len()) == Some(&b'/')));
+        if under && start_ticks(pid).is_some() {
+            out.push(pid);
+        }
+    }
+    out
 }

@@ -81,6 +81,13 @@ fn assert_nothing_left(state: &Value, dir: &Path) {
             .unwrap_or(false);
         assert!(!still, "process {} (pid {pid}) left behind", p["role"]);
     }
+    // Nor anything unrecorded (a node `up` spawned but was killed before recording).
+    let strays = vmswarm_testnet::sys::pids_under(dir);
+    assert!(
+        strays.is_empty(),
+        "processes naming {} left: {strays:?}",
+        dir.display()
+    );
     assert!(!dir.join("testnet.json").exists());
     assert!(!dir.join("nodes").exists(), "data dirs left behind");
 }
