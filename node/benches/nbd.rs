@@ -261,15 +261,7 @@ fn run() -> Result<()> {
     // Cold Demand reads from a loopback peer.
     let b_dir = dir.join("b");
     let (_b, _) = serve(&bin, &b_dir, "dc1", Some(&a_addr))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st: Value = serde_json::from_str(&cli(&bin, &b_dir, &["status", "--json"])?)?;
-        if st["peers"].as_object().is_some_and(|p| !p.is_empty()) {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "B did not connect to A");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_peer(&bin, &b_dir)?;
     let b_sock = dir.join("b.sock");
     cli(
         &bin,
@@ -360,6 +352,23 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+/// Waits (up to 30 s) until the node in `data` has a peer.
+fn wait_for_peer(bin: &Path, data: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st: Value = serde_json::from_str(&cli(bin, data, &["status", "--json"])?)?;
+        if st["peers"].as_object().is_some_and(|p| !p.is_empty()) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} found no peer",
+            data.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A seeded boot-like `qemu-io` script over an image of `size` bytes (see the module docs).
 fn boot_trace(size: u64, seed: u64) -> String {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -386,19 +395,7 @@ fn boot(
     trace: &str,
     prefetch: bool,
 ) -> Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st: Value = serde_json::from_str(&cli(bin, data, &["status", "--json"])?)?;
-        if st["peers"].as_object().is_some_and(|p| !p.is_empty()) {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{} found no peer",
-            data.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_peer(bin, data)?;
     let name = data
         .file_name()
         .and_then(|n| n.to_str())

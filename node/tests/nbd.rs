@@ -83,6 +83,17 @@ fn cli_ok(node: &Node, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Reads the first 4 KiB block through `uri` with qemu-io and checks its pattern.
+fn read_block_0(uri: &str) {
+    let cmd = format!("read -P {} 0 4096", pattern(0));
+    let out = run("qemu-io", &["-r", "-f", "raw", "-c", &cmd, uri]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !stdout.contains("failed"),
+        "reading block 0 through {uri}: {stdout}"
+    );
+}
+
 fn mount_of<'a>(mounts: &'a Value, name: &str) -> &'a Value {
     mounts
         .as_array()
@@ -313,18 +324,7 @@ fn lazy_random_reads_fetch_only_the_touched_chunks() {
             "lazy",
         ],
     );
-    let out = run(
-        "qemu-io",
-        &[
-            "-r",
-            "-f",
-            "raw",
-            "-c",
-            &format!("read -P {} 0 4096", pattern(0)),
-            &unix_uri(&sock, "lazy"),
-        ],
-    );
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    read_block_0(&unix_uri(&sock, "lazy"));
     let pulled = tmp.path().join("pulled.raw");
     cli_ok(&b, &["pull", &image, "-o", pulled.to_str().unwrap()]);
     assert!(std::fs::read(&pulled).unwrap() == std::fs::read(&file).unwrap());
@@ -858,18 +858,7 @@ fn a_lazy_mount_keeps_its_transfer_and_umount_stops_its_prefetch() {
 
     // A lazy mount's transfer exists from the mount on and survives reads that complete.
     cli_ok(&b, &["mount", &image, "--nbd", &sock_arg, "--name", "lazy"]);
-    let out = run(
-        "qemu-io",
-        &[
-            "-r",
-            "-f",
-            "raw",
-            "-c",
-            &format!("read -P {} 0 4096", pattern(0)),
-            &unix_uri(&sock, "lazy"),
-        ],
-    );
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    read_block_0(&unix_uri(&sock, "lazy"));
     assert_eq!(image_of(&b)["pulling"], true, "{}", b.log());
     // The read's chunk, and whatever qemu probes on open: a few chunks, not the image.
     let present = image_of(&b)["present"].as_u64().unwrap();

@@ -4,21 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{BIN, is_root, ok};
+use common::{Down, is_root, ok};
 use serde_json::Value;
-
-struct Down<'a>(&'a Path);
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(BIN)
-            .arg("--dir")
-            .arg(self.0)
-            .arg("down")
-            .output();
-    }
-}
 
 #[test]
 fn a_scenario_boots_lazily_over_the_emulated_wan_and_compares_with_the_simulator() {

@@ -15,26 +15,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{BIN, is_root, ok};
+use common::{Down, is_root, ok};
 use serde_json::Value;
 
 const RUNS: usize = 7;
 /// Runs before the counted ones.
 const WARMUP: usize = 1;
 const SEED: &str = "7";
-
-struct Down<'a>(&'a Path);
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new(BIN)
-            .arg("--dir")
-            .arg(self.0)
-            .arg("down")
-            .output();
-    }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -39,3 +39,16 @@ pub fn is_root() -> bool {
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
+
+/// Runs `down` on the testnet in its dir when dropped (also when the test fails or panics).
+pub struct Down<'a>(pub &'a Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .arg("--dir")
+            .arg(self.0)
+            .arg("down")
+            .output();
+    }
+}
