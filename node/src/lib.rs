@@ -1,7 +1,8 @@
 //! # vmswarm-node: the node operators run on every compute node
 //!
 //! - [`daemon`]: `vmswarm serve`, the event loop that drives the protocol state machines.
-//! - [`net`]: libp2p transport (QUIC) and behaviours (Kademlia, identify, ping, request-response).
+//! - [`net`]: libp2p transport (QUIC) and behaviours (Kademlia, identify, ping, request-response,
+//!   chunk lanes).
 //! - [`store`]: the durable, content-addressed chunk store.
 //! - [`control`]: the unix control socket the other subcommands use.
 //! - [`identity`]: the node's persistent Ed25519 identity.

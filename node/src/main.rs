@@ -273,7 +273,12 @@ async fn run(cli: Cli) -> Result<()> {
                     .map(std::time::Duration::from_secs)
                     .unwrap_or(vmswarm_node::profile::DEFAULT_WINDOW),
             };
-            daemon::run(opts).await?;
+            // On a worker, not on this thread's `block_on`: the daemon task is woken for every
+            // chunk, and a wake from a worker then stays on the workers instead of unparking the
+            // main thread each time (a futex call and a context switch per wake).
+            tokio::spawn(daemon::run(opts))
+                .await
+                .context("the daemon task failed")??;
             Ok(())
         }
         Command::Publish {

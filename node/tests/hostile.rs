@@ -1,10 +1,11 @@
 //! Hostile peers against a real daemon: a small libp2p swarm in the test speaks `/vmswarm/msg/1`
-//! with raw bytes of its choosing.
+//! and the chunk lanes (`/vmswarm/chunks/1`) with raw bytes of its choosing.
 //!
-//! - As a *client* it sends valid requests (answered), a flood of chunk requests (answered, never
-//!   wedging the daemon), messages that are not requests (dropped), garbage, oversized and truncated
-//!   frames (refused), then valid requests again: still answered. (libp2p reports no event for a
-//!   request that fails to decode, so the daemon cannot ban such a client; see `daemon::inbound`.)
+//! - As a *client* it sends valid requests (answered), a flood of chunk requests on a lane
+//!   (answered, never wedging the daemon), messages that are not requests (dropped), garbage,
+//!   oversized and truncated frames (refused), then valid requests again: still answered. (libp2p
+//!   reports no event for a request-response request that fails to decode, so the daemon cannot ban
+//!   such a client; see `daemon::inbound`.) Finally it writes garbage on a lane, and is banned.
 //! - As a *server* holding a made-up image it answers the daemon's chunk requests with wrong bytes,
 //!   with garbage, or with an oversized frame: each such peer is banned, the pull fails with a clear
 //!   message instead of delivering a corrupt image, and the daemon stays responsive.
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 use common::{Node, make_image, publish};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -33,6 +34,7 @@ use vmswarm_protocol::wire::{Capabilities, Hello, Message};
 use vmswarm_protocol::{ChunkId, Priority};
 
 const PROTOCOL: StreamProtocol = StreamProtocol::new("/vmswarm/msg/1");
+const LANE: StreamProtocol = StreamProtocol::new("/vmswarm/chunks/1");
 /// Largest answer the test reads.
 const READ_LIMIT: u64 = 4 << 20;
 
@@ -93,21 +95,56 @@ impl request_response::Codec for RawCodec {
 
 type Raw = request_response::Behaviour<RawCodec>;
 
-fn hostile_swarm() -> Swarm<Raw> {
+#[derive(NetworkBehaviour)]
+struct Evil {
+    rr: Raw,
+    lanes: libp2p_stream::Behaviour,
+}
+
+fn hostile_swarm() -> Swarm<Evil> {
     SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_quic()
-        .with_behaviour(|_| {
-            Raw::new(
+        .with_behaviour(|_| Evil {
+            rr: Raw::new(
                 [(PROTOCOL, ProtocolSupport::Full)],
                 request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(20))
                     .with_max_concurrent_streams(1024),
-            )
+            ),
+            lanes: libp2p_stream::Behaviour::new(),
         })
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build()
+}
+
+/// Runs `fut` while driving the swarm (answering the daemon's Hello on the side).
+async fn with_swarm<F: std::future::Future>(swarm: &mut Swarm<Evil>, fut: F) -> F::Output {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            event = swarm.select_next_some() => {
+                if let SwarmEvent::Behaviour(EvilEvent::Rr(request_response::Event::Message {
+                    message: request_response::Message::Request { channel, .. },
+                    ..
+                })) = event
+                {
+                    let _ = swarm.behaviour_mut().rr.send_response(channel, frame(&hello()));
+                }
+            }
+        }
+    }
+}
+
+/// Reads one frame from a lane and decodes it.
+async fn read_lane_frame(stream: &mut libp2p::Stream) -> io::Result<Message> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await?;
+    let mut payload = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    stream.read_exact(&mut payload).await?;
+    codec::decode(&payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn frame(msg: &Message) -> Vec<u8> {
@@ -132,7 +169,7 @@ fn hello() -> Message {
 }
 
 /// Dials `addr` and runs the swarm until connected.
-async fn connect(swarm: &mut Swarm<Raw>, addr: &str) -> PeerId {
+async fn connect(swarm: &mut Swarm<Evil>, addr: &str) -> PeerId {
     let addr: Multiaddr = addr.parse().unwrap();
     swarm.dial(addr).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -148,13 +185,13 @@ async fn connect(swarm: &mut Swarm<Raw>, addr: &str) -> PeerId {
 
 /// Sends raw requests and collects the answers (`None` where the request failed), serving nothing.
 async fn send_all(
-    swarm: &mut Swarm<Raw>,
+    swarm: &mut Swarm<Evil>,
     daemon: PeerId,
     requests: Vec<Vec<u8>>,
 ) -> Vec<Option<Vec<u8>>> {
     let ids: Vec<OutboundRequestId> = requests
         .into_iter()
-        .map(|r| swarm.behaviour_mut().send_request(&daemon, r))
+        .map(|r| swarm.behaviour_mut().rr.send_request(&daemon, r))
         .collect();
     let mut answers: BTreeMap<OutboundRequestId, Option<Vec<u8>>> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -163,28 +200,30 @@ async fn send_all(
             .await
             .expect("the daemon neither answered nor refused within 30 s: wedged?");
         match event {
-            SwarmEvent::Behaviour(request_response::Event::Message {
+            SwarmEvent::Behaviour(EvilEvent::Rr(request_response::Event::Message {
                 message:
                     request_response::Message::Response {
                         request_id,
                         response,
                     },
                 ..
-            }) => {
+            })) => {
                 answers.insert(request_id, Some(response));
             }
-            SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                request_id, ..
-            }) => {
+            SwarmEvent::Behaviour(EvilEvent::Rr(request_response::Event::OutboundFailure {
+                request_id,
+                ..
+            })) => {
                 answers.insert(request_id, None);
             }
-            SwarmEvent::Behaviour(request_response::Event::Message {
+            SwarmEvent::Behaviour(EvilEvent::Rr(request_response::Event::Message {
                 message: request_response::Message::Request { channel, .. },
                 ..
-            }) => {
+            })) => {
                 // The daemon's own requests (Hello): answered, so it treats us as a peer.
                 let _ = swarm
                     .behaviour_mut()
+                    .rr
                     .send_response(channel, frame(&hello()));
             }
             _ => {}
@@ -232,29 +271,77 @@ impl FakeImage {
     }
 }
 
+/// The lie told in answer to a request for chunk `id` of `fake`.
+fn lie_for(fake: &Manifest, id: ChunkId, lie: Lie, rng: &mut ChaCha8Rng) -> Vec<u8> {
+    match lie {
+        Lie::WrongBytes => {
+            let index = fake.chunks.iter().position(|c| *c == id).unwrap_or(0) as u32;
+            let len = fake.chunk_len(index).unwrap_or(1) as usize;
+            let mut data = vec![0u8; len];
+            rng.fill_bytes(&mut data);
+            frame(&Message::Chunk { id, data })
+        }
+        Lie::Garbage => {
+            let mut data = vec![0u8; 1000];
+            rng.fill_bytes(&mut data);
+            data
+        }
+        Lie::Oversized => {
+            let mut data = u32::MAX.to_be_bytes().to_vec();
+            data.extend_from_slice(&[0xAB; 64]);
+            data
+        }
+    }
+}
+
+/// Answers the chunk requests on one lane the daemon opened with lies.
+async fn lie_on_lane(mut stream: libp2p::Stream, fake: Manifest, lie: Lie, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    while let Ok(msg) = read_lane_frame(&mut stream).await {
+        let Message::Request { chunks, .. } = msg else {
+            continue;
+        };
+        for id in chunks {
+            if stream
+                .write_all(&lie_for(&fake, id, lie, &mut rng))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
 /// Serves the fake image to the daemon, lying about chunk contents as `lie` says, until `stop`.
 async fn serve_lies(
-    mut swarm: Swarm<Raw>,
+    mut swarm: Swarm<Evil>,
     fake: &FakeImage,
     lie: Lie,
     seed: u64,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut lanes = swarm.behaviour().lanes.new_control().accept(LANE).unwrap();
+    let mut lane_seed = seed;
     let image_id = fake.manifest.id();
     let count = fake.manifest.chunk_count();
     loop {
         let event = tokio::select! {
             e = swarm.select_next_some() => e,
+            Some((_, stream)) = lanes.next() => {
+                lane_seed += 1000;
+                tokio::spawn(lie_on_lane(stream, fake.manifest.clone(), lie, lane_seed));
+                continue;
+            }
             _ = &mut stop => return,
         };
-        let SwarmEvent::Behaviour(request_response::Event::Message {
+        let SwarmEvent::Behaviour(EvilEvent::Rr(request_response::Event::Message {
             message:
                 request_response::Message::Request {
                     request, channel, ..
                 },
             ..
-        }) = event
+        })) = event
         else {
             continue;
         };
@@ -271,36 +358,9 @@ async fn serve_lies(
                 image,
                 chunks: ChunkBitmap::full(count).to_wire(),
             }),
-            Message::Request { chunks, .. } => match lie {
-                Lie::WrongBytes => {
-                    let index = fake
-                        .manifest
-                        .chunks
-                        .iter()
-                        .position(|c| *c == chunks[0])
-                        .unwrap_or(0) as u32;
-                    let len = fake.manifest.chunk_len(index).unwrap_or(1) as usize;
-                    let mut data = vec![0u8; len];
-                    rng.fill_bytes(&mut data);
-                    frame(&Message::Chunk {
-                        id: chunks[0],
-                        data,
-                    })
-                }
-                Lie::Garbage => {
-                    let mut data = vec![0u8; 1000];
-                    rng.fill_bytes(&mut data);
-                    data
-                }
-                Lie::Oversized => {
-                    let mut data = u32::MAX.to_be_bytes().to_vec();
-                    data.extend_from_slice(&[0xAB; 64]);
-                    data
-                }
-            },
             _ => frame(&Message::Ack),
         };
-        let _ = swarm.behaviour_mut().send_response(channel, answer);
+        let _ = swarm.behaviour_mut().rr.send_response(channel, answer);
     }
 }
 
@@ -347,23 +407,67 @@ fn hostile_peers_cannot_crash_or_wedge_a_daemon_and_get_banned() {
             chunks: vec![id],
         })
     };
-    let answers = rt.block_on(async {
-        let d = connect(&mut client, &daemon.addr).await;
-        // Valid requests are answered, also in a flood of 300 at once.
+    let unknown_image = vmswarm_protocol::ImageId([7; 32]);
+    let get_manifest = frame(&Message::GetManifest {
+        image: unknown_image,
+    });
+    let d = rt.block_on(connect(&mut client, &daemon.addr));
+    rt.block_on(async {
+        // Valid control requests are answered, also in a flood of 300 at once.
         let mut valid = vec![frame(&hello())];
-        valid.extend((0..300).map(|_| request(unknown)));
+        valid.extend((0..300).map(|_| get_manifest.clone()));
         let answers = send_all(&mut client, d, valid).await;
-        // A frame that is not a request: dropped, not answered.
-        let not_a_request = send_all(
+        let unanswered = answers.iter().filter(|a| !answered(a)).count();
+        assert_eq!(
+            unanswered, 0,
+            "{unanswered} of 301 valid requests went unanswered"
+        );
+        assert_eq!(unframe(answers[0].as_ref().unwrap()).kind(), "hello");
+        for a in &answers[1..] {
+            let msg = unframe(a.as_ref().unwrap());
+            assert!(
+                matches!(msg, Message::ManifestNotFound { image } if image == unknown_image),
+                "{msg:?}"
+            );
+        }
+        // A flood of 300 chunk requests on a lane: each is answered (NotFound), none wedges it.
+        let mut control = client.behaviour().lanes.new_control();
+        let mut lane = with_swarm(&mut client, control.open_stream(d, LANE))
+            .await
+            .expect("opening a lane to the daemon");
+        let rejected = with_swarm(&mut client, async {
+            for _ in 0..300 {
+                lane.write_all(&request(unknown)).await?;
+            }
+            let mut rejected = 0;
+            for _ in 0..300 {
+                let msg = read_lane_frame(&mut lane).await?;
+                assert!(
+                    matches!(msg, Message::Reject { chunk, .. } if chunk == unknown),
+                    "{msg:?}"
+                );
+                rejected += 1;
+            }
+            io::Result::Ok(rejected)
+        })
+        .await
+        .expect("the lane failed");
+        assert_eq!(rejected, 300);
+        // A chunk request on request-response, and a frame that is not a request: dropped, not
+        // answered.
+        let not_requests = send_all(
             &mut client,
             d,
-            vec![frame(&Message::Chunk {
-                id: unknown,
-                data: vec![1; 10],
-            })],
+            vec![
+                request(unknown),
+                frame(&Message::Chunk {
+                    id: unknown,
+                    data: vec![1; 10],
+                }),
+            ],
         )
         .await;
-        assert!(!answered(&not_a_request[0]), "{not_a_request:?}");
+        assert!(!not_requests.iter().any(answered), "{not_requests:?}");
         // Then bytes that are not messages: garbage, an oversized prefix, a frame cut short, an
         // empty frame, a chunk head announcing more data than its frame holds.
         let mut garbage = vec![0u8; 500];
@@ -382,36 +486,54 @@ fn hostile_peers_cannot_crash_or_wedge_a_daemon_and_get_banned() {
         let bad = send_all(
             &mut client,
             d,
-            vec![garbage, oversized, truncated, vec![0, 0, 0, 0], lying_head],
+            vec![
+                garbage.clone(),
+                oversized,
+                truncated,
+                vec![0, 0, 0, 0],
+                lying_head,
+            ],
         )
         .await;
         assert!(!bad.iter().any(answered), "answered garbage: {bad:?}");
-        // Still served: nothing is wedged.
-        let again = send_all(&mut client, d, vec![frame(&hello()), request(unknown)]).await;
+        // Still served, both ways: nothing is wedged.
+        let again = send_all(&mut client, d, vec![frame(&hello()), get_manifest.clone()]).await;
         assert!(
             again.iter().all(answered),
             "not answered after the garbage: {again:?}"
         );
-        answers
-    });
-    let unanswered = answers.iter().filter(|a| !answered(a)).count();
-    assert_eq!(
-        unanswered, 0,
-        "{unanswered} of 301 valid requests went unanswered"
-    );
-    assert_eq!(unframe(answers[0].as_ref().unwrap()).kind(), "hello");
-    for a in &answers[1..] {
-        let msg = unframe(a.as_ref().expect("a valid request went unanswered"));
+        let msg = with_swarm(&mut client, async {
+            lane.write_all(&request(unknown)).await?;
+            read_lane_frame(&mut lane).await
+        })
+        .await
+        .expect("the lane failed after the garbage");
+        assert!(matches!(msg, Message::Reject { .. }), "{msg:?}");
         assert!(
-            matches!(msg, Message::Reject { chunk, .. } if chunk == unknown),
-            "{msg:?}"
+            daemon.status()["peers"]
+                .to_string()
+                .contains(&client_id.to_string())
         );
-    }
-    assert!(
-        daemon.status()["peers"]
-            .to_string()
-            .contains(&client_id.to_string())
-    );
+        // Garbage on a lane is not lost in libp2p: the daemon bans the sender.
+        let mut bad_lane = with_swarm(&mut client, control.open_stream(d, LANE))
+            .await
+            .expect("opening a second lane");
+        with_swarm(&mut client, bad_lane.write_all(&garbage))
+            .await
+            .expect("writing garbage");
+        with_swarm(&mut client, async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !banned(&daemon.status()).contains(&client_id.to_string()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "a client that wrote garbage on a lane was not banned:\n{}",
+                    daemon.log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+    });
     drop(client);
 
     // --- Hostile servers: the daemon pulls from them and gets lies.

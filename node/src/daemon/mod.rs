@@ -17,6 +17,7 @@
 
 mod inbound;
 mod ingest;
+mod lanes;
 mod mounts;
 mod transfer;
 
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use futures::StreamExt;
 use libp2p::kad::{self, RecordKey};
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use serde::Serialize;
@@ -134,13 +135,6 @@ pub struct NodeInfo {
 enum Outbound {
     Hello,
     Have(ImageId),
-    Chunk {
-        image: ImageId,
-        index: u32,
-        sent: StdInstant,
-    },
-    /// A repeated request for a chunk already in flight (priority upgrade): answered with `Ack`.
-    Upgrade,
     Manifest(ImageId),
     Ack,
     /// A `GetBootProfile` for this image.
@@ -213,13 +207,6 @@ enum IoDone {
         bytes: usize,
         result: Result<(), StoreError>,
     },
-    Read {
-        peer: PeerId,
-        id: ChunkId,
-        request_id: request_response::InboundRequestId,
-        channel: ResponseChannel<Message>,
-        result: Result<Option<Vec<u8>>, StoreError>,
-    },
     ManifestStored {
         manifest: Manifest,
         present: Result<ChunkBitmap, StoreError>,
@@ -258,9 +245,18 @@ struct Daemon {
     pending_manifests: HashMap<ImageId, PendingManifest>,
     outbound: HashMap<OutboundRequestId, Outbound>,
     serve: ServeQueue<PeerId>,
-    serve_channels:
-        HashMap<(PeerId, ChunkId), (request_response::InboundRequestId, ResponseChannel<Message>)>,
-    serving: HashSet<request_response::InboundRequestId>,
+    /// Opens chunk lanes ([`lanes`]).
+    lane_control: libp2p_stream::Control,
+    lane_tx: mpsc::UnboundedSender<net::lane::LaneEvent>,
+    next_lane: net::lane::LaneId,
+    /// Our chunk lanes, by server and class.
+    out_lanes: HashMap<(PeerId, net::lane::LaneClass), lanes::OutLane>,
+    /// Our chunk requests awaiting an answer, by server and chunk id.
+    requested: HashMap<(PeerId, ChunkId), Vec<lanes::Requested>>,
+    /// Lanes peers opened to us.
+    in_lanes: HashMap<net::lane::LaneId, lanes::InLane>,
+    /// The lane each queued chunk request is to be answered on.
+    serve_lanes: HashMap<(PeerId, ChunkId), net::lane::LaneId>,
     io_tx: mpsc::UnboundedSender<IoDone>,
     ingest: ingest::Ingest,
     listen_addrs: Vec<Multiaddr>,
@@ -318,6 +314,18 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
     })?;
     set_mode_0600(&socket_path)?;
 
+    let (lane_tx, mut lane_rx) = mpsc::unbounded_channel();
+    let mut lane_control = swarm.behaviour().lanes.new_control();
+    let incoming = lane_control
+        .accept(net::lane::PROTOCOL)
+        .map_err(|e| DaemonError::Net(net::NetError::Build(e.to_string())))?;
+    net::lane::spawn_accept(
+        incoming,
+        store.clone(),
+        opts.corrupt_served_chunks,
+        lane_tx.clone(),
+    );
+
     let (io_tx, mut io_rx) = mpsc::unbounded_channel();
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
     tokio::spawn(accept_control(listener, cmd_tx));
@@ -337,8 +345,13 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         transfers: HashMap::new(),
         pending_manifests: HashMap::new(),
         outbound: HashMap::new(),
-        serve_channels: HashMap::new(),
-        serving: HashSet::new(),
+        lane_control,
+        lane_tx,
+        next_lane: 0,
+        out_lanes: HashMap::new(),
+        requested: HashMap::new(),
+        in_lanes: HashMap::new(),
+        serve_lanes: HashMap::new(),
         io_tx,
         ingest: ingest::Ingest::default(),
         listen_addrs: Vec::new(),
@@ -361,6 +374,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
             event = d.swarm.select_next_some() => d.on_swarm_event(event),
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(done) = io_rx.recv() => d.on_io(done),
+            Some(event) = lane_rx.recv() => d.on_lane_event(event),
             Some(demand) = demand_rx.recv() => d.on_demand(demand),
             _ = sleep_until(deadline) => d.on_timeout(),
             _ = flush.tick() => d.on_flush(),
@@ -691,7 +705,7 @@ impl Daemon {
             img.interested.remove(&peer);
         }
         self.serve.handle_peer_gone(&peer);
-        self.serve_channels.retain(|(p, _), _| *p != peer);
+        self.drop_peer_lanes(&peer);
         for p in self.pending_manifests.values_mut() {
             p.asked.remove(&peer);
         }
@@ -931,13 +945,6 @@ impl Daemon {
                 bytes,
                 result,
             } => self.on_batch_stored(chunks, bytes, result),
-            IoDone::Read {
-                peer,
-                id,
-                request_id,
-                channel,
-                result,
-            } => self.on_read(peer, id, request_id, channel, result),
             IoDone::ManifestStored { manifest, present } => {
                 let id = manifest.id();
                 let present = match present {

@@ -7,12 +7,11 @@
 //! up on some chunk, fails its waiters naming the missing chunks. While the store is behind
 //! ([`super::ingest::MAX_UNSTORED_BYTES`]), the scheduler's new decisions wait inside it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant as StdInstant;
 
 use libp2p::PeerId;
-use libp2p::request_response::OutboundRequestId;
 use tokio::sync::mpsc;
 use vmswarm_protocol::fetch::{
     self, Action, ChunkOutcome, Delivery, Event, FailReason, FetchScheduler,
@@ -58,8 +57,6 @@ impl Waiter {
 pub(super) struct Transfer {
     pub(super) sched: FetchScheduler<PeerId>,
     pub(super) waiters: Vec<Waiter>,
-    /// Chunk requests in flight, by (peer, index).
-    in_flight: HashMap<(PeerId, u32), OutboundRequestId>,
     /// Chunks received and not yet committed (being checked or written).
     storing: u32,
     failed: BTreeMap<u32, FailReason>,
@@ -161,7 +158,6 @@ impl Daemon {
             Transfer {
                 sched,
                 waiters,
-                in_flight: HashMap::new(),
                 storing: 0,
                 failed: BTreeMap::new(),
                 done,
@@ -190,9 +186,6 @@ impl Daemon {
             std::iter::from_fn(|| t.sched.poll_action()).collect()
         };
         let events: Vec<Event<PeerId>> = std::iter::from_fn(|| t.sched.poll_event()).collect();
-        let Some(manifest) = self.images.get(&image).map(|i| i.manifest.clone()) else {
-            return;
-        };
         for action in actions {
             match action {
                 Action::Request {
@@ -204,54 +197,9 @@ impl Daemon {
                         let site = self.site_of(&peer);
                         tracing::debug!(%image, %peer, %site, ?priority, ?indices, "requesting");
                     }
-                    for index in indices {
-                        let id = manifest.chunks[index as usize];
-                        let msg = Message::Request {
-                            priority,
-                            chunks: vec![id],
-                        };
-                        let already = self
-                            .transfers
-                            .get(&image)
-                            .is_some_and(|t| t.in_flight.contains_key(&(peer, index)));
-                        if already {
-                            self.send(peer, msg, Outbound::Upgrade);
-                        } else {
-                            let req = self.swarm.behaviour_mut().msg.send_request(&peer, msg);
-                            self.outbound.insert(
-                                req,
-                                Outbound::Chunk {
-                                    image,
-                                    index,
-                                    sent: StdInstant::now(),
-                                },
-                            );
-                            if let Some(t) = self.transfers.get_mut(&image) {
-                                t.in_flight.insert((peer, index), req);
-                            }
-                        }
-                    }
+                    self.request_chunks(peer, image, priority, &indices);
                 }
-                Action::Cancel { peer, indices } => {
-                    let chunks: Vec<ChunkId> = indices
-                        .iter()
-                        .map(|&i| manifest.chunks[i as usize])
-                        .collect();
-                    if let Some(t) = self.transfers.get_mut(&image) {
-                        for i in &indices {
-                            t.in_flight.remove(&(peer, *i));
-                        }
-                    }
-                    for part in chunks.chunks(vmswarm_protocol::wire::MAX_REQUEST_CHUNKS) {
-                        self.send(
-                            peer,
-                            Message::Cancel {
-                                chunks: part.to_vec(),
-                            },
-                            Outbound::Ack,
-                        );
-                    }
-                }
+                Action::Cancel { peer, indices } => self.cancel_chunks(peer, image, &indices),
                 Action::AnnounceFetching { peer, indices } => {
                     self.send(peer, Message::Fetching { image, indices }, Outbound::Ack);
                 }
@@ -334,16 +282,17 @@ impl Daemon {
         }
     }
 
-    /// A chunk response arrived for a request of ours.
+    /// A chunk arrived for a request of ours (`sent` when we asked): it is hashed and stored,
+    /// or judged corrupt at once if it is not the chunk the manifest names at `index`.
     pub(super) fn on_chunk_response(
         &mut self,
         peer: PeerId,
         image: ImageId,
         index: u32,
         sent: StdInstant,
-        response: Message,
+        id: ChunkId,
+        data: Vec<u8>,
     ) {
-        let now = self.now();
         let site = self.site_of(&peer);
         let Some(manifest) = self.images.get(&image).map(|i| i.manifest.clone()) else {
             return;
@@ -351,50 +300,29 @@ impl Daemon {
         let Some(t) = self.transfers.get_mut(&image) else {
             return;
         };
-        let was_in_flight = t.in_flight.remove(&(peer, index)).is_some();
-        match response {
-            Message::Chunk { id, data } => {
-                self.metrics.bytes_in(&site, data.len() as u64);
-                let expected = manifest.chunks[index as usize];
-                // Counted until `on_checked` (invalid) or `on_stored` (valid) lets it go.
-                t.storing += 1;
-                if id == expected && manifest.chunk_len(index) == Some(data.len() as u32) {
-                    // Hashed on the blocking pool; the scheduler hears of it in `on_checked`.
-                    self.ingest(Received {
-                        image,
-                        index,
-                        peer,
-                        sent,
-                        id: expected,
-                        data,
-                    });
-                } else {
-                    self.on_checked(vec![Checked {
-                        image,
-                        index,
-                        peer,
-                        sent,
-                        len: data.len(),
-                        valid: false,
-                    }]);
-                }
-            }
-            Message::Reject { reason, .. } => {
-                if was_in_flight {
-                    use vmswarm_protocol::wire::RejectReason;
-                    let kind = match reason {
-                        RejectReason::NotFound => fetch::RejectKind::NotFound,
-                        RejectReason::Busy => fetch::RejectKind::Busy,
-                        RejectReason::Banned | RejectReason::Shutdown => fetch::RejectKind::Refused,
-                    };
-                    t.sched.handle_reject(now, &peer, index, kind);
-                }
-            }
-            other => {
-                tracing::warn!(%peer, kind = other.kind(), "protocol violation: unexpected answer to a chunk request");
-                t.sched
-                    .handle_chunk(now, &peer, index, ChunkOutcome::Corrupt);
-            }
+        self.metrics.bytes_in(&site, data.len() as u64);
+        let expected = manifest.chunks[index as usize];
+        // Counted until `on_checked` (invalid) or `on_stored` (valid) lets it go.
+        t.storing += 1;
+        if id == expected && manifest.chunk_len(index) == Some(data.len() as u32) {
+            // Hashed on the blocking pool; the scheduler hears of it in `on_checked`.
+            self.ingest(Received {
+                image,
+                index,
+                peer,
+                sent,
+                id: expected,
+                data,
+            });
+        } else {
+            self.on_checked(vec![Checked {
+                image,
+                index,
+                peer,
+                sent,
+                len: data.len(),
+                valid: false,
+            }]);
         }
     }
 
@@ -429,30 +357,6 @@ impl Daemon {
                 let site = self.site_of(&c.peer);
                 self.mounts_fetched(c.image, c.index, &site, c.len as u64);
             }
-        }
-    }
-
-    /// A chunk request of ours failed at the transport level.
-    pub(super) fn on_chunk_failure(
-        &mut self,
-        peer: PeerId,
-        image: ImageId,
-        index: u32,
-        hostile: bool,
-    ) {
-        let now = self.now();
-        let Some(t) = self.transfers.get_mut(&image) else {
-            return;
-        };
-        if t.in_flight.remove(&(peer, index)).is_none() {
-            return; // cancelled by us
-        }
-        if hostile {
-            t.sched
-                .handle_chunk(now, &peer, index, ChunkOutcome::Corrupt);
-        } else {
-            t.sched
-                .handle_reject(now, &peer, index, fetch::RejectKind::Busy);
         }
     }
 

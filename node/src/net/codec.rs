@@ -1,8 +1,10 @@
-//! The vmswarm wire protocol over libp2p request-response streams.
+//! The vmswarm wire protocol's frames on libp2p streams.
 //!
-//! Every message travels on its own QUIC stream as one frame of `vmswarm_protocol::codec` (4-byte
-//! length prefix, bincode payload, hard size limit): the request is written and the stream's write
-//! side closed, the answer comes back the same way. The frame limit is checked from the prefix alone,
+//! Control messages (Hello, Have, manifests, ...) travel over request-response: each on its own QUIC
+//! stream as one frame of `vmswarm_protocol::codec` (4-byte length prefix, bincode payload, hard
+//! size limit); the request is written and the stream's write side closed, the answer comes back
+//! the same way. Chunk lanes ([`super::lane`]) carry many frames each way on one stream
+//! ([`read_frame`], [`write_frame`]). The frame limit is checked from the prefix alone,
 //! before anything is buffered, so a hostile peer cannot make us allocate past it. Decoding and
 //! validation are the protocol crate's; this module only moves bytes.
 //!
@@ -27,8 +29,29 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/vmswarm/msg/1");
 pub struct WireCodec;
 
 async fn read_message<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Message> {
+    read_frame(io)
+        .await?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
+}
+
+/// Reads one frame as a [`Message`]; `None` if the stream ended cleanly before the frame began
+/// (the peer closed its side between messages). An end inside a frame is an error.
+pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+) -> io::Result<Option<Message>> {
     let mut prefix = [0u8; 4];
-    io.read_exact(&mut prefix).await?;
+    let mut got = 0;
+    while got < prefix.len() {
+        let n = io.read(&mut prefix[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        got += n;
+    }
     let len = u32::from_be_bytes(prefix) as usize;
     if len == 0 || len > MAX_FRAME_LEN {
         return Err(io::Error::new(
@@ -49,16 +72,27 @@ async fn read_message<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Mes
             let msg = Message::Chunk { id: h.id, data };
             msg.validate()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            return Ok(msg);
+            return Ok(Some(msg));
         }
     }
     let mut payload = vec![0u8; len];
     payload[..head_len].copy_from_slice(&head[..head_len]);
     io.read_exact(&mut payload[head_len..]).await?;
-    codec::decode(&payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    codec::decode(&payload)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 async fn write_message<T: AsyncWrite + Unpin + Send>(io: &mut T, msg: Message) -> io::Result<()> {
+    write_frame(io, msg).await?;
+    io.close().await
+}
+
+/// Writes `msg` as one frame, leaving the stream open (a chunk's buffer goes back to the pool).
+pub(crate) async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    msg: Message,
+) -> io::Result<()> {
     let invalid = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
     if let Message::Chunk { id, data } = msg {
         let head = codec::chunk_payload_head(&id, data.len()).map_err(invalid)?;
@@ -68,14 +102,13 @@ async fn write_message<T: AsyncWrite + Unpin + Send>(io: &mut T, msg: Message) -
         start.extend_from_slice(&len.to_be_bytes());
         start.extend_from_slice(&head);
         io.write_all(&start).await?;
-        io.write_all(&data).await?;
+        let written = io.write_all(&data).await;
         super::buffers::give(data);
-        return io.close().await;
+        return written;
     }
     let mut frame = Vec::new();
     codec::encode_frame(&msg, &mut frame).map_err(invalid)?;
-    io.write_all(&frame).await?;
-    io.close().await
+    io.write_all(&frame).await
 }
 
 impl libp2p::request_response::Codec for WireCodec {

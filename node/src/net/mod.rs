@@ -3,11 +3,13 @@
 //! QUIC (quinn + rustls, encrypted and authenticated by each node's Ed25519 identity) is the only
 //! transport. Kademlia (our own protocol name, server mode) finds peers and per-image provider
 //! records; identify tells us peers' listen addresses; ping measures RTT for the fetch scheduler;
-//! request-response carries the vmswarm messages ([`codec`]). Which chunk to ask whom for is not
-//! decided here but in `vmswarm_protocol::fetch`.
+//! request-response carries the vmswarm control messages ([`codec`]); chunk requests and chunks
+//! travel on long-lived streams of their own ([`lane`], through `libp2p-stream`). Which chunk to ask
+//! whom for is not decided here but in `vmswarm_protocol::fetch`.
 
 pub mod buffers;
 pub mod codec;
+pub mod lane;
 
 use std::time::Duration;
 
@@ -29,8 +31,10 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     /// RTT.
     pub ping: ping::Behaviour,
-    /// vmswarm messages.
+    /// vmswarm control messages.
     pub msg: request_response::Behaviour<codec::WireCodec>,
+    /// Chunk lanes ([`lane`]).
+    pub lanes: libp2p_stream::Behaviour,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -79,6 +83,7 @@ pub fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, NetError> {
                 identify,
                 ping,
                 msg,
+                lanes: libp2p_stream::Behaviour::new(),
             })
         })
         .map_err(|e| NetError::Build(e.to_string()))?
