@@ -29,7 +29,7 @@ use super::Daemon;
 use crate::net::lane::{self, LaneClass, LaneError, LaneEvent, LaneId, ServeCmd};
 
 /// A want of ours waiting on a chunk request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Requested {
     pub(super) image: ImageId,
     pub(super) index: u32,
@@ -38,6 +38,115 @@ pub(super) struct Requested {
     pub(super) class: LaneClass,
     /// That lane.
     pub(super) lane: LaneId,
+}
+
+/// Our chunk requests in flight, by server and chunk id: which wants wait on which request, and on
+/// which lane each request went out. Every want in one entry shares one request (one class, one
+/// lane). Pure bookkeeping; the daemon sends what it says.
+#[derive(Debug)]
+pub(super) struct RequestBook<P> {
+    by_chunk: HashMap<(P, ChunkId), Vec<Requested>>,
+}
+
+impl<P> Default for RequestBook<P> {
+    fn default() -> Self {
+        RequestBook {
+            by_chunk: HashMap::new(),
+        }
+    }
+}
+
+impl<P: Clone + Eq + std::hash::Hash> RequestBook<P> {
+    /// Records that want (`image`, `index`), whose chunk is `id`, is asked of `peer` at `class`,
+    /// where `lane` is our running lane of that class. Returns whether `id` must be sent on `lane`:
+    /// it is the first want of `id` at `peer`, or the request so far was Background and this one is
+    /// Demand (an upgrade: the whole request moves to `lane`). A want already recorded is not
+    /// recorded twice.
+    pub(super) fn ask(
+        &mut self,
+        peer: &P,
+        id: ChunkId,
+        (image, index): (ImageId, u32),
+        (class, lane): (LaneClass, LaneId),
+        now: StdInstant,
+    ) -> bool {
+        let waiting = self.by_chunk.entry((peer.clone(), id)).or_default();
+        let upgrade = class == LaneClass::Demand
+            && waiting
+                .first()
+                .is_some_and(|r| r.class == LaneClass::Background);
+        if upgrade {
+            for r in waiting.iter_mut() {
+                r.class = class;
+                r.lane = lane;
+            }
+        }
+        let first = waiting.is_empty();
+        if !waiting.iter().any(|r| r.image == image && r.index == index) {
+            let (class, lane) = waiting.first().map_or((class, lane), |r| (r.class, r.lane));
+            waiting.push(Requested {
+                image,
+                index,
+                sent: now,
+                class,
+                lane,
+            });
+        }
+        first || upgrade
+    }
+
+    /// Withdraws want (`image`, `index`) of chunk `id` from `peer`. Returns the lane to send a
+    /// `Cancel` on if it was the last want of that request.
+    pub(super) fn withdraw(
+        &mut self,
+        peer: &P,
+        id: ChunkId,
+        (image, index): (ImageId, u32),
+    ) -> Option<LaneId> {
+        let key = (peer.clone(), id);
+        let waiting = self.by_chunk.get_mut(&key)?;
+        let pos = waiting
+            .iter()
+            .position(|r| r.image == image && r.index == index)?;
+        let r = waiting.swap_remove(pos);
+        if waiting.is_empty() {
+            self.by_chunk.remove(&key);
+            Some(r.lane)
+        } else {
+            None
+        }
+    }
+
+    /// The answer for `id` came from `peer`: the wants that waited on it (none if it crossed our
+    /// `Cancel`).
+    pub(super) fn answer(&mut self, peer: &P, id: ChunkId) -> Vec<Requested> {
+        self.by_chunk
+            .remove(&(peer.clone(), id))
+            .unwrap_or_default()
+    }
+
+    /// Our lane `lane` to `peer` ended: the wants whose request went out on it.
+    pub(super) fn fail_lane(&mut self, peer: &P, lane: LaneId) -> Vec<Requested> {
+        let mut failed = Vec::new();
+        self.by_chunk.retain(|(p, _), waiting| {
+            if p == peer && waiting.first().is_some_and(|r| r.lane == lane) {
+                failed.append(waiting);
+            }
+            !waiting.is_empty()
+        });
+        failed
+    }
+
+    /// Forgets everything asked of `peer`.
+    pub(super) fn drop_peer(&mut self, peer: &P) {
+        self.by_chunk.retain(|(p, _), _| p != peer);
+    }
+
+    /// Wants waiting, in all.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_chunk.values().map(Vec::len).sum()
+    }
 }
 
 /// One of our lanes.
@@ -148,35 +257,12 @@ impl Daemon {
             let Some(&id) = manifest.chunks.get(index as usize) else {
                 continue;
             };
-            // Every want in `waiting` shares one request: one class, one lane.
-            let waiting = self.requested.entry((peer, id)).or_default();
-            let upgrade = class == LaneClass::Demand
-                && waiting
-                    .first()
-                    .is_some_and(|r| r.class == LaneClass::Background);
-            if upgrade {
-                // Asked at Background: ask again at Demand, on the Demand lane (the server moves
-                // the queued request and answers it there).
-                for r in waiting.iter_mut() {
-                    r.class = class;
-                    r.lane = lane;
-                }
+            if self
+                .requested
+                .ask(&peer, id, (image, index), (class, lane), now)
+            {
                 ids.push(id);
             }
-            if waiting.iter().any(|r| r.image == image && r.index == index) {
-                continue;
-            }
-            if waiting.is_empty() {
-                ids.push(id);
-            }
-            let (class, lane) = waiting.first().map_or((class, lane), |r| (r.class, r.lane));
-            waiting.push(Requested {
-                image,
-                index,
-                sent: now,
-                class,
-                lane,
-            });
         }
         ids.sort_unstable();
         ids.dedup();
@@ -201,19 +287,8 @@ impl Daemon {
             let Some(&id) = manifest.chunks.get(index as usize) else {
                 continue;
             };
-            let Some(waiting) = self.requested.get_mut(&(peer, id)) else {
-                continue;
-            };
-            let Some(pos) = waiting
-                .iter()
-                .position(|r| r.image == image && r.index == index)
-            else {
-                continue;
-            };
-            let r = waiting.swap_remove(pos);
-            if waiting.is_empty() {
-                self.requested.remove(&(peer, id));
-                cancels.entry(r.lane).or_default().push(id);
+            if let Some(lane) = self.requested.withdraw(&peer, id, (image, index)) {
+                cancels.entry(lane).or_default().push(id);
             }
         }
         for (lane, ids) in cancels {
@@ -255,7 +330,7 @@ impl Daemon {
     /// Forgets `peer`'s lanes and requests (it went away or was banned; its schedulers know).
     pub(super) fn drop_peer_lanes(&mut self, peer: &PeerId) {
         self.out_lanes.retain(|(p, _), _| p != peer);
-        self.requested.retain(|(p, _), _| p != peer);
+        self.requested.drop_peer(peer);
         self.serve_lanes.retain(|(p, _), _| p != peer);
         // Dropping the writers' senders ends the serving lanes; their slots are freed when their
         // `InboundClosed` arrives.
@@ -270,28 +345,23 @@ impl Daemon {
     fn on_lane_answer(&mut self, peer: PeerId, msg: Message) {
         match msg {
             Message::Chunk { id, data } => {
-                let Some(waiting) = self.requested.remove(&(peer, id)) else {
+                let waiting = self.requested.answer(&peer, id);
+                if waiting.is_empty() {
                     tracing::debug!(%peer, chunk = %id, "chunk nobody waits for (cancelled)");
                     crate::net::buffers::give(data);
                     return;
-                };
+                }
                 let mut data = Some(data);
                 let last = waiting.len() - 1;
                 for (i, r) in waiting.into_iter().enumerate() {
-                    let copy = if i == last {
-                        data.take()
-                    } else {
-                        data.clone()
-                    };
+                    let copy = if i == last { data.take() } else { data.clone() };
                     if let Some(d) = copy {
                         self.on_chunk_response(peer, r.image, r.index, r.sent, id, d);
                     }
                 }
             }
             Message::Reject { chunk, reason } => {
-                let Some(waiting) = self.requested.remove(&(peer, chunk)) else {
-                    return;
-                };
+                let waiting = self.requested.answer(&peer, chunk);
                 let kind = match reason {
                     RejectReason::NotFound => fetch::RejectKind::NotFound,
                     RejectReason::Busy => fetch::RejectKind::Busy,
@@ -323,14 +393,7 @@ impl Daemon {
             tracing::debug!(%peer, ?class, lane, "chunk lane ended: {e}");
         }
         let now = self.now();
-        let mut failed = Vec::new();
-        self.requested.retain(|(p, _), waiting| {
-            if *p == peer && waiting.first().is_some_and(|r| r.lane == lane) {
-                failed.append(waiting);
-            }
-            !waiting.is_empty()
-        });
-        for r in failed {
+        for r in self.requested.fail_lane(&peer, lane) {
             if let Some(t) = self.transfers.get_mut(&r.image) {
                 if e.is_hostile() {
                     t.sched
@@ -403,6 +466,176 @@ impl Daemon {
             if !sent {
                 // The lane is gone (its peer with it): nothing to send, the slot is free.
                 self.serve.handle_sent();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The request book against a plain model: which asks go on the wire, which lane each answer
+    //! and each cancel belongs to, and that every want ends exactly once.
+
+    use std::collections::HashMap;
+    use std::time::Instant as StdInstant;
+
+    use proptest::prelude::*;
+    use vmswarm_protocol::{ChunkId, ImageId};
+
+    use super::{LaneClass, LaneId, RequestBook};
+
+    const IMAGE: ImageId = ImageId([1; 32]);
+    /// Indices 0..8 over 5 chunk ids: 0 and 5, 1 and 6, 2 and 7 are the same chunk.
+    fn id_of(index: u32) -> ChunkId {
+        ChunkId([(index % 5) as u8; 32])
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Ask { peer: u8, index: u32, demand: bool },
+        Withdraw { peer: u8, index: u32 },
+        Answer { peer: u8, index: u32 },
+        LaneEnds { peer: u8, demand: bool },
+        DropPeer { peer: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let peer = 0u8..3;
+        let index = 0u32..8;
+        prop_oneof![
+            4 => (peer.clone(), index.clone(), any::<bool>())
+                .prop_map(|(peer, index, demand)| Op::Ask { peer, index, demand }),
+            2 => (peer.clone(), index.clone()).prop_map(|(peer, index)| Op::Withdraw { peer, index }),
+            2 => (peer.clone(), index).prop_map(|(peer, index)| Op::Answer { peer, index }),
+            1 => (peer.clone(), any::<bool>()).prop_map(|(peer, demand)| Op::LaneEnds { peer, demand }),
+            1 => peer.prop_map(|peer| Op::DropPeer { peer }),
+        ]
+    }
+
+    fn class(demand: bool) -> LaneClass {
+        if demand {
+            LaneClass::Demand
+        } else {
+            LaneClass::Background
+        }
+    }
+
+    proptest! {
+        // A fixed seed: the same cases on every run; a failure prints its shrunk op sequence.
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(23),
+            ..ProptestConfig::default()
+        })]
+        #[test]
+        fn the_request_book_agrees_with_a_plain_model(ops in prop::collection::vec(op(), 1..200)) {
+            let now = StdInstant::now();
+            let mut book = RequestBook::<u8>::default();
+            // The model: each pending want's (class, lane), and each (peer, class)'s running lane.
+            let mut pending: HashMap<(u8, u32), (LaneClass, LaneId)> = HashMap::new();
+            let mut lanes: HashMap<(u8, LaneClass), LaneId> = HashMap::new();
+            let mut next_lane: LaneId = 0;
+            let mut lane_of = |lanes: &mut HashMap<(u8, LaneClass), LaneId>, peer, class| {
+                *lanes.entry((peer, class)).or_insert_with(|| {
+                    next_lane += 1;
+                    next_lane
+                })
+            };
+            let (mut asked, mut ended) = (0usize, 0usize);
+            for op in ops {
+                match op {
+                    Op::Ask { peer, index, demand } => {
+                        let c = class(demand);
+                        let lane = lane_of(&mut lanes, peer, c);
+                        let group: Vec<u32> = pending
+                            .keys()
+                            .filter(|(p, i)| *p == peer && id_of(*i) == id_of(index))
+                            .map(|(_, i)| *i)
+                            .collect();
+                        let upgrade = c == LaneClass::Demand
+                            && group.iter().all(|i| pending[&(peer, *i)].0 == LaneClass::Background)
+                            && !group.is_empty();
+                        if upgrade {
+                            for i in &group {
+                                pending.insert((peer, *i), (c, lane));
+                            }
+                        }
+                        let send = book.ask(&peer, id_of(index), (IMAGE, index), (c, lane), now);
+                        prop_assert_eq!(send, group.is_empty() || upgrade, "{:?}", op);
+                        if !pending.contains_key(&(peer, index)) {
+                            asked += 1;
+                            let slot = group
+                                .first()
+                                .map(|i| pending[&(peer, *i)])
+                                .unwrap_or((c, lane));
+                            pending.insert((peer, index), slot);
+                        }
+                    }
+                    Op::Withdraw { peer, index } => {
+                        let got = book.withdraw(&peer, id_of(index), (IMAGE, index));
+                        let want = pending.remove(&(peer, index)).and_then(|(_, lane)| {
+                            ended += 1;
+                            let last = !pending
+                                .keys()
+                                .any(|(p, i)| *p == peer && id_of(*i) == id_of(index));
+                            last.then_some(lane)
+                        });
+                        prop_assert_eq!(got, want, "{:?}", op);
+                    }
+                    Op::Answer { peer, index } => {
+                        let mut got: Vec<u32> =
+                            book.answer(&peer, id_of(index)).iter().map(|r| r.index).collect();
+                        let mut want: Vec<u32> = pending
+                            .keys()
+                            .filter(|(p, i)| *p == peer && id_of(*i) == id_of(index))
+                            .map(|(_, i)| *i)
+                            .collect();
+                        for i in &want {
+                            pending.remove(&(peer, *i));
+                        }
+                        ended += want.len();
+                        got.sort_unstable();
+                        want.sort_unstable();
+                        prop_assert_eq!(got, want, "{:?}", op);
+                    }
+                    Op::LaneEnds { peer, demand } => {
+                        let Some(lane) = lanes.remove(&(peer, class(demand))) else {
+                            continue;
+                        };
+                        let mut got: Vec<u32> =
+                            book.fail_lane(&peer, lane).iter().map(|r| r.index).collect();
+                        let mut want: Vec<u32> = pending
+                            .iter()
+                            .filter(|((p, _), (_, l))| *p == peer && *l == lane)
+                            .map(|((_, i), _)| *i)
+                            .collect();
+                        for i in &want {
+                            pending.remove(&(peer, *i));
+                        }
+                        ended += want.len();
+                        got.sort_unstable();
+                        want.sort_unstable();
+                        prop_assert_eq!(got, want, "{:?}", op);
+                    }
+                    Op::DropPeer { peer } => {
+                        book.drop_peer(&peer);
+                        let before = pending.len();
+                        pending.retain(|(p, _), _| *p != peer);
+                        ended += before - pending.len();
+                        lanes.retain(|(p, _), _| *p != peer);
+                    }
+                }
+                // Every want is pending or ended exactly once, and one request's wants share
+                // one class and one lane.
+                prop_assert_eq!(book.len(), pending.len());
+                prop_assert_eq!(asked, ended + pending.len());
+                for ((p, i), slot) in &pending {
+                    for ((q, j), other) in &pending {
+                        if p == q && id_of(*i) == id_of(*j) {
+                            prop_assert_eq!(slot, other);
+                        }
+                    }
+                }
             }
         }
     }

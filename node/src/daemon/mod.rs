@@ -252,7 +252,7 @@ struct Daemon {
     /// Our chunk lanes, by server and class.
     out_lanes: HashMap<(PeerId, net::lane::LaneClass), lanes::OutLane>,
     /// Our chunk requests awaiting an answer, by server and chunk id.
-    requested: HashMap<(PeerId, ChunkId), Vec<lanes::Requested>>,
+    requested: lanes::RequestBook<PeerId>,
     /// Lanes peers opened to us.
     in_lanes: HashMap<net::lane::LaneId, lanes::InLane>,
     /// The lane each queued chunk request is to be answered on.
@@ -349,7 +349,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         lane_tx,
         next_lane: 0,
         out_lanes: HashMap::new(),
-        requested: HashMap::new(),
+        requested: lanes::RequestBook::default(),
         in_lanes: HashMap::new(),
         serve_lanes: HashMap::new(),
         io_tx,
