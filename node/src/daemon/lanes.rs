@@ -512,6 +512,29 @@ mod tests {
         ]
     }
 
+    type Model = HashMap<(u8, u32), (LaneClass, LaneId)>;
+
+    /// Removes the model's wants that `pick` selects; their indices, sorted.
+    fn take(
+        pending: &mut Model,
+        pick: impl Fn(&(u8, u32), &(LaneClass, LaneId)) -> bool,
+    ) -> Vec<u32> {
+        let mut taken: Vec<u32> = pending
+            .iter()
+            .filter(|(k, v)| pick(k, v))
+            .map(|((_, i), _)| *i)
+            .collect();
+        pending.retain(|k, v| !pick(k, v));
+        taken.sort_unstable();
+        taken
+    }
+
+    fn indices(wants: &[super::Requested]) -> Vec<u32> {
+        let mut v: Vec<u32> = wants.iter().map(|r| r.index).collect();
+        v.sort_unstable();
+        v
+    }
+
     fn class(demand: bool) -> LaneClass {
         if demand {
             LaneClass::Demand
@@ -532,7 +555,7 @@ mod tests {
             let now = StdInstant::now();
             let mut book = RequestBook::<u8>::default();
             // The model: each pending want's (class, lane), and each (peer, class)'s running lane.
-            let mut pending: HashMap<(u8, u32), (LaneClass, LaneId)> = HashMap::new();
+            let mut pending = Model::new();
             let mut lanes: HashMap<(u8, LaneClass), LaneId> = HashMap::new();
             let mut next_lane: LaneId = 0;
             let mut lane_of = |lanes: &mut HashMap<(u8, LaneClass), LaneId>, peer, class| {
@@ -583,39 +606,21 @@ mod tests {
                         prop_assert_eq!(got, want, "{:?}", op);
                     }
                     Op::Answer { peer, index } => {
-                        let mut got: Vec<u32> =
-                            book.answer(&peer, id_of(index)).iter().map(|r| r.index).collect();
-                        let mut want: Vec<u32> = pending
-                            .keys()
-                            .filter(|(p, i)| *p == peer && id_of(*i) == id_of(index))
-                            .map(|(_, i)| *i)
-                            .collect();
-                        for i in &want {
-                            pending.remove(&(peer, *i));
-                        }
+                        let got = book.answer(&peer, id_of(index));
+                        let want = take(&mut pending, |(p, i), _| {
+                            *p == peer && id_of(*i) == id_of(index)
+                        });
                         ended += want.len();
-                        got.sort_unstable();
-                        want.sort_unstable();
-                        prop_assert_eq!(got, want, "{:?}", op);
+                        prop_assert_eq!(indices(&got), want, "{:?}", op);
                     }
                     Op::LaneEnds { peer, demand } => {
                         let Some(lane) = lanes.remove(&(peer, class(demand))) else {
                             continue;
                         };
-                        let mut got: Vec<u32> =
-                            book.fail_lane(&peer, lane).iter().map(|r| r.index).collect();
-                        let mut want: Vec<u32> = pending
-                            .iter()
-                            .filter(|((p, _), (_, l))| *p == peer && *l == lane)
-                            .map(|((_, i), _)| *i)
-                            .collect();
-                        for i in &want {
-                            pending.remove(&(peer, *i));
-                        }
+                        let got = book.fail_lane(&peer, lane);
+                        let want = take(&mut pending, |(p, _), (_, l)| *p == peer && *l == lane);
                         ended += want.len();
-                        got.sort_unstable();
-                        want.sort_unstable();
-                        prop_assert_eq!(got, want, "{:?}", op);
+                        prop_assert_eq!(indices(&got), want, "{:?}", op);
                     }
                     Op::DropPeer { peer } => {
                         book.drop_peer(&peer);

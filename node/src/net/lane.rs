@@ -200,14 +200,10 @@ pub fn spawn_outbound(
             };
             let reader = async {
                 loop {
-                    let msg = match read_frame(&mut rd).await {
-                        Ok(Some(msg)) => msg,
-                        Ok(None) => return Err(LaneError::Closed),
-                        Err(e) => return Err(LaneError::from_read(e)),
-                    };
-                    if !matches!(msg, Message::Chunk { .. } | Message::Reject { .. }) {
-                        return Err(LaneError::Unexpected(msg.kind()));
-                    }
+                    let msg = next_frame(&mut rd, |m| {
+                        matches!(m, Message::Chunk { .. } | Message::Reject { .. })
+                    })
+                    .await?;
                     if events.send(LaneEvent::Answer { peer, msg }).is_err() {
                         return Ok(()); // the daemon is shutting down
                     }
@@ -301,14 +297,10 @@ async fn serve_lane(
         };
         let reader = async {
             loop {
-                let msg = match read_frame(&mut rd).await {
-                    Ok(Some(msg)) => msg,
-                    Ok(None) => return Err(LaneError::Closed),
-                    Err(e) => return Err(LaneError::from_read(e)),
-                };
-                if !matches!(msg, Message::Request { .. } | Message::Cancel { .. }) {
-                    return Err(LaneError::Unexpected(msg.kind()));
-                }
+                let msg = next_frame(&mut rd, |m| {
+                    matches!(m, Message::Request { .. } | Message::Cancel { .. })
+                })
+                .await?;
                 if events.send(LaneEvent::Request { peer, lane, msg }).is_err() {
                     return Ok(());
                 }
@@ -327,6 +319,19 @@ async fn serve_lane(
         lane,
         error: result.err(),
     });
+}
+
+/// Reads the next frame of a lane whose peer may send only the messages `allowed` accepts.
+async fn next_frame<R: futures::AsyncRead + Unpin + Send>(
+    rd: &mut R,
+    allowed: fn(&Message) -> bool,
+) -> Result<Message, LaneError> {
+    match read_frame(rd).await {
+        Ok(Some(msg)) if allowed(&msg) => Ok(msg),
+        Ok(Some(msg)) => Err(LaneError::Unexpected(msg.kind())),
+        Ok(None) => Err(LaneError::Closed),
+        Err(e) => Err(LaneError::from_read(e)),
+    }
 }
 
 /// Reads a chunk to serve (on the blocking pool; the store re-checks its hash) and makes the
