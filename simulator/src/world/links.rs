@@ -14,7 +14,10 @@
 //!
 //! The fluid version: while a connection has flows, a tick every RTT / 4 records the bytes it sent
 //! in the last quarter (its current rate x RTT / 4); the bytes sent one RTT earlier are acknowledged
-//! now, while busy, and add to cwnd. Ticking stops once the cap no longer binds. Losses are not
+//! now, while busy, and add to cwnd. Ticking stops once the cap no longer binds: when it exceeds
+//! both NICs, or when the connection runs below it because another link holds it back; then each
+//! chunk it finishes adds its bytes to cwnd at once (less the last RTT's worth when the connection
+//! goes idle), and its next chunk starts the ticks again. Losses are not
 //! modelled (the testnet's shaped links dropped nothing), so cwnd never shrinks.
 
 use std::collections::VecDeque;
@@ -27,6 +30,8 @@ use crate::scenario::Scenario;
 const PACING_GAIN: f64 = 1.25;
 /// Congestion-window ticks per RTT.
 const TICKS_PER_RTT: u32 = 4;
+/// A connection whose load is below this share of its cap is limited elsewhere.
+const CAP_BINDING: f64 = 0.95;
 
 /// One direction of a connection: its congestion window and its cap link.
 #[derive(Debug)]
@@ -140,8 +145,33 @@ impl World {
     }
 
     /// Drops a transfer's reference on its connection (removing the cap link with the last one;
-    /// the congestion window stays).
-    pub(super) fn release_window(&mut self, from: NodeId, to: NodeId) {
+    /// the congestion window stays). `bytes` of it were sent: while the connection is not ticking
+    /// (held back elsewhere), they are what its acknowledgements add to cwnd now, except the last
+    /// RTT's worth when this was its last flow (those acks arrive when it is idle).
+    pub(super) fn release_window(&mut self, from: NodeId, to: NodeId, bytes: f64) {
+        let rtt = self.rtt(from, to).as_secs_f64();
+        let window = self.sc.window;
+        let congestion = self.sc.initial_window > 0.0;
+        let Some(conn) = self.conns.get(&(from, to)) else {
+            return;
+        };
+        let load = conn.link.map_or(0.0, |l| self.net.load(l));
+        let (ticking, last, link) = (conn.ticking, conn.flows <= 1, conn.link);
+        if congestion && !ticking {
+            let idle_acks = if last { load * rtt } else { 0.0 };
+            let grown = (bytes - idle_acks).max(0.0);
+            let cwnd = self
+                .conns
+                .get(&(from, to))
+                .map_or(0.0, |c| (c.cwnd + grown).min(window));
+            if let Some(c) = self.conns.get_mut(&(from, to)) {
+                c.cwnd = cwnd;
+            }
+            if let Some(l) = link.filter(|_| !last) {
+                let cap = self.conn_cap(from, to, cwnd);
+                self.net.set_capacity(l, cap);
+            }
+        }
         if let Some(conn) = self.conns.get_mut(&(from, to)) {
             conn.flows = conn.flows.saturating_sub(1);
             if conn.flows == 0 {
@@ -166,7 +196,17 @@ impl World {
             conn.sent.clear();
             return;
         };
-        conn.sent.push_back(self.net.load(link) * quarter);
+        let load = self.net.load(link);
+        if load < CAP_BINDING * self.net.link(link).capacity {
+            // Held back elsewhere (a shared NIC or WAN link): its window is not what limits it,
+            // so it needs no ticks (thousands of connections sharing saturated links would
+            // otherwise tick every RTT/4 for nothing). Its acknowledgements still grow cwnd:
+            // `release_window` adds each finished chunk's bytes. Its next chunk restarts ticks.
+            conn.ticking = false;
+            conn.sent.clear();
+            return;
+        }
+        conn.sent.push_back(load * quarter);
         if conn.sent.len() > TICKS_PER_RTT as usize {
             let acked = conn.sent.pop_front().unwrap_or(0.0);
             conn.cwnd = (conn.cwnd + acked).min(window);

@@ -79,8 +79,7 @@ impl World {
             if let Some((t, sent)) = self.net.abort(now, flow) {
                 self.counters.flows_aborted += 1;
                 self.account(t, sent, true);
-                self.release_window(t.from, t.to);
-                self.nodes[server as usize].serve.handle_sent();
+                self.release_window(t.from, t.to, sent);
                 freed = true;
             }
         }
@@ -110,6 +109,8 @@ impl World {
             self.nodes[server as usize]
                 .sending
                 .insert((to, index), flow);
+            // Handed to the transport: the slot is free again (see the module docs of `world`).
+            self.nodes[server as usize].serve.handle_sent();
         }
     }
 
@@ -119,10 +120,9 @@ impl World {
             return;
         };
         self.account(t, size as f64, false);
-        self.release_window(t.from, t.to);
+        self.release_window(t.from, t.to, size as f64);
         let server = &mut self.nodes[t.from as usize];
         server.sending.remove(&(t.to, t.index));
-        server.serve.handle_sent();
         self.send(t.from, t.to, Msg::Chunk { index: t.index });
         self.pump(t.from);
     }
