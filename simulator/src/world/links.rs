@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 
 use super::{Ev, NodeId, Transfer, World};
-use crate::net::{LinkClass, LinkId, MAX_PATH, Network};
+use crate::net::{FlowId, LinkClass, LinkId, MAX_PATH, Network};
 use crate::scenario::Scenario;
 
 /// Pacing rate / (cwnd / RTT) in quinn.
@@ -46,6 +46,11 @@ pub(super) struct Conn {
     sent: VecDeque<f64>,
     /// A tick is scheduled.
     ticking: bool,
+    /// Bytes of the chunks in progress whose write into the send buffer has returned.
+    written: f64,
+    /// Chunks in progress whose write waits for room in the send buffer (each holds its server's
+    /// upload slot), oldest first: flow and size.
+    blocked: VecDeque<(FlowId, f64)>,
 }
 
 /// A site's shared links.
@@ -126,6 +131,8 @@ impl World {
             flows: 0,
             sent: VecDeque::new(),
             ticking: false,
+            written: 0.0,
+            blocked: VecDeque::new(),
         });
         conn.flows += 1;
         if conn.link.is_none() && binds {
@@ -144,16 +151,44 @@ impl World {
         (p, n)
     }
 
+    /// Writes a chunk of `size` bytes, sent as `flow`, into connection `from -> to`'s send buffer:
+    /// true if the write returns at once (the server's upload slot is free again), false if it
+    /// waits for room (the slot stays taken until [`Self::release_window`] lets it in). The buffer
+    /// holds at most the flow-control window of chunks in progress; a chunk alone on its
+    /// connection always gets in. Call after [`Self::path`] for that flow.
+    pub(super) fn write_chunk(&mut self, from: NodeId, to: NodeId, flow: FlowId, size: f64) -> bool {
+        let window = self.sc.window;
+        let Some(conn) = self.conns.get_mut(&(from, to)) else {
+            return true;
+        };
+        if conn.blocked.is_empty() && (conn.written <= 0.0 || conn.written + size <= window) {
+            conn.written += size;
+            true
+        } else {
+            conn.blocked.push_back((flow, size));
+            false
+        }
+    }
+
     /// Drops a transfer's reference on its connection (removing the cap link with the last one;
-    /// the congestion window stays). `bytes` of it were sent: while the connection is not ticking
-    /// (held back elsewhere), they are what its acknowledgements add to cwnd now, except the last
-    /// RTT's worth when this was its last flow (those acks arrive when it is idle).
-    pub(super) fn release_window(&mut self, from: NodeId, to: NodeId, bytes: f64) {
+    /// the congestion window stays) and returns how many upload slots of `from` are freed: the
+    /// transfer's own if its write was still waiting, and those of waiting writes that now fit in
+    /// the send buffer. `bytes` of it were sent: while the connection is not ticking (held back
+    /// elsewhere), they are what its acknowledgements add to cwnd now, except the last RTT's
+    /// worth when this was its last flow (those acks arrive when it is idle).
+    pub(super) fn release_window(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        flow: FlowId,
+        size: f64,
+        bytes: f64,
+    ) -> u32 {
         let rtt = self.rtt(from, to).as_secs_f64();
         let window = self.sc.window;
         let congestion = self.sc.initial_window > 0.0;
         let Some(conn) = self.conns.get(&(from, to)) else {
-            return;
+            return 0;
         };
         let load = conn.link.map_or(0.0, |l| self.net.load(l));
         let (ticking, last, link) = (conn.ticking, conn.flows <= 1, conn.link);
@@ -172,15 +207,32 @@ impl World {
                 self.net.set_capacity(l, cap);
             }
         }
+        let mut freed = 0;
         if let Some(conn) = self.conns.get_mut(&(from, to)) {
             conn.flows = conn.flows.saturating_sub(1);
+            if let Some(i) = conn.blocked.iter().position(|&(f, _)| f == flow) {
+                conn.blocked.remove(i);
+                freed += 1;
+            } else {
+                conn.written = (conn.written - size).max(0.0);
+            }
+            while let Some(&(_, next)) = conn.blocked.front() {
+                if conn.written > 0.0 && conn.written + next > window {
+                    break;
+                }
+                conn.blocked.pop_front();
+                conn.written += next;
+                freed += 1;
+            }
             if conn.flows == 0 {
                 conn.sent.clear();
+                conn.written = 0.0;
                 if let Some(link) = conn.link.take() {
                     self.net.remove_link(link);
                 }
             }
         }
+        freed
     }
 
     /// A congestion-window tick of connection `from -> to` (see the module docs).
