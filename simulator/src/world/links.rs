@@ -32,6 +32,10 @@ const PACING_GAIN: f64 = 1.25;
 const TICKS_PER_RTT: u32 = 4;
 /// A connection whose load is below this share of its cap is limited elsewhere.
 const CAP_BINDING: f64 = 0.95;
+/// quinn's default `send_window` (8 x 1.25 MB; libp2p-quic keeps it): the most bytes a connection
+/// buffers unacknowledged. A write into a stream waits while it is full (or while the stream's or
+/// connection's flow-control window, `network.window`, if lower, is).
+const SEND_WINDOW: f64 = 10_000_000.0;
 
 /// One direction of a connection: its congestion window and its cap link.
 #[derive(Debug)]
@@ -154,10 +158,16 @@ impl World {
     /// Writes a chunk of `size` bytes, sent as `flow`, into connection `from -> to`'s send buffer:
     /// true if the write returns at once (the server's upload slot is free again), false if it
     /// waits for room (the slot stays taken until [`Self::release_window`] lets it in). The buffer
-    /// holds at most the flow-control window of chunks in progress; a chunk alone on its
+    /// holds at most [`SEND_WINDOW`] (or the flow-control window if lower) of chunks in progress; a chunk alone on its
     /// connection always gets in. Call after [`Self::path`] for that flow.
-    pub(super) fn write_chunk(&mut self, from: NodeId, to: NodeId, flow: FlowId, size: f64) -> bool {
-        let window = self.sc.window;
+    pub(super) fn write_chunk(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        flow: FlowId,
+        size: f64,
+    ) -> bool {
+        let window = self.sc.window.min(SEND_WINDOW);
         let Some(conn) = self.conns.get_mut(&(from, to)) else {
             return true;
         };
@@ -216,8 +226,9 @@ impl World {
             } else {
                 conn.written = (conn.written - size).max(0.0);
             }
+            let buffer = window.min(SEND_WINDOW);
             while let Some(&(_, next)) = conn.blocked.front() {
-                if conn.written > 0.0 && conn.written + next > window {
+                if conn.written > 0.0 && conn.written + next > buffer {
                     break;
                 }
                 conn.blocked.pop_front();

@@ -117,6 +117,8 @@ impl World {
             // buffer is full (see the module docs of `world`).
             if self.write_chunk(server, to, flow, size as f64) {
                 self.nodes[server as usize].serve.handle_sent();
+            } else {
+                self.counters.writes_waited += 1;
             }
         }
     }
