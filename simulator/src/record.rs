@@ -105,6 +105,8 @@ pub struct Counters {
     pub cancels: u64,
     /// `Reject { Busy }` answers.
     pub busy_rejects: u64,
+    /// Chunk writes that waited for room in a full send buffer (holding an upload slot).
+    pub writes_waited: u64,
     /// `NoSource` events.
     pub no_source_events: u64,
     /// `WantFailed` events (Demand deadlines passed).

@@ -294,6 +294,69 @@ think_ms = 0
     assert!(window_time > 10.0 * (64u64 << 20) as f64 / 1.25e9);
 }
 
+/// `hosts` hosts 100 ms from a 1 Gbit/s source copying `size` in chunks of `chunk` (central),
+/// the source sending one chunk at a time from its serve queue (`max_active_uploads = 1`).
+fn one_slot_copy(hosts: u32, size: &str, chunk: &str) -> RunResult {
+    let text = format!(
+        r#"
+name = "one-slot"
+strategy = "central"
+[image]
+size = "{size}"
+chunk_size = "{chunk}"
+[[sites]]
+name = "near"
+[[sites]]
+name = "far"
+[[rtt]]
+a = "near"
+b = "far"
+ms = 100
+[[hosts]]
+site = "far"
+count = {hosts}
+nic_up = "1 Gbit/s"
+[[sources]]
+site = "near"
+nic_up = "1 Gbit/s"
+[protocol]
+max_active_uploads = 1
+[boot]
+working_set = 0.01
+think_ms = 0
+"#
+    );
+    run(scenario(&text), 1)
+}
+
+#[test]
+fn an_upload_slot_is_freed_when_the_chunk_is_in_the_send_buffer() {
+    // 16 hosts copy 8 MiB each (128 MiB, 1.07 s at the source's 1 Gbit/s) over 100 ms. Were the
+    // source's only slot held until each chunk's last byte left, it would send one chunk at a
+    // time, to one cold (slow-start) connection after another: 3.1 s (measured with a one-byte
+    // send buffer, which makes every write wait for the chunk before it). Written into the send
+    // buffers, the chunks of all connections go out side by side and every window grows: 1.9 s.
+    let r = one_slot_copy(16, "8 MiB", "1 MiB");
+    let s = report::summarise(&r);
+    assert!(s.checks.ok(), "{:?}", s.checks.problems);
+    let t = s.checks.full_copy_s.unwrap();
+    eprintln!("16 hosts, one upload slot: full copy in {t:.3} s");
+    assert!(t < 2.5, "one slot, buffered writes: {t} s");
+    assert!(t > 0.1 + (128u64 << 20) as f64 / 1.25e8, "{t}");
+}
+
+#[test]
+fn writes_wait_only_when_the_send_buffer_is_full() {
+    // One host, 32 chunks of 1 MiB requested at once: they do not fit in a 10 MB buffer.
+    let r = one_slot_copy(1, "32 MiB", "1 MiB");
+    assert!(report::summarise(&r).checks.ok());
+    assert!(r.counters.writes_waited > 0);
+    // 2 MiB in all: every chunk fits at once.
+    let r = one_slot_copy(1, "2 MiB", "256 KiB");
+    assert!(report::summarise(&r).checks.ok());
+    assert_eq!(r.counters.writes_waited, 0);
+}
+
 /// One host 100 ms from its source reading 20 chunks one after the other (a VM blocked on each).
 fn serial_reads(congestion: bool) -> f64 {
     let text = r#"

@@ -13,7 +13,19 @@
 //! Node-level behaviour modelled here, as the node is expected to do it:
 //! - A `Request` reaches the serving node after RTT/2. Chunks it does not hold are answered
 //!   `NotFound`; a chunk already being sent to that peer is ignored; the rest go to its serve
-//!   queue (`Busy` is answered as a reject). Up to `max_active_uploads` chunks are sent at once.
+//!   queue (`Busy` is answered as a reject). A chunk the queue hands out is written into the
+//!   connection's send buffer and its upload slot freed when that write returns, as the node
+//!   does (a lane's task writes one chunk at a time; the write returns once the bytes are
+//!   buffered, and waits, holding the slot, while the send buffer is full). The buffer holds at
+//!   most quinn's `send_window` (10 MB, or `network.window` if lower) of the connection's chunks
+//!   in progress (a
+//!   chunk alone on its connection always fits); a write that does not fit waits until earlier
+//!   chunks of that connection finish (`write_chunk`, `release_window` in `links`). So
+//!   `max_active_uploads` bounds the chunks being read and blocked on full connections, not the
+//!   chunks on the wire. The connection's chunks share its rate, one flow each. Holding the slot
+//!   until the last byte left made a single origin with eight slots and thousands of cold
+//!   (slow-start) connections deliver a few chunks per second (a 1000-host `big10k` booted in
+//!   457 s instead of 68 s).
 //! - A chunk's bytes are a flow from the server's NIC to the requester's; the chunk is delivered
 //!   RTT/2 after its last byte left (propagation), verified (always valid here) and committed.
 //! - A `Cancel` removes a queued request, or stops a send in progress (the stream is reset).

@@ -79,8 +79,11 @@ impl World {
             if let Some((t, sent)) = self.net.abort(now, flow) {
                 self.counters.flows_aborted += 1;
                 self.account(t, sent, true);
-                self.release_window(t.from, t.to);
-                self.nodes[server as usize].serve.handle_sent();
+                let size = self.chunk_len(t.index) as f64;
+                let slots = self.release_window(t.from, t.to, flow, size, sent);
+                for _ in 0..slots {
+                    self.nodes[server as usize].serve.handle_sent();
+                }
                 freed = true;
             }
         }
@@ -110,6 +113,13 @@ impl World {
             self.nodes[server as usize]
                 .sending
                 .insert((to, index), flow);
+            // Written into the connection's send buffer: the slot is free again, unless the
+            // buffer is full (see the module docs of `world`).
+            if self.write_chunk(server, to, flow, size as f64) {
+                self.nodes[server as usize].serve.handle_sent();
+            } else {
+                self.counters.writes_waited += 1;
+            }
         }
     }
 
@@ -119,10 +129,12 @@ impl World {
             return;
         };
         self.account(t, size as f64, false);
-        self.release_window(t.from, t.to);
+        let slots = self.release_window(t.from, t.to, flow, size as f64, size as f64);
         let server = &mut self.nodes[t.from as usize];
+        for _ in 0..slots {
+            server.serve.handle_sent();
+        }
         server.sending.remove(&(t.to, t.index));
-        server.serve.handle_sent();
         self.send(t.from, t.to, Msg::Chunk { index: t.index });
         self.pump(t.from);
     }
