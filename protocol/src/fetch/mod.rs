@@ -34,9 +34,11 @@
 //!   assigned node queues its assigned Background chunks first; the others' Background wants wait
 //!   for its copy for at most [`Config::site_assign_wait`]. A same-site peer's `Fetching`
 //!   announcement is waited for, for at most [`Config::local_pending_wait`] by a Background want
-//!   and at most [`Config::demand_local_wait`] (from the moment it became Demand) by a Demand want;
-//!   a Demand want does not wait for an unannounced assignment (the assignee may not want the
-//!   chunk yet), so a flash crowd is deduplicated by the announcements. Whenever we
+//!   and at most [`Config::demand_local_wait`] (from the moment it became Demand) by a Demand want.
+//!   A Demand want waits for an unannounced assignment only [`Config::demand_assign_wait`] (5 ms:
+//!   the assignee may not want the chunk at all, but in a flash crowd of VMs reading the same
+//!   block it does, and its announcement arrives within that time), so a flash crowd is
+//!   deduplicated by the assignee's announcement. Whenever we
 //!   request a chunk from outside the site we announce it to our same-site peers
 //!   ([`Action::AnnounceFetching`]).
 //! - **Pipelining.** Each peer gets as many requests in flight as fill its bandwidth-delay product
@@ -121,6 +123,11 @@ pub struct Config {
     /// How long a Demand want waits for a same-site peer's announced fetch before fetching from
     /// outside the site itself, counted from the moment it became Demand.
     pub demand_local_wait: Duration,
+    /// How long a Demand want that another same-site node is assigned (rendezvous) waits for that
+    /// node's `Fetching` announcement when nothing is announced yet, counted from the moment it
+    /// became Demand. It covers a flash crowd of VMs reading the same block at nearly the same
+    /// moment, which would otherwise all cross the WAN before any of them has announced.
+    pub demand_assign_wait: Duration,
     /// A Demand want whose only request is this old is also requested from a better-ranked peer
     /// that obtains the chunk.
     pub hedge_delay: Duration,
@@ -160,6 +167,7 @@ impl Default for Config {
             local_pending_wait: Duration::from_secs(4),
             site_assign_wait: Duration::from_secs(10),
             demand_local_wait: Duration::from_millis(500),
+            demand_assign_wait: Duration::from_millis(5),
             hedge_delay: Duration::from_millis(200),
             chunk_bytes: 0,
             peer_rate_target: 250_000_000,
@@ -338,6 +346,9 @@ struct Want<P> {
     tiebreak: u32,
     /// After this instant the want no longer waits for a same-site copy (announced or assigned).
     wan_after: Instant,
+    /// While Demand: until this instant it waits for its assignee's announcement
+    /// ([`Config::demand_assign_wait`]).
+    assign_after: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -569,6 +580,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     bg_key: None,
                     tiebreak,
                     wan_after,
+                    assign_after: None,
                 });
                 self.wanted.insert(index);
                 if self.avail[i] == 0 {
@@ -602,6 +614,14 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             self.wan_after_deadlines.remove(&(w.wan_after, index));
             self.wan_after_deadlines.insert((wan_after, index));
             w.wan_after = wan_after;
+        }
+        if let Some(old) = w.assign_after.take() {
+            self.wan_after_deadlines.remove(&(old, index));
+        }
+        if !self.config.demand_assign_wait.is_zero() {
+            let assign_after = now + self.config.demand_assign_wait;
+            self.wan_after_deadlines.insert((assign_after, index));
+            w.assign_after = Some(assign_after);
         }
         self.wanted_demand += 1;
         self.demand_deadlines.insert((deadline, index));
@@ -1145,6 +1165,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             self.unavailable_deadlines.remove(&(deadline, index));
         }
         self.wan_after_deadlines.remove(&(w.wan_after, index));
+        if let Some(t) = w.assign_after {
+            self.wan_after_deadlines.remove(&(t, index));
+        }
         self.hedge_candidates.remove(&index);
         if w.priority == Priority::Demand {
             self.wanted_demand -= 1;
@@ -1476,9 +1499,14 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let announced = self.local_pending[i] > 0;
         let assigned_elsewhere = !self.site_assigned_to_us(index);
         let waiting = match w.priority {
-            // A blocked VM does not wait for an assignment its assignee may not be acting on (its
-            // own VMs may not read the chunk yet); it waits only for an announced fetch.
-            Priority::Demand => now < w.wan_after && announced,
+            // A blocked VM waits for an announced fetch. For an assignment nobody has announced
+            // it waits only briefly: its assignee may not be reading the chunk at all, but in a
+            // flash crowd it is, and announces within an intra-site round trip.
+            Priority::Demand => {
+                now < w.wan_after
+                    && (announced
+                        || (assigned_elsewhere && w.assign_after.is_some_and(|t| now < t)))
+            }
             Priority::Background => announced || (assigned_elsewhere && now < w.wan_after),
         };
         !waiting

@@ -876,11 +876,21 @@ fn demand_waits_briefly_for_a_neighbours_copy() {
     let other = (0..40)
         .find(|&i| i != theirs && site_owner(100, &[1], i) == 1)
         .unwrap();
-    // A blocked VM does not wait for an assignment nobody acts on...
-    s.handle_want(t(0), other, Priority::Demand).unwrap();
+    let ours = (0..40).find(|&i| site_owner(100, &[1], i) == 100).unwrap();
+    // A chunk assigned to us crosses the WAN at once.
+    s.handle_want(t(0), ours, Priority::Demand).unwrap();
     assert_eq!(
         requests(&drain_actions(&mut s)),
-        vec![(9, Priority::Demand, other)]
+        vec![(9, Priority::Demand, ours)]
+    );
+    // A blocked VM waits only `demand_assign_wait` for an assignment nobody has announced...
+    s.handle_want(t(0), other, Priority::Demand).unwrap();
+    assert!(requests(&drain_actions(&mut s)).is_empty());
+    assert!(requests(&advance(&mut s, t(4))).is_empty());
+    assert_eq!(
+        requests(&advance(&mut s, t(5))),
+        vec![(9, Priority::Demand, other)],
+        "the assignee announced nothing within demand_assign_wait"
     );
     // ...but waits for an announced fetch, briefly.
     s.handle_peer_fetching(t(0), &1, &[theirs]);
@@ -894,6 +904,31 @@ fn demand_waits_briefly_for_a_neighbours_copy() {
         requests(&advance(&mut s, t(500))),
         vec![(9, Priority::Demand, theirs)],
         "a blocked VM waits at most demand_local_wait"
+    );
+}
+
+/// A flash crowd: the assignee reads the same block a moment later and announces its fetch within
+/// `demand_assign_wait`; we then wait for its copy instead of crossing the WAN as well.
+#[test]
+fn demand_flash_crowd_waits_for_the_assignees_announcement() {
+    let mut s = FetchScheduler::new(cfg(), 40, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(40));
+    let theirs = (0..40).find(|&i| site_owner(100, &[1], i) == 1).unwrap();
+    s.handle_want(t(10), theirs, Priority::Demand).unwrap();
+    assert!(requests(&advance(&mut s, t(13))).is_empty());
+    s.handle_peer_fetching(t(13), &1, &[theirs]);
+    assert!(
+        requests(&advance(&mut s, t(300))).is_empty(),
+        "the assignee announced its fetch: wait for its copy"
+    );
+    s.handle_peer_have_update(t(300), &1, &[theirs]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, theirs)],
+        "fetched inside the site"
     );
 }
 
@@ -1302,7 +1337,10 @@ fn model_locality_allows(s: &FetchScheduler<u32>, now: Instant, p: &Peer, index:
         members().any(|q| site_score(q.key, index) >= mine)
     });
     match w.priority {
-        Priority::Demand => !(now < w.wan_after && announced),
+        Priority::Demand => {
+            !(now < w.wan_after
+                && (announced || (assigned_elsewhere && w.assign_after.is_some_and(|t| now < t))))
+        }
         Priority::Background => !(announced || (assigned_elsewhere && now < w.wan_after)),
     }
 }

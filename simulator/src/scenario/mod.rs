@@ -29,6 +29,9 @@ pub const DEFAULT_WINDOW_BYTES: u64 = 15_000_000;
 pub const DEFAULT_INITIAL_WINDOW_BYTES: u64 = 12_000;
 /// Default cap on the peers (other than sources) a host connects to.
 pub const DEFAULT_MAX_PEERS: u32 = 50;
+/// Default `routing.site_peers`: one answer of the node's per-site provider key (Kademlia's k = 20,
+/// `node/src/net/store.rs`).
+pub const DEFAULT_SITE_PEERS: u32 = 20;
 /// Kademlia's lookup parallelism.
 pub const DEFAULT_ALPHA: u32 = 3;
 /// Default interval at which a host batches its `HaveUpdate`s.
@@ -151,8 +154,12 @@ pub struct BootSpec {
 /// Content-routing and peer-set model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
-    /// Most non-source peers a host connects to by itself.
+    /// Most non-source peers a host connects to by itself, from the image's fleet-wide provider
+    /// records.
     pub max_peers: u32,
+    /// Most same-site peers a host connects to from the image's per-site provider records (in
+    /// addition to `max_peers`).
+    pub site_peers: u32,
     /// Kademlia lookup parallelism.
     pub alpha: u32,
     /// `HaveUpdate` batching interval.
@@ -500,6 +507,7 @@ impl Checker<'_> {
         let boot = self.boot(&raw.boot, image_size)?;
         let routing = Routing {
             max_peers: raw.routing.max_peers.unwrap_or(DEFAULT_MAX_PEERS),
+            site_peers: raw.routing.site_peers.unwrap_or(DEFAULT_SITE_PEERS),
             alpha: raw.routing.alpha.unwrap_or(DEFAULT_ALPHA),
             have_batch: self.ms(
                 "routing.have_batch_ms",
@@ -680,6 +688,11 @@ impl Checker<'_> {
             "demand_local_wait_ms",
             p.demand_local_wait_ms,
             &mut f.demand_local_wait,
+        )?;
+        ms(
+            "demand_assign_wait_ms",
+            p.demand_assign_wait_ms,
+            &mut f.demand_assign_wait,
         )?;
         ms("hedge_delay_ms", p.hedge_delay_ms, &mut f.hedge_delay)?;
         if let Some(v) = &p.peer_rate_target {

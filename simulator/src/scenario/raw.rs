@@ -171,6 +171,7 @@ pub(crate) struct RawVmswarm {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRouting {
     pub(crate) max_peers: Option<u32>,
+    pub(crate) site_peers: Option<u32>,
     pub(crate) alpha: Option<u32>,
     pub(crate) have_batch_ms: Option<f64>,
 }
@@ -186,6 +187,7 @@ pub(crate) struct RawProtocol {
     pub(crate) request_max_wait_ms: Option<f64>,
     pub(crate) site_assign_wait_ms: Option<f64>,
     pub(crate) demand_local_wait_ms: Option<f64>,
+    pub(crate) demand_assign_wait_ms: Option<f64>,
     pub(crate) hedge_delay_ms: Option<f64>,
     pub(crate) peer_rate_target: Option<String>,
     pub(crate) endgame_threshold: Option<u32>,
