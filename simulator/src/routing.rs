@@ -9,10 +9,14 @@
 //!   picked uniformly from all N nodes: Kademlia contacts ids, not sites.
 //! - A host becomes a provider of the image when it starts fetching it (its record is visible one
 //!   publish delay later); source servers are providers from the start.
-//! - A host connects to every source server, and to up to `max_peers` other providers drawn
-//!   uniformly at random (a lookup returns ids close to the key in XOR distance, which says
-//!   nothing about sites). Connections are symmetric and accepted without limit, so a popular host
-//!   can end up with more than `max_peers` peers, as with libp2p's default connection limits.
+//! - A host connects to every source server, to up to `max_peers` other providers drawn
+//!   uniformly at random, and to up to `site_peers` (20) more drawn uniformly from the providers of
+//!   its own site. This follows the node (`node/src/net/store.rs`): a record holder keeps a uniform
+//!   random sample of 20 providers per key, so the image key's answers are a random spread over
+//!   the fleet (how many depends on how many holders answer one lookup; `max_peers` stands for
+//!   that), and the node also looks up a per-site key, whose answer holds up to 20 providers of
+//!   its site. Connections are symmetric and accepted without limit, so a popular host can end up
+//!   with more peers, as with libp2p's default connection limits.
 //!
 //! This module decides the delays and the draw; connecting and the protocol messages are the
 //! world's job.

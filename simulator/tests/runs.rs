@@ -488,3 +488,38 @@ proptest! {
         prop_assert!(ratio >= 1.0, "ratio {}", ratio);
     }
 }
+
+/// The per-site provider key (`routing.site_peers`) connects each host to same-site providers
+/// beyond the random fleet-wide draw, as the node's site-scoped lookup does.
+#[test]
+fn site_peers_connect_hosts_within_their_site() {
+    let with = |site_peers: &str| {
+        let sc = Scenario::parse(
+            THREE_SITES,
+            Path::new("test.toml"),
+            &[
+                "routing.max_peers=1".to_string(),
+                format!("routing.site_peers={site_peers}"),
+            ],
+        )
+        .expect("valid test scenario");
+        run(sc, 3)
+    };
+    let none = with("0");
+    let some = with("4");
+    for r in [&none, &some] {
+        let s = report::summarise(r);
+        assert!(s.checks.ok(), "{}: {:?}", r.label, s.checks.problems);
+    }
+    // Every host has at least its 4 same-site providers (plus the source) with site peers; without
+    // them, one random provider and whoever dialled it.
+    let min_some = some.hosts.iter().map(|h| h.peers).min().unwrap();
+    assert!(min_some >= 5, "min peers with site_peers=4: {min_some}");
+    let total = |r: &RunResult| r.hosts.iter().map(|h| h.peers).sum::<u32>();
+    assert!(
+        total(&some) > total(&none),
+        "{} vs {}",
+        total(&some),
+        total(&none)
+    );
+}

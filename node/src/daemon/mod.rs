@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use futures::StreamExt;
-use libp2p::kad::{self, RecordKey};
+use libp2p::kad;
 use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
@@ -521,22 +521,24 @@ impl Daemon {
         }
     }
 
+    /// Records us as a provider of `image`, fleet-wide and within our site ([`net::store`]).
     fn provide(&mut self, image: ImageId) {
-        if let Err(e) = self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .start_providing(RecordKey::new(&image.0))
-        {
-            tracing::warn!(%image, "providing: {e}");
+        let keys = [
+            net::store::image_key(&image.0),
+            net::store::site_key(&image.0, &self.opts.site),
+        ];
+        for key in keys {
+            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+                tracing::warn!(%image, "providing: {e}");
+            }
         }
     }
 
+    /// Looks for providers of `image`, fleet-wide and within our site.
     fn lookup_providers(&mut self, image: ImageId) {
-        self.swarm
-            .behaviour_mut()
-            .kad
-            .get_providers(RecordKey::new(&image.0));
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        kad.get_providers(net::store::image_key(&image.0));
+        kad.get_providers(net::store::site_key(&image.0, &self.opts.site));
     }
 
     fn next_deadline(&self) -> Option<StdInstant> {

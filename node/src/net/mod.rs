@@ -2,7 +2,7 @@
 //!
 //! QUIC (quinn + rustls, encrypted and authenticated by each node's Ed25519 identity) is the only
 //! transport. Kademlia (our own protocol name, server mode) finds peers and per-image provider
-//! records; identify tells us peers' listen addresses; ping measures RTT for the fetch scheduler;
+//! records (kept as random samples, [`store`]); identify tells us peers' listen addresses; ping measures RTT for the fetch scheduler;
 //! request-response carries the vmswarm control messages ([`codec`]); chunk requests and chunks
 //! travel on long-lived streams of their own ([`lane`], through `libp2p-stream`). Which chunk to ask
 //! whom for is not decided here but in `vmswarm_protocol::fetch`.
@@ -10,11 +10,12 @@
 pub mod buffers;
 pub mod codec;
 pub mod lane;
+pub mod store;
 
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
-use libp2p::kad::{self, store::MemoryStore};
+use libp2p::kad;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, SwarmBuilder, identify, ping};
@@ -26,7 +27,7 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/vmswarm/kad/1.0.0
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     /// Peer routing and provider records.
-    pub kad: kad::Behaviour<MemoryStore>,
+    pub kad: kad::Behaviour<store::SampledStore>,
     /// Listen addresses and agent strings.
     pub identify: identify::Behaviour,
     /// RTT.
@@ -60,8 +61,18 @@ pub fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, NetError> {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_query_timeout(Duration::from_secs(30));
-            let mut kad =
-                kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+            // Provider lists are random samples, not the first 20 (see [`store`]); the sampling
+            // seed only needs to differ between nodes.
+            let seed = u64::from_le_bytes(
+                blake3::hash(&peer_id.to_bytes()).as_bytes()[..8]
+                    .try_into()
+                    .unwrap_or_default(),
+            );
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                store::SampledStore::new(peer_id, seed),
+                kad_config,
+            );
             // Every node answers queries: nodes in one data center often have no confirmed public
             // address, and a client-mode network cannot route.
             kad.set_mode(Some(kad::Mode::Server));

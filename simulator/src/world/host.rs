@@ -99,7 +99,23 @@ impl World {
             |c| c == node || conns.contains(&c),
             &mut self.routing_rng,
         );
+        // The per-site key's answer: up to `site_peers` same-site providers, drawn the same way.
+        let site = self.nodes[node as usize].site;
+        let nodes = &self.nodes;
+        let same_site = |c: NodeId| nodes[c as usize].site == site;
+        let site_have = conns
+            .iter()
+            .filter(|&&c| c >= self.sources && same_site(c))
+            .count();
+        let site_room = (self.sc.routing.site_peers as usize).saturating_sub(site_have);
+        let local = routing::choose(
+            &candidates,
+            site_room,
+            |c| c == node || !same_site(c) || conns.contains(&c) || picked.contains(&c),
+            &mut self.routing_rng,
+        );
         targets.extend(picked);
+        targets.extend(local);
         for peer in targets {
             let rtt = self.rtt(node, peer);
             self.q.schedule_in(rtt, Ev::Connect { host: h, peer });
