@@ -67,29 +67,12 @@ impl World {
         self.pump(server);
     }
 
+    /// A `Cancel` withdraws queued requests only. A chunk already written into the connection is
+    /// in the stream and goes out whole, as on the node's lanes (`node/src/net/lane.rs`); the
+    /// requester drops it unless it has asked this server for that chunk again (`on_chunk`).
     pub(super) fn on_cancel(&mut self, server: NodeId, from: NodeId, indices: &[u32]) {
         let ids: Vec<_> = indices.iter().map(|&i| chunk_id(i)).collect();
         self.nodes[server as usize].serve.handle_cancel(&from, &ids);
-        let now = self.now();
-        let mut freed = false;
-        for &index in indices {
-            let Some(flow) = self.nodes[server as usize].sending.remove(&(from, index)) else {
-                continue;
-            };
-            if let Some((t, sent)) = self.net.abort(now, flow) {
-                self.counters.flows_aborted += 1;
-                self.account(t, sent, true);
-                let size = self.chunk_len(t.index) as f64;
-                let slots = self.release_window(t.from, t.to, flow, size, sent);
-                for _ in 0..slots {
-                    self.nodes[server as usize].serve.handle_sent();
-                }
-                freed = true;
-            }
-        }
-        if freed {
-            self.pump(server);
-        }
     }
 
     /// Starts sending whatever the serve queue hands out.
