@@ -865,13 +865,20 @@ fn outside_fetches_are_assigned_once_per_site() {
     assert_eq!(requests(&drain_actions(&mut s)).len(), 12);
 }
 
-#[test]
-fn demand_waits_briefly_for_a_neighbours_copy() {
+/// We are node 100 of site dc1 with one same-site neighbour (1) and one remote holder of all 40
+/// chunks (9, in dc2).
+fn one_neighbour_one_remote() -> FetchScheduler<u32> {
     let mut s = FetchScheduler::new(cfg(), 40, 9).unwrap();
     s.set_local_peer(t(0), &100);
     s.handle_peer_connected(t(0), 1, info("dc1", 1));
     s.handle_peer_connected(t(0), 9, info("dc2", 30));
     s.handle_peer_have(t(0), &9, &full(40));
+    s
+}
+
+#[test]
+fn demand_waits_briefly_for_a_neighbours_copy() {
+    let mut s = one_neighbour_one_remote();
     let theirs = (0..40).find(|&i| site_owner(100, &[1], i) == 1).unwrap();
     let other = (0..40)
         .find(|&i| i != theirs && site_owner(100, &[1], i) == 1)
@@ -911,11 +918,7 @@ fn demand_waits_briefly_for_a_neighbours_copy() {
 /// `demand_assign_wait`; we then wait for its copy instead of crossing the WAN as well.
 #[test]
 fn demand_flash_crowd_waits_for_the_assignees_announcement() {
-    let mut s = FetchScheduler::new(cfg(), 40, 9).unwrap();
-    s.set_local_peer(t(0), &100);
-    s.handle_peer_connected(t(0), 1, info("dc1", 1));
-    s.handle_peer_connected(t(0), 9, info("dc2", 30));
-    s.handle_peer_have(t(0), &9, &full(40));
+    let mut s = one_neighbour_one_remote();
     let theirs = (0..40).find(|&i| site_owner(100, &[1], i) == 1).unwrap();
     s.handle_want(t(10), theirs, Priority::Demand).unwrap();
     assert!(requests(&advance(&mut s, t(13))).is_empty());
