@@ -6,7 +6,9 @@
 //!   so that is the key; several wants can wait on one request (a chunk id that occurs at several
 //!   indices, or in two images), and only the first sends it. When the chunk arrives, each waiting
 //!   want gets it (copies for the rare extra ones). An answer nobody waits for (it crossed our
-//!   `Cancel`) is dropped.
+//!   `Cancel`) goes to a transfer of an image that contains it, verified like any other (the
+//!   scheduler accepts it if still wanted, and counts it as the peer's progress); with no such
+//!   transfer it is dropped.
 //! - **A lane that ends fails its requests.** If the peer broke the protocol on it, the peer is
 //!   banned; otherwise its requests count as refused-busy, and the scheduler asks elsewhere. The
 //!   next request to that peer opens a new lane.
@@ -347,8 +349,25 @@ impl Daemon {
             Message::Chunk { id, data } => {
                 let waiting = self.requested.answer(&peer, id);
                 if waiting.is_empty() {
-                    tracing::debug!(%peer, chunk = %id, "chunk nobody waits for (cancelled)");
-                    crate::net::buffers::give(data);
+                    // Its request was cancelled after the peer had written it. If a transfer
+                    // still wants that chunk (re-requested elsewhere, or not yet), it is as good
+                    // as any copy once verified; either way the scheduler counts it as the peer's
+                    // progress, so a peer whose stream carries cancelled chunks does not look
+                    // silent and time out the requests behind them.
+                    let target = self.transfers.keys().find_map(|image| {
+                        let index = *self.images.get(image)?.by_id.get(&id)?.first()?;
+                        Some((*image, index))
+                    });
+                    match target {
+                        Some((image, index)) => {
+                            tracing::debug!(%peer, chunk = %id, "cancelled chunk arrived: handed to its transfer");
+                            self.on_chunk_response(peer, image, index, StdInstant::now(), id, data);
+                        }
+                        None => {
+                            tracing::debug!(%peer, chunk = %id, "chunk nobody waits for (cancelled)");
+                            crate::net::buffers::give(data);
+                        }
+                    }
                     return;
                 }
                 let mut data = Some(data);

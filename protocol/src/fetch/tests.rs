@@ -376,6 +376,36 @@ fn timeout_requeues_elsewhere_cancels_and_cools_down() {
     );
 }
 
+/// A chunk whose request was cancelled may already be on the wire (the node's lanes and the
+/// simulator deliver it whole). It is as good as any copy: accepted while still wanted, and the
+/// request that replaced it is cancelled.
+#[test]
+fn a_cancelled_request_s_chunk_that_arrives_is_accepted() {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(4));
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    drain_actions(&mut s);
+    s.handle_peer_connected(t(10), 2, info("dc1", 2));
+    s.handle_peer_have(t(10), &2, &full(4));
+    let deadline = t(4004);
+    let actions = advance(&mut s, deadline);
+    assert_eq!(cancels(&actions), vec![(1, 0)]);
+    assert_eq!(requests(&actions), vec![(2, Priority::Demand, 0)]);
+    // Peer 1 had already written it.
+    let late = deadline + Duration::from_millis(1);
+    assert_eq!(
+        s.handle_chunk(late, &1, 0, ChunkOutcome::Valid),
+        Delivery::Accept
+    );
+    assert_eq!(cancels(&drain_actions(&mut s)), vec![(2, 0)]);
+    // Peer 2's copy, crossing that Cancel, is now a duplicate.
+    assert_eq!(
+        s.handle_chunk(late, &2, 0, ChunkOutcome::Valid),
+        Delivery::Discard
+    );
+}
+
 #[test]
 fn a_dead_local_holder_does_not_keep_us_off_the_wan() {
     let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();

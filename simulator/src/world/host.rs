@@ -182,12 +182,9 @@ impl World {
         let Some(sched) = self.hosts[h as usize].sched.as_mut() else {
             return;
         };
-        if !sched.requested_from(index).contains(&from) {
-            // Its request was cancelled after the server had written the chunk: the node's lane
-            // drops an answer nobody waits for, without telling the scheduler.
-            self.hosts[h as usize].duplicate += len;
-            return;
-        }
+        // A chunk whose request was cancelled after the server had written it still reaches the
+        // scheduler, as on the node's lanes: it is accepted if still wanted (from whichever peer)
+        // and counts as the peer's progress either way.
         // Chunks are never corrupt here: the simulator models no malicious peer.
         match sched.handle_chunk(now, &from, index, ChunkOutcome::Valid) {
             Delivery::Accept => self.commit(h, index, from),

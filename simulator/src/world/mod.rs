@@ -29,9 +29,10 @@
 //! - A chunk's bytes are a flow from the server's NIC to the requester's; the chunk is delivered
 //!   RTT/2 after its last byte left (propagation), verified (always valid here) and committed.
 //! - A `Cancel` removes a queued request; a chunk already written goes out whole (it is in the
-//!   lane's stream, as on the node), and the requester drops it unless it has asked that server
-//!   for the chunk again. A request for a chunk already on its way to that peer is ignored (the
-//!   node would queue a second copy, which the first satisfies).
+//!   lane's stream, as on the node), and the requester's scheduler takes it like any copy
+//!   (accepted if still wanted; the peer's progress either way). A request for a chunk already
+//!   on its way to that peer is ignored (the node would queue a second copy, which the first
+//!   satisfies).
 //! - A host batches the chunks it commits into one `HaveUpdate` per connected host every
 //!   `routing.have_batch_ms`. The messages of one batch to the hosts of one site arrive at the
 //!   same instant (RTT/2 depends only on the sites), so they travel as one event that delivers

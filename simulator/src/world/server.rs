@@ -69,7 +69,7 @@ impl World {
 
     /// A `Cancel` withdraws queued requests only. A chunk already written into the connection is
     /// in the stream and goes out whole, as on the node's lanes (`node/src/net/lane.rs`); the
-    /// requester drops it unless it has asked this server for that chunk again (`on_chunk`).
+    /// requester's scheduler takes it like any copy (`on_chunk`).
     pub(super) fn on_cancel(&mut self, server: NodeId, from: NodeId, indices: &[u32]) {
         let ids: Vec<_> = indices.iter().map(|&i| chunk_id(i)).collect();
         self.nodes[server as usize].serve.handle_cancel(&from, &ids);
