@@ -348,8 +348,9 @@ fn same_site_fetch_announcement_defers_our_wan_fetch_for_a_bounded_time() {
     );
 }
 
-#[test]
-fn timeout_requeues_elsewhere_cancels_and_cools_down() {
+/// Chunk 0 wanted at Demand and requested from peer 1 (the only holder) at t = 0; a second
+/// holder, peer 2 (a little farther), connects at t = 10 ms.
+fn demand_at_1_then_2_joins() -> FetchScheduler<u32> {
     let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
     s.handle_peer_connected(t(0), 1, info("dc1", 1));
     s.handle_peer_have(t(0), &1, &full(4));
@@ -360,6 +361,12 @@ fn timeout_requeues_elsewhere_cancels_and_cools_down() {
     );
     s.handle_peer_connected(t(10), 2, info("dc1", 2));
     s.handle_peer_have(t(10), &2, &full(4));
+    s
+}
+
+#[test]
+fn timeout_requeues_elsewhere_cancels_and_cools_down() {
+    let mut s = demand_at_1_then_2_joins();
     let deadline = t(0) + Duration::from_secs(4) + Duration::from_millis(4);
     assert!(
         advance(&mut s, t(4003)).is_empty(),
@@ -381,13 +388,7 @@ fn timeout_requeues_elsewhere_cancels_and_cools_down() {
 /// request that replaced it is cancelled.
 #[test]
 fn a_cancelled_request_s_chunk_that_arrives_is_accepted() {
-    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
-    s.handle_peer_connected(t(0), 1, info("dc1", 1));
-    s.handle_peer_have(t(0), &1, &full(4));
-    s.handle_want(t(0), 0, Priority::Demand).unwrap();
-    drain_actions(&mut s);
-    s.handle_peer_connected(t(10), 2, info("dc1", 2));
-    s.handle_peer_have(t(10), &2, &full(4));
+    let mut s = demand_at_1_then_2_joins();
     let deadline = t(4004);
     let actions = advance(&mut s, deadline);
     assert_eq!(cancels(&actions), vec![(1, 0)]);
