@@ -127,6 +127,13 @@ impl<P: Clone + Eq + std::hash::Hash> RequestBook<P> {
             .unwrap_or_default()
     }
 
+    /// The wants waiting on `peer`'s answer for `id`.
+    pub(super) fn waiting(&self, peer: &P, id: ChunkId) -> &[Requested] {
+        self.by_chunk
+            .get(&(peer.clone(), id))
+            .map_or(&[], Vec::as_slice)
+    }
+
     /// Our lane `lane` to `peer` ended: the wants whose request went out on it.
     pub(super) fn fail_lane(&mut self, peer: &P, lane: LaneId) -> Vec<Requested> {
         let mut failed = Vec::new();
@@ -171,6 +178,14 @@ impl Daemon {
     pub(super) fn on_lane_event(&mut self, event: LaneEvent) {
         match event {
             LaneEvent::Answer { peer, msg } => self.on_lane_answer(peer, msg),
+            LaneEvent::Arriving { peer, id } => {
+                let now = self.now();
+                for r in self.requested.waiting(&peer, id) {
+                    if let Some(t) = self.transfers.get_mut(&r.image) {
+                        t.sched.handle_chunk_arriving(now, &peer, r.index);
+                    }
+                }
+            }
             LaneEvent::OutboundClosed {
                 peer,
                 class,

@@ -18,7 +18,9 @@ use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
+use vmswarm_protocol::ChunkId;
 use vmswarm_protocol::codec::{self, MAX_CHUNK_HEAD_LEN, MAX_FRAME_LEN};
+use vmswarm_protocol::fetch::ARRIVING_REPORT_AFTER;
 use vmswarm_protocol::wire::Message;
 
 /// The protocol name negotiated on each stream.
@@ -38,6 +40,16 @@ async fn read_message<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Mes
 /// (the peer closed its side between messages). An end inside a frame is an error.
 pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
+) -> io::Result<Option<Message>> {
+    read_frame_reporting(io, None).await
+}
+
+/// [`read_frame`], calling `slow` with a chunk message's id if its bytes are still arriving
+/// [`ARRIVING_REPORT_AFTER`] after its head was read (the fetch scheduler's
+/// `handle_chunk_arriving`).
+pub(crate) async fn read_frame_reporting<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    slow: Option<&mut (dyn FnMut(ChunkId) + Send)>,
 ) -> io::Result<Option<Message>> {
     let mut prefix = [0u8; 4];
     let mut got = 0;
@@ -68,7 +80,17 @@ pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
             let mut data = super::buffers::take(h.data_len);
             let early = head_len - h.head_len;
             data[..early].copy_from_slice(&head[h.head_len..head_len]);
-            io.read_exact(&mut data[early..]).await?;
+            let mut rest = io.read_exact(&mut data[early..]);
+            match slow {
+                None => rest.await?,
+                Some(slow) => match tokio::time::timeout(ARRIVING_REPORT_AFTER, &mut rest).await {
+                    Ok(done) => done?,
+                    Err(_) => {
+                        slow(h.id);
+                        rest.await?;
+                    }
+                },
+            }
             let msg = Message::Chunk { id: h.id, data };
             msg.validate()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -201,5 +223,42 @@ mod tests {
             framed.truncate(framed.len() - 10);
             assert!(read_message(&mut Cursor::new(framed)).await.is_err());
         });
+    }
+
+    /// A chunk whose bytes stall after its head is reported once, by id, and still read whole;
+    /// one that is all there is not reported.
+    #[tokio::test]
+    async fn a_slow_chunk_is_reported_as_arriving() {
+        use futures::TryStreamExt;
+        let id = vmswarm_protocol::ChunkId([9; 32]);
+        let msg = Message::Chunk {
+            id,
+            data: vec![7; 100_000],
+        };
+        let mut framed = Vec::new();
+        codec::encode_frame(&msg, &mut framed).unwrap();
+
+        let mut reported = Vec::new();
+        let mut note = |id| reported.push(id);
+        let mut fast = Cursor::new(framed.clone());
+        let got = read_frame_reporting(&mut fast, Some(&mut note)).await;
+        assert_eq!(got.unwrap(), Some(msg.clone()));
+        assert!(
+            reported.is_empty(),
+            "a chunk that is all there: {reported:?}"
+        );
+
+        let (tx, rx) = futures::channel::mpsc::unbounded::<io::Result<Vec<u8>>>();
+        let rest = framed.split_off(1000);
+        tx.unbounded_send(Ok(framed)).unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(ARRIVING_REPORT_AFTER * 2).await;
+            let _ = tx.unbounded_send(Ok(rest));
+        });
+        let mut slow = rx.into_async_read();
+        let mut note = |id| reported.push(id);
+        let got = read_frame_reporting(&mut slow, Some(&mut note)).await;
+        assert_eq!(got.unwrap(), Some(msg));
+        assert_eq!(reported, vec![id]);
     }
 }

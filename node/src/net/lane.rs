@@ -26,6 +26,10 @@
 //! - **Backpressure is QUIC's.** A server lane writes one chunk at a time; while the stream's
 //!   flow-control window is full the write waits, the chunk's upload slot stays taken, and the
 //!   serve queue hands out nothing more.
+//! - **A slow chunk is reported while it arrives.** If a chunk's bytes are still coming
+//!   `ARRIVING_REPORT_AFTER` (500 ms) after its head was read, the lane tells the daemon
+//!   ([`LaneEvent::Arriving`]) so that the fetch scheduler does not fetch the chunk a second time
+//!   (hedge, or time out a request to another site) while the first copy is on its way.
 
 use std::io;
 use std::sync::Arc;
@@ -38,7 +42,7 @@ use vmswarm_protocol::wire::{Message, RejectReason};
 use vmswarm_protocol::{ChunkId, Priority};
 
 use super::buffers;
-use super::codec::{read_frame, write_frame};
+use super::codec::{read_frame_reporting, write_frame};
 use crate::store::ChunkStore;
 
 /// The protocol name negotiated on each lane.
@@ -112,6 +116,14 @@ pub enum LaneEvent {
         peer: PeerId,
         /// The answer.
         msg: Message,
+    },
+    /// A chunk's bytes have been arriving on one of our lanes for `ARRIVING_REPORT_AFTER` and
+    /// it is not complete yet.
+    Arriving {
+        /// The server.
+        peer: PeerId,
+        /// The chunk.
+        id: ChunkId,
     },
     /// One of our lanes ended; requests that went out on it will not be answered.
     OutboundClosed {
@@ -199,10 +211,15 @@ pub fn spawn_outbound(
                 wr.close().await.map_err(LaneError::Io)
             };
             let reader = async {
+                let mut slow = |id| {
+                    let _ = events.send(LaneEvent::Arriving { peer, id });
+                };
                 loop {
-                    let msg = next_frame(&mut rd, |m| {
-                        matches!(m, Message::Chunk { .. } | Message::Reject { .. })
-                    })
+                    let msg = next_frame(
+                        &mut rd,
+                        |m| matches!(m, Message::Chunk { .. } | Message::Reject { .. }),
+                        Some(&mut slow),
+                    )
                     .await?;
                     if events.send(LaneEvent::Answer { peer, msg }).is_err() {
                         return Ok(()); // the daemon is shutting down
@@ -297,9 +314,11 @@ async fn serve_lane(
         };
         let reader = async {
             loop {
-                let msg = next_frame(&mut rd, |m| {
-                    matches!(m, Message::Request { .. } | Message::Cancel { .. })
-                })
+                let msg = next_frame(
+                    &mut rd,
+                    |m| matches!(m, Message::Request { .. } | Message::Cancel { .. }),
+                    None,
+                )
                 .await?;
                 if events.send(LaneEvent::Request { peer, lane, msg }).is_err() {
                     return Ok(());
@@ -321,12 +340,14 @@ async fn serve_lane(
     });
 }
 
-/// Reads the next frame of a lane whose peer may send only the messages `allowed` accepts.
+/// Reads the next frame of a lane whose peer may send only the messages `allowed` accepts;
+/// `slow` hears of a chunk still arriving after `ARRIVING_REPORT_AFTER`.
 async fn next_frame<R: futures::AsyncRead + Unpin + Send>(
     rd: &mut R,
     allowed: fn(&Message) -> bool,
+    slow: Option<&mut (dyn FnMut(ChunkId) + Send)>,
 ) -> Result<Message, LaneError> {
-    match read_frame(rd).await {
+    match read_frame_reporting(rd, slow).await {
         Ok(Some(msg)) if allowed(&msg) => Ok(msg),
         Ok(Some(msg)) => Err(LaneError::Unexpected(msg.kind())),
         Ok(None) => Err(LaneError::Closed),

@@ -51,14 +51,15 @@
 //! - **Failure.** A request times out only when the peer has shown no progress (no chunk, no
 //!   reject) for [`Config::request_timeout`] plus four RTTs since the request was sent: requests
 //!   merely queued at a busy but working server do not time out, up to
-//!   [`Config::request_max_wait`]. A timed-out request is cancelled and re-queued, and the peer gets
-//!   a cool-down that doubles with each consecutive timeout (up to 30 s); a peer in cool-down keeps
-//!   one request slot as a probe, so the only holder of a chunk is never abandoned by everyone at
-//!   once, and a delivery ends the cool-down. A disconnect or a `Reject` re-queues the peer's
-//!   requests. A chunk with a wrong hash bans its sender
-//!   for the life of the scheduler ([`Event::PeerBanned`]) and re-queues the chunk. Wanted chunks
-//!   that no connected peer holds are reported ([`Event::NoSource`]) so the caller can look for
-//!   providers. A Demand want not delivered within [`Config::demand_deadline`] fails
+//!   [`Config::request_max_wait`], and neither does a request whose chunk is arriving from outside
+//!   the site ([`FetchScheduler::handle_chunk_arriving`]; such a request is not hedged either). A
+//!   timed-out request is cancelled and re-queued, and the peer gets a cool-down that doubles with
+//!   each consecutive timeout (up to 30 s); a peer in cool-down keeps one request slot as a probe,
+//!   so the only holder of a chunk is never abandoned by everyone at once, and a delivery ends the
+//!   cool-down. A disconnect or a `Reject` re-queues the peer's requests. A chunk with a wrong hash
+//!   bans its sender for the life of the scheduler ([`Event::PeerBanned`]) and re-queues the chunk.
+//!   Wanted chunks that no connected peer holds are reported ([`Event::NoSource`]) so the caller
+//!   can look for providers. A Demand want not delivered within [`Config::demand_deadline`] fails
 //!   ([`Event::WantFailed`]) instead of waiting forever, and so does any want that has had no
 //!   connected holder for [`Config::unavailable_deadline`] (a pull of an image nobody fully holds
 //!   ends with the missing chunks named, instead of hanging).
@@ -93,6 +94,10 @@ const SCAN_BUDGET: usize = 64;
 const MAX_REPORTED_INDICES: usize = 1024;
 /// Longest cool-down a peer gets after repeated timeouts.
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+/// How long after a chunk's first bytes arrived its receiver reports it as arriving
+/// ([`FetchScheduler::handle_chunk_arriving`]) if it is still incomplete. Quick transfers report
+/// nothing; a slow one is reported well before [`Config::request_timeout`] could cancel it.
+pub const ARRIVING_REPORT_AFTER: Duration = Duration::from_millis(500);
 /// Most requests in flight to one peer, however large its bandwidth-delay product (a serving node
 /// queues at most 256 chunks per peer by default).
 pub const MAX_WINDOW: u32 = 256;
@@ -356,6 +361,8 @@ struct InFlight {
     priority: Priority,
     deadline: Instant,
     sent: Instant,
+    /// The chunk's bytes have started to arrive ([`FetchScheduler::handle_chunk_arriving`]).
+    arriving: bool,
 }
 
 /// Per-pass batch of what to send to one peer.
@@ -808,6 +815,18 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.schedule(now);
     }
 
+    /// The bytes of chunk `index` have been arriving from `peer` for [`ARRIVING_REPORT_AFTER`]
+    /// and the chunk is not complete yet. A `Cancel` can no longer stop them, so a second copy
+    /// would only add load: the request is not hedged any more, and if `peer` is outside the site
+    /// (or an origin) it no longer times out for silence either, only at
+    /// [`Config::request_max_wait`]. A same-site request still times out: a second copy inside
+    /// the site is cheap, and a faster peer may serve it.
+    pub fn handle_chunk_arriving(&mut self, _now: Instant, peer: &P, index: u32) {
+        if let Some(req) = self.in_flight.get_mut(&(peer.clone(), index)) {
+            req.arriving = true;
+        }
+    }
+
     /// A chunk arrived from `peer` and the caller checked its hash. Returns whether to commit it.
     pub fn handle_chunk(
         &mut self,
@@ -900,8 +919,16 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 self.in_flight.get(&(peer.clone(), index)).copied(),
             ) {
                 let base = self.request_base_timeout(p);
-                let alive_until = p.last_progress + base;
                 let hard = req.sent + self.config.request_max_wait.max(base);
+                // A chunk arriving from outside the site (or from an origin) is being served,
+                // however slowly, across the link every copy must cross: only the hard limit (or
+                // the connection ending) stops it. Inside the site a second copy is cheap and a
+                // slow peer is better left for a faster one.
+                let alive_until = if req.arriving && !p.same_site {
+                    hard
+                } else {
+                    p.last_progress + base
+                };
                 let next = alive_until.min(hard);
                 if next > now {
                     self.request_deadlines
@@ -1610,6 +1637,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 priority,
                 deadline,
                 sent: now,
+                arriving: false,
             },
         );
         self.request_deadlines
@@ -1640,6 +1668,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let Some(req) = self.in_flight.get(&(first.clone(), index)).copied() else {
             return;
         };
+        if req.arriving {
+            // Its bytes are on the way and a Cancel cannot stop them: a second copy would only
+            // add to the load of whichever link is slow.
+            return;
+        }
         let due = req.sent + self.config.hedge_delay;
         if now < due {
             self.hedge_due.insert((due, index));

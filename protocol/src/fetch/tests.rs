@@ -407,6 +407,50 @@ fn a_cancelled_request_s_chunk_that_arrives_is_accepted() {
     );
 }
 
+/// A Demand want of chunk 0 requested from peer 1 in another site at t = 0 (its bytes reported
+/// arriving at 545 ms if `arriving`); a same-site holder, peer 2, connects at 1.5 s. Returns
+/// everything the scheduler does until just before the Demand deadline.
+fn remote_request_then_local_holder(arriving: bool) -> Vec<Action<u32>> {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc2", 30));
+    s.handle_peer_have(t(0), &1, &full(4));
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 0)]
+    );
+    if arriving {
+        s.handle_chunk_arriving(t(545), &1, 0);
+    }
+    s.handle_peer_connected(t(1500), 2, info("dc1", 1));
+    s.handle_peer_have(t(1500), &2, &full(4));
+    advance(&mut s, t(29_999))
+}
+
+/// A chunk arriving from outside the site is being served, however slowly (a crowd sharing an
+/// origin's uplink), and a Cancel cannot stop bytes already on the way: it is neither hedged
+/// nor timed out. Unreported, the same request is hedged to the nearer holder.
+#[test]
+fn a_remote_chunk_that_is_arriving_is_neither_hedged_nor_timed_out() {
+    let quiet = remote_request_then_local_holder(true);
+    assert!(quiet.is_empty(), "nothing while it arrives: {quiet:?}");
+    // Unreported: hedged to peer 2 once it holds the chunk (then, neither delivering, re-asked
+    // in turn as each request times out).
+    let hedged = remote_request_then_local_holder(false);
+    assert_eq!(requests(&hedged).first(), Some(&(2, Priority::Demand, 0)));
+}
+
+/// Inside the site a second copy is cheap: a same-site chunk that is arriving still times out
+/// when the peer falls silent, and is fetched elsewhere.
+#[test]
+fn a_same_site_chunk_that_is_arriving_still_times_out() {
+    let mut s = demand_at_1_then_2_joins();
+    s.handle_chunk_arriving(t(3000), &1, 0);
+    let actions = advance(&mut s, t(4004));
+    assert_eq!(cancels(&actions), vec![(1, 0)]);
+    assert_eq!(requests(&actions), vec![(2, Priority::Demand, 0)]);
+}
+
 #[test]
 fn a_dead_local_holder_does_not_keep_us_off_the_wan() {
     let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
@@ -1112,6 +1156,9 @@ enum SimEvent {
     Want(u32, Priority),
     /// A response from a peer for a request (peer, index, connection epoch).
     Response(u32, u32, u32),
+    /// A slow response's bytes have been arriving for `ARRIVING_REPORT_AFTER` (peer, index,
+    /// connection epoch).
+    Arriving(u32, u32, u32),
     Disconnect(u32),
     Reconnect(u32),
 }
@@ -1226,6 +1273,11 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                         s.handle_peer_have(now, &p, &have);
                     }
                 }
+                SimEvent::Arriving(p, index, ep) => {
+                    if connected[p as usize] && epoch[p as usize] == ep {
+                        s.handle_chunk_arriving(now, &p, index);
+                    }
+                }
                 SimEvent::Response(p, index, ep) => {
                     if connected[p as usize] && epoch[p as usize] == ep {
                         sent_at.remove(&(p, index));
@@ -1294,6 +1346,12 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                             let p = *peer as usize;
                             let start = slow_free_at[p].max(now_ms + sp.rtt_ms / 2);
                             slow_free_at[p] = start + SLOW_SERVICE_MS;
+                            // The chunk takes SLOW_SERVICE_MS to arrive: the caller reports it
+                            // as arriving on the way, as the node's lanes do.
+                            queue.push(
+                                start + ARRIVING_REPORT_AFTER.as_millis() as u64 + sp.rtt_ms / 2,
+                                SimEvent::Arriving(*peer, i, epoch[*peer as usize]),
+                            );
                             queue.push(
                                 start + SLOW_SERVICE_MS + sp.rtt_ms / 2,
                                 SimEvent::Response(*peer, i, epoch[*peer as usize]),

@@ -166,6 +166,7 @@ impl World {
             Msg::HaveUpdate { indices } => sched.handle_peer_have_update(now, &from, &indices),
             Msg::Fetching { indices } => sched.handle_peer_fetching(now, &from, &indices),
             Msg::Reject { index, kind } => sched.handle_reject(now, &from, index, kind),
+            Msg::ChunkArriving { index } => sched.handle_chunk_arriving(now, &from, index),
             Msg::Request { .. } | Msg::Cancel { .. } | Msg::Chunk { .. } => return,
         }
         self.drain(h);

@@ -28,6 +28,9 @@
 //!   457 s instead of 68 s).
 //! - A chunk's bytes are a flow from the server's NIC to the requester's; the chunk is delivered
 //!   RTT/2 after its last byte left (propagation), verified (always valid here) and committed.
+//!   A flow still under way `ARRIVING_REPORT_AFTER` after it started is reported to the
+//!   requester as arriving (as the node's lane does): the scheduler then neither hedges it nor,
+//!   if it went outside the site, times it out for silence.
 //! - A `Cancel` removes a queued request; a chunk already written goes out whole (it is in the
 //!   lane's stream, as on the node), and the requester's scheduler takes it like any copy
 //!   (accepted if still wanted; the peer's progress either way). A request for a chunk already
@@ -125,6 +128,10 @@ enum Msg {
         /// The sender's Have set (`None`: a source, which holds everything).
         have: Option<Box<ChunkBitmap>>,
     },
+    /// A chunk's bytes have been arriving for `ARRIVING_REPORT_AFTER` and it is not complete.
+    ChunkArriving {
+        index: u32,
+    },
     Chunk {
         index: u32,
     },
@@ -147,6 +154,14 @@ enum Ev {
     Timer(u32),
     ReadIssue(u32),
     HaveFlush(u32),
+    /// A flow started `ARRIVING_REPORT_AFTER` ago: if it is still on its way, its requester
+    /// reports the chunk as arriving.
+    ArrivingCheck {
+        server: NodeId,
+        to: NodeId,
+        index: u32,
+        flow: u32,
+    },
     /// A congestion-window tick of the connection `from -> to` (see `links`).
     CwndTick {
         from: NodeId,
@@ -602,6 +617,16 @@ impl World {
                 self.run_vm(v, now);
             }
             Ev::HaveFlush(h) => self.have_flush(h),
+            Ev::ArrivingCheck {
+                server,
+                to,
+                index,
+                flow,
+            } => {
+                if self.nodes[server as usize].sending.get(&(to, index)) == Some(&flow) {
+                    self.send(server, to, Msg::ChunkArriving { index });
+                }
+            }
             Ev::CwndTick { from, to } => self.cwnd_tick(from, to),
             Ev::HaveBatch { from, to, indices } => {
                 for &peer in to.iter() {

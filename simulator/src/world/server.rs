@@ -2,10 +2,10 @@
 //! chunks out as flows, cancels, and the byte accounting of finished flows.
 
 use vmswarm_protocol::Priority;
-use vmswarm_protocol::fetch::RejectKind;
+use vmswarm_protocol::fetch::{ARRIVING_REPORT_AFTER, RejectKind};
 use vmswarm_protocol::serve::Queued;
 
-use super::{Msg, NodeId, Transfer, World, chunk_id, chunk_index};
+use super::{Ev, Msg, NodeId, Transfer, World, chunk_id, chunk_index};
 
 impl World {
     fn holds(&self, node: NodeId, index: u32) -> bool {
@@ -96,6 +96,17 @@ impl World {
             self.nodes[server as usize]
                 .sending
                 .insert((to, index), flow);
+            // A chunk still on its way after ARRIVING_REPORT_AFTER is reported as arriving, as
+            // the node's lane does once it has read the chunk's header that long ago.
+            self.q.schedule_in(
+                ARRIVING_REPORT_AFTER,
+                Ev::ArrivingCheck {
+                    server,
+                    to,
+                    index,
+                    flow,
+                },
+            );
             // Written into the connection's send buffer: the slot is free again, unless the
             // buffer is full (see the module docs of `world`).
             if self.write_chunk(server, to, flow, size as f64) {
