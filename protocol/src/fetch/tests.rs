@@ -157,16 +157,20 @@ fn demand_wants_are_served_in_arrival_order() {
     assert_eq!(reqs, vec![5, 2]);
 }
 
+/// A scheduler whose only peer, 1 (in `site`, `rtt_ms` away), holds all 4 chunks, and which has
+/// just asked it for chunk `index` at `priority`.
+fn asked_peer_1(site: &str, rtt_ms: u64, index: u32, priority: Priority) -> FetchScheduler<u32> {
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    s.handle_peer_connected(t(0), 1, info(site, rtt_ms));
+    s.handle_peer_have(t(0), &1, &full(4));
+    s.handle_want(t(0), index, priority).unwrap();
+    assert_eq!(requests(&drain_actions(&mut s)), vec![(1, priority, index)]);
+    s
+}
+
 #[test]
 fn background_want_promoted_while_in_flight_is_rerequested_at_demand() {
-    let mut s = FetchScheduler::new(cfg(), 4, 1).unwrap();
-    s.handle_peer_connected(t(0), 1, info("dc1", 1));
-    s.handle_peer_have(t(0), &1, &full(4));
-    s.handle_want(t(0), 3, Priority::Background).unwrap();
-    assert_eq!(
-        requests(&drain_actions(&mut s)),
-        vec![(1, Priority::Background, 3)]
-    );
+    let mut s = asked_peer_1("dc1", 1, 3, Priority::Background);
     s.handle_want(t(1), 3, Priority::Demand).unwrap();
     assert_eq!(
         requests(&drain_actions(&mut s)),
@@ -351,14 +355,7 @@ fn same_site_fetch_announcement_defers_our_wan_fetch_for_a_bounded_time() {
 /// Chunk 0 wanted at Demand and requested from peer 1 (the only holder) at t = 0; a second
 /// holder, peer 2 (a little farther), connects at t = 10 ms.
 fn demand_at_1_then_2_joins() -> FetchScheduler<u32> {
-    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
-    s.handle_peer_connected(t(0), 1, info("dc1", 1));
-    s.handle_peer_have(t(0), &1, &full(4));
-    s.handle_want(t(0), 0, Priority::Demand).unwrap();
-    assert_eq!(
-        requests(&drain_actions(&mut s)),
-        vec![(1, Priority::Demand, 0)]
-    );
+    let mut s = asked_peer_1("dc1", 1, 0, Priority::Demand);
     s.handle_peer_connected(t(10), 2, info("dc1", 2));
     s.handle_peer_have(t(10), &2, &full(4));
     s
@@ -411,14 +408,7 @@ fn a_cancelled_request_s_chunk_that_arrives_is_accepted() {
 /// arriving at 545 ms if `arriving`); a same-site holder, peer 2, connects at 1.5 s. Returns
 /// everything the scheduler does until just before the Demand deadline.
 fn remote_request_then_local_holder(arriving: bool) -> Vec<Action<u32>> {
-    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
-    s.handle_peer_connected(t(0), 1, info("dc2", 30));
-    s.handle_peer_have(t(0), &1, &full(4));
-    s.handle_want(t(0), 0, Priority::Demand).unwrap();
-    assert_eq!(
-        requests(&drain_actions(&mut s)),
-        vec![(1, Priority::Demand, 0)]
-    );
+    let mut s = asked_peer_1("dc2", 30, 0, Priority::Demand);
     if arriving {
         s.handle_chunk_arriving(t(545), &1, 0);
     }
