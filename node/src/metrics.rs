@@ -30,6 +30,8 @@ pub struct Metrics {
     pub chunks_served: AtomicU64,
     /// Chunks that failed verification.
     pub chunks_corrupt: AtomicU64,
+    /// Chunks the local store dropped after start (found rotten and quarantined, or vanished).
+    pub store_chunks_dropped: AtomicU64,
     /// Peers banned.
     pub bans: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -173,6 +175,8 @@ pub struct Snapshot {
     pub chunks_served: u64,
     /// Corrupt chunks received.
     pub chunks_corrupt: u64,
+    /// Chunks the local store dropped after start (rotten or vanished).
+    pub store_chunks_dropped: u64,
     /// Peers banned.
     pub bans: u64,
     /// Chunk fetches measured.
@@ -243,6 +247,7 @@ impl Metrics {
             chunks_fetched: self.chunks_fetched.load(Ordering::Relaxed),
             chunks_served: self.chunks_served.load(Ordering::Relaxed),
             chunks_corrupt: self.chunks_corrupt.load(Ordering::Relaxed),
+            store_chunks_dropped: self.store_chunks_dropped.load(Ordering::Relaxed),
             bans: self.bans.load(Ordering::Relaxed),
             fetch_latency_count: count,
             fetch_latency_mean_ms: if count == 0 {
@@ -291,6 +296,11 @@ impl Metrics {
                 "vmswarm_chunks_corrupt_total",
                 "Chunks received that failed verification.",
                 s.chunks_corrupt,
+            ),
+            (
+                "vmswarm_store_chunks_dropped_total",
+                "Chunks the local store dropped after start (failed their hash and were quarantined, or vanished from their pack).",
+                s.store_chunks_dropped,
             ),
             (
                 "vmswarm_bans_total",

@@ -560,6 +560,217 @@ fn killing_the_only_provider_gives_eio_in_bounded_time_and_reads_recover_when_it
     );
 }
 
+/// Flips one byte in the middle of chunk `index` of `image` in the (stopped) node's store, as rot
+/// at rest would; returns the chunk's id.
+fn rot_chunk(data_dir: &Path, image: &str, index: usize) -> String {
+    let store = vmswarm_node::store::ChunkStore::open(&data_dir.join("store")).unwrap();
+    let manifest = store.manifest(&image.parse().unwrap()).unwrap().unwrap();
+    let id = manifest.chunks[index];
+    let loc = store.chunk_location(&id).unwrap();
+    drop(store);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&loc.path)
+        .unwrap();
+    let at = loc.offset + u64::from(loc.len / 2);
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, at).unwrap();
+    b[0] ^= 0x5a;
+    std::os::unix::fs::FileExt::write_all_at(&file, &b, at).unwrap();
+    id.to_string()
+}
+
+fn image_json(node: &Node, image: &str) -> Value {
+    ok(node, &["images"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == image)
+        .unwrap_or_else(|| panic!("no image {image}"))
+        .clone()
+}
+
+fn wait_until(what: &str, node: &Node, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn rotten_store_bytes_never_reach_an_nbd_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = fast_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let a_dir = tmp.path().join("a");
+    let mut a = Node::start(&a_dir, "dc1", None, &["--config", cfg]);
+    let file = tmp.path().join("disk.raw");
+    let data = make_pattern_image(&file, 16 * MIB);
+    let image = publish(&a, &file);
+    let mut b = Node::start(
+        &tmp.path().join("b"),
+        "dc1",
+        Some(&a.addr),
+        &["--config", cfg],
+    );
+    wait_for_peers(&b, 1);
+    cli_ok(&b, &["pull", &image]);
+
+    // Rot at rest in A's store while it is stopped; A comes back next to B, which holds the image.
+    assert!(a.stop());
+    let rotten = [rot_chunk(&a_dir, &image, 5), rot_chunk(&a_dir, &image, 9)];
+    let mut a = Node::start(&a_dir, "dc1", Some(&b.addr), &["--config", cfg]);
+    wait_for_peers(&a, 1);
+    let sock = tmp.path().join("a.sock");
+    let mount = |node: &Node| {
+        cli_ok(
+            node,
+            &[
+                "mount",
+                &image,
+                "--nbd",
+                &format!("unix:{}", sock.display()),
+                "--name",
+                "d",
+            ],
+        )
+    };
+    mount(&a);
+    let out_file = tmp.path().join("out.raw");
+    let out = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &unix_uri(&sock, "d"),
+            out_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", a.log());
+    // Byte for byte: the rotten chunks were refused, quarantined and fetched again from B.
+    assert!(
+        std::fs::read(&out_file).unwrap() == data,
+        "the export served bytes that differ from the image\n{}",
+        a.log()
+    );
+    let st = a.status();
+    assert_eq!(st["metrics"]["store_chunks_dropped"], 2, "{st}");
+    let quarantined = std::fs::read_dir(a_dir.join("store/quarantine"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    for id in &rotten {
+        assert!(
+            quarantined.iter().any(|q| q.contains(id.as_str())),
+            "{id} not quarantined: {quarantined:?}"
+        );
+    }
+    wait_until("A never held the whole image again", &a, || {
+        image_json(&a, &image)["complete"] == true
+    });
+
+    // Rot again, with no other holder in reach: the read fails (EIO), it never returns the rot.
+    cli_ok(&a, &["umount", "d"]);
+    assert!(a.stop());
+    assert!(b.stop());
+    rot_chunk(&a_dir, &image, 20);
+    let a = Node::start(&a_dir, "dc1", None, &["--config", cfg]);
+    mount(&a);
+    let read = |block: usize| {
+        let out = run(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "raw",
+                "-c",
+                &format!("read -P {} {} 4096", pattern(block), block * BLOCK),
+                &unix_uri(&sock, "d"),
+            ],
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let chunk_blocks = 256 * 1024 / BLOCK;
+    let text = read(20 * chunk_blocks);
+    assert!(
+        text.contains("Input/output error"),
+        "expected EIO for a rotten chunk with no other holder, got: {text}\n{}",
+        a.log()
+    );
+    let text = read(21 * chunk_blocks);
+    assert!(
+        !text.contains("failed") && !text.contains("error"),
+        "{text}"
+    );
+    let img = image_json(&a, &image);
+    assert_eq!(img["complete"], false, "{img}");
+}
+
+#[test]
+fn chunks_verify_quarantines_are_no_longer_counted_or_advertised() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = fast_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let a_dir = tmp.path().join("a");
+    let mut a = Node::start(&a_dir, "dc1", None, &[]);
+    let file = tmp.path().join("disk.raw");
+    make_pattern_image(&file, 4 * MIB);
+    let image = publish(&a, &file);
+    assert!(a.stop());
+    let rotten = rot_chunk(&a_dir, &image, 3);
+    let a = Node::start(&a_dir, "dc1", None, &[]);
+    let c = Node::start(
+        &tmp.path().join("c"),
+        "dc2",
+        Some(&a.addr),
+        &["--config", cfg],
+    );
+    wait_for_peers(&c, 1);
+    let sock = tmp.path().join("c.sock");
+    cli_ok(
+        &c,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+            "--name",
+            "d",
+        ],
+    );
+    let chunks = image_json(&a, &image)["chunks"].as_u64().unwrap();
+    wait_until("C never learnt what A holds", &c, || {
+        image_json(&c, &image)["peer_held"] == chunks
+    });
+
+    let out = a.cli(&["verify"]);
+    assert!(out.status.success(), "{}", a.log());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["corrupt_chunks"],
+        serde_json::json!([rotten]),
+        "{report}"
+    );
+    // Counted: A no longer calls the image complete (nobody else holds the chunk to heal it).
+    let img = image_json(&a, &image);
+    assert_eq!(img["present"], chunks - 1, "{img}");
+    assert_eq!(img["complete"], false, "{img}");
+    // Advertised: A withdrew the chunk from what it told C.
+    wait_until("A still advertises the quarantined chunk to C", &c, || {
+        image_json(&c, &image)["peer_held"] == chunks - 1
+    });
+}
+
 /// Sends raw bytes as a client and returns what the server answered before closing (or 1 s).
 fn raw_client(sock: &Path, bytes: &[u8]) -> Vec<u8> {
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();

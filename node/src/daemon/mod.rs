@@ -15,6 +15,7 @@
 //! control socket and `node.json`, ends every NBD export (clone overlays flushed, socket files
 //! removed); the data-dir lock is released when the process ends.
 
+mod dropped;
 mod inbound;
 mod ingest;
 mod lanes;
@@ -262,6 +263,8 @@ struct Daemon {
     listen_addrs: Vec<Multiaddr>,
     seed_counter: u64,
     mounts: mounts::Mounts,
+    /// Chunks the store dropped from its index (quarantined, vanished): see `on_chunk_dropped`.
+    dropped_rx: mpsc::UnboundedReceiver<ChunkId>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -330,6 +333,11 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
     tokio::spawn(accept_control(listener, cmd_tx));
     let (demand_tx, mut demand_rx) = mpsc::unbounded_channel();
+    let (dropped_tx, dropped_rx) = mpsc::unbounded_channel();
+    store.on_dropped(Box::new(move |id: &ChunkId| {
+        // Only fails once the daemon's loop is gone (shutting down).
+        let _ = dropped_tx.send(*id);
+    }));
 
     let opts_profile_window = opts.profile_window;
     let mut d = Daemon {
@@ -357,6 +365,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         listen_addrs: Vec::new(),
         seed_counter: 0,
         mounts: mounts::Mounts::new(demand_tx, opts_profile_window),
+        dropped_rx,
     };
     d.load_images();
 
@@ -376,6 +385,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
             Some(done) = io_rx.recv() => d.on_io(done),
             Some(event) = lane_rx.recv() => d.on_lane_event(event),
             Some(demand) = demand_rx.recv() => d.on_demand(demand),
+            Some(id) = d.dropped_rx.recv() => d.on_chunk_dropped(id),
             _ = sleep_until(deadline) => d.on_timeout(),
             _ = flush.tick() => d.on_flush(),
             _ = tokio::signal::ctrl_c() => break,
@@ -994,7 +1004,20 @@ impl Daemon {
                     });
                 }
             },
-            IoDone::Exported { reply, result } | IoDone::Verified { reply, result } => {
+            IoDone::Verified { reply, result } => {
+                // The store told of every chunk `verify` dropped before it returned: act on them
+                // before answering, so that what the operator looks at next is already right.
+                while let Ok(id) = self.dropped_rx.try_recv() {
+                    self.on_chunk_dropped(id);
+                }
+                let _ = reply.send(match result {
+                    Ok(result) => Reply::Done { result },
+                    Err(e) => Reply::Error {
+                        message: e.to_string(),
+                    },
+                });
+            }
+            IoDone::Exported { reply, result } => {
                 let _ = reply.send(match result {
                     Ok(result) => Reply::Done { result },
                     Err(e) => Reply::Error {
@@ -1060,6 +1083,9 @@ impl Daemon {
                     "present": img.present.count(),
                     "complete": img.present.is_full(),
                     "pulling": self.transfers.contains_key(id),
+                    // While a transfer runs: chunks some connected peer holds, as far as we know
+                    // from their Have sets (what a pull or a lazy mount can still get).
+                    "peer_held": self.transfers.get(id).map(|t| t.sched.chunks_with_holders()),
                 })
             })
             .collect();

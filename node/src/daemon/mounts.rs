@@ -838,9 +838,18 @@ impl Daemon {
             let _ = reply.send(Err(format!("chunk {index} is out of range")));
             return;
         };
-        if img.present.contains(index) || self.store.contains(&id) {
+        // The store, not the present set, is the authority: a chunk can leave the store (found
+        // rotten on a mount's first read of it) before its drop reaches `on_chunk_dropped`.
+        let (zero, counted) = (
+            img.manifest.is_zero_chunk(index),
+            img.present.contains(index),
+        );
+        if zero || self.store.contains(&id) {
             let _ = reply.send(Ok(()));
             return;
+        }
+        if counted {
+            self.on_chunk_dropped(id);
         }
         let key = (image, index);
         let first = !self.mounts.waiters.contains_key(&key);

@@ -60,7 +60,7 @@ pub(super) struct Transfer {
     /// Chunks received and not yet committed (being checked or written).
     storing: u32,
     failed: BTreeMap<u32, FailReason>,
-    done: u64,
+    pub(super) done: u64,
     total: u64,
     reported: Option<u64>,
     /// When to ask the DHT for providers again (pullers become providers as they go).

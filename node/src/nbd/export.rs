@@ -35,6 +35,8 @@ use crate::store::ChunkStore;
 
 /// Lock stripes for read-modify-write of overlay blocks.
 const STRIPES: usize = 64;
+/// Most times one READ fetches chunks that left the store under it before it gives up (`EIO`).
+const MAX_READ_ROUNDS: u32 = 3;
 
 /// A read's request for an absent chunk, answered when the chunk is stored (or cannot be had).
 #[derive(Debug)]
@@ -93,6 +95,47 @@ pub struct ExportParts {
     pub recorder: Option<Arc<Recorder>>,
 }
 
+/// Reads `[offset, end)` of the base image from chunks `range` into a recycled buffer. `Ok(Err)`
+/// names the chunks that were not in the store (they left it since the caller checked).
+fn read_chunks(
+    store: &ChunkStore,
+    manifest: &Manifest,
+    zero: &ChunkBitmap,
+    range: std::ops::Range<u32>,
+    offset: u64,
+    end: u64,
+) -> Result<Result<Vec<u8>, Vec<u32>>, Refusal> {
+    // A recycled buffer (the reply writer gives it back): a fresh one of a large READ would be
+    // new pages, faulted in and zeroed by the kernel on every request. Its contents are
+    // unspecified, so every byte is written below: the range's chunks cover [offset, end) exactly.
+    let mut buf = crate::net::buffers::take((end - offset) as usize);
+    let mut gone = Vec::new();
+    for i in range {
+        let Some(r) = manifest.chunk_range(i) else {
+            return Err(eio(format!("chunk {i} is outside the image")));
+        };
+        let from = r.start.max(offset);
+        let to = r.end.min(end);
+        let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+        if zero.contains(i) {
+            dst.fill(0);
+            continue;
+        }
+        let id = manifest.chunks[i as usize];
+        match store.read_at(&id, (from - r.start) as u32, dst) {
+            Ok(true) => {}
+            Ok(false) => gone.push(i),
+            Err(e) => return Err(eio(format!("reading chunk {i}: {e}"))),
+        }
+    }
+    if gone.is_empty() {
+        Ok(Ok(buf))
+    } else {
+        crate::net::buffers::give(buf);
+        Ok(Err(gone))
+    }
+}
+
 fn eio(message: impl Into<String>) -> Refusal {
     Refusal {
         errno: Errno::Io,
@@ -145,6 +188,12 @@ impl MountExport {
 
     /// Reads `len` bytes of the base image at `offset` into a new buffer, fetching absent chunks.
     /// Returns the buffer and how many of its bytes needed a fetch.
+    ///
+    /// A chunk can leave the store between the check and the read: the store found it rotten on
+    /// its first read since start and quarantined it (see `ChunkStore::read_at`). Such a chunk is
+    /// fetched like any missing one and the read tried again, [`MAX_READ_ROUNDS`] times at most
+    /// (each fetch is bounded by the Demand deadline), so a read never returns unverified bytes
+    /// and fails with `EIO` only if no verified copy can be had.
     async fn read_base(&self, offset: u64, len: u64) -> Result<(Vec<u8>, u64), Refusal> {
         let range = self.manifest.chunks_for_range(offset, len);
         let end = offset + len;
@@ -158,49 +207,45 @@ impl MountExport {
                 continue;
             }
             missing.push(i);
-            if let Some(r) = self.manifest.chunk_range(i) {
-                fetched_bytes += r.end.min(end) - r.start.max(offset);
-            }
         }
-        if !missing.is_empty() {
-            self.fetch(&missing).await?;
-        }
-        let store = self.store.clone();
-        let manifest = self.manifest.clone();
-        let zero = self.zero.clone();
-        let buf = tokio::task::spawn_blocking(move || {
-            // A recycled buffer (the reply writer gives it back): a fresh one of a large READ
-            // would be new pages, faulted in and zeroed by the kernel on every request. Its
-            // contents are unspecified, so every byte is written below: the range's chunks
-            // cover [offset, end) exactly.
-            let mut buf = crate::net::buffers::take(len as usize);
-            for i in range {
-                let Some(r) = manifest.chunk_range(i) else {
-                    return Err(eio(format!("chunk {i} is outside the image")));
-                };
-                let from = r.start.max(offset);
-                let to = r.end.min(end);
-                let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                if zero.contains(i) {
-                    dst.fill(0);
-                    continue;
-                }
-                let id = manifest.chunks[i as usize];
-                match store.read_at(&id, (from - r.start) as u32, dst) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        return Err(eio(format!(
-                            "chunk {i} ({id}) left the store during the read (quarantined?); retry"
-                        )));
+        let mut round = 0;
+        loop {
+            round += 1;
+            if !missing.is_empty() {
+                for &i in &missing {
+                    if let Some(r) = self.manifest.chunk_range(i) {
+                        fetched_bytes += r.end.min(end) - r.start.max(offset);
                     }
-                    Err(e) => return Err(eio(format!("reading chunk {i}: {e}"))),
+                }
+                self.fetch(&missing).await?;
+            }
+            let store = self.store.clone();
+            let manifest = self.manifest.clone();
+            let zero = self.zero.clone();
+            let range = range.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                read_chunks(&store, &manifest, &zero, range, offset, end)
+            })
+            .await
+            .map_err(|e| eio(format!("read task failed: {e}")))??;
+            match read {
+                Ok(buf) => return Ok((buf, fetched_bytes)),
+                Err(gone) if round < MAX_READ_ROUNDS => {
+                    tracing::warn!(
+                        image = %self.image,
+                        chunks = ?gone,
+                        "chunks left the store during a read (quarantined?); fetching verified copies"
+                    );
+                    missing = gone;
+                }
+                Err(gone) => {
+                    return Err(eio(format!(
+                        "chunks {gone:?} of image {} left the store {MAX_READ_ROUNDS} times during one read",
+                        self.image
+                    )));
                 }
             }
-            Ok(buf)
-        })
-        .await
-        .map_err(|e| eio(format!("read task failed: {e}")))??;
-        Ok((buf, fetched_bytes))
+        }
     }
 
     /// Asks the daemon for `indices` and waits until all are stored.

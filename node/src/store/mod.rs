@@ -21,12 +21,24 @@
 //!   store trusts that check). [`ChunkStore::get`] re-hashes every chunk it reads: BLAKE3 runs at
 //!   about 3.8 GB/s here (66 µs per 256 KiB chunk), nothing next to a read from disk. A chunk that no
 //!   longer matches its id is copied to `quarantine/`, killed by a tombstone record and dropped from
-//!   the index, so it reads as absent and can be fetched again. [`ChunkStore::read_at`] (partial
-//!   reads for the NBD server) does *not* verify: checking a 4 KiB read would mean reading and
-//!   hashing the whole chunk each time. The chunk was verified when it was committed,
-//!   [`ChunkStore::verify`] scrubs the whole store, and a caller that must never hand out a rotten
-//!   byte reads whole chunks with `get` and caches them. [`ChunkStore::export_image`] always goes
-//!   through `get`, so an export is verified end to end.
+//!   the index, so it reads as absent and can be fetched again. [`ChunkStore::export_image`] always
+//!   goes through `get`, so an export is verified end to end.
+//! - **No unverified byte leaves through `read_at` either.** [`ChunkStore::read_at`] (partial reads
+//!   for the NBD server) checks a chunk on its *first* read since [`ChunkStore::open`]: it reads the
+//!   whole chunk, hashes it against its id, and remembers the chunk as checked in memory (a set of
+//!   ids, about 60 bytes per chunk held). Later partial reads of that chunk are plain `pread`s.
+//!   Chunks committed by this process count as checked (their bytes were hashed on the way in).
+//!   Why the first read and not every read: checking a 4 KiB read of a 256 KiB chunk would mean
+//!   reading and hashing the whole chunk each time (64x the bytes). Why not never: bytes at rest
+//!   while the node was stopped (bit rot, a failing disk, a careless operator) are exactly what
+//!   nobody has checked; one check per chunk per start costs one whole-chunk read, whose pages the
+//!   partial reads that follow then find in the page cache. Rot that appears while the node runs,
+//!   after a chunk's first read, is caught by [`ChunkStore::verify`] (a scrub) and by every `get`
+//!   (peers are always served through `get`). A chunk that fails is quarantined as in `get`, and
+//!   `read_at` reports it not held, so the caller fetches a verified copy.
+//! - **Who hears of a dropped chunk.** Every chunk dropped from the index after open (quarantined,
+//!   vanished from its pack, removed) is passed to the hook set with [`ChunkStore::on_dropped`], so
+//!   the node can stop advertising it and fetch it again.
 //! - **One process per store**: `open` holds an exclusive `flock` on `store.lock` (the
 //!   [`DataDirLock`] mechanism) for the store's lifetime, so two processes never append to the same
 //!   pack or race a quarantine.
@@ -128,7 +140,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::{DashMap, DashSet};
@@ -233,6 +245,9 @@ impl VerifyReport {
     }
 }
 
+/// A callback told of each chunk dropped from the index (see [`ChunkStore::on_dropped`]).
+pub type DroppedHook = Box<dyn Fn(&ChunkId) + Send + Sync>;
+
 /// Identity of an open file (device and inode), to tell "the file I read" from "a file put there
 /// since".
 type FileIdent = (u64, u64);
@@ -326,6 +341,11 @@ pub struct ChunkStore {
     stripes: Vec<Mutex<()>>,
     chunk_reads: AtomicU64,
     read_bytes: AtomicU64,
+    /// Chunks hashed against their id since open (committed by this process, or read whole and
+    /// checked): [`ChunkStore::read_at`] serves their bytes without hashing again.
+    checked: DashSet<ChunkId>,
+    /// Told of every chunk dropped from the index after open (see [`ChunkStore::on_dropped`]).
+    dropped_hook: OnceLock<DroppedHook>,
     opened: OpenSummary,
     /// Held for the store's lifetime.
     _lock: DataDirLock,
@@ -382,6 +402,8 @@ impl ChunkStore {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             chunk_reads: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
+            checked: DashSet::new(),
+            dropped_hook: OnceLock::new(),
             opened: OpenSummary::default(),
             _lock: lock,
         };
@@ -573,6 +595,8 @@ impl ChunkStore {
                 *put = Put::AlreadyPresent;
             } else {
                 self.index_insert(c.id, loc);
+                // `Verified` proves the bytes hashed to the id on their way in.
+                self.checked.insert(c.id);
             }
         }
         Ok(outcome)
@@ -634,6 +658,7 @@ impl ChunkStore {
                 continue;
             }
             if id.verify(buf) {
+                self.checked.insert(*id);
                 return Ok(true);
             }
             match self.quarantine_chunk(id, loc, buf)? {
@@ -656,19 +681,41 @@ impl ChunkStore {
     }
 
     /// Reads `buf.len()` bytes of chunk `id` starting at `offset` into `buf`. Returns `false` if the
-    /// chunk is not held. Does **not** verify (see the module docs); a read past the chunk's end
-    /// fails with [`StoreError::OutOfRange`].
+    /// chunk is not held. On the chunk's first read since open, reads and checks the whole chunk
+    /// (see the module docs): a chunk that fails is quarantined and reads as not held (`false`), so
+    /// the caller fetches it again. A read past the chunk's end fails with
+    /// [`StoreError::OutOfRange`].
     pub fn read_at(&self, id: &ChunkId, offset: u32, buf: &mut [u8]) -> Result<bool, StoreError> {
         let Some(loc) = self.index.get(id).map(|l| *l) else {
             return Ok(false);
         };
+        let out_of_range = |chunk_len: u32, len: usize| StoreError::OutOfRange {
+            id: *id,
+            offset,
+            len,
+            chunk_len,
+        };
         if u64::from(offset) + buf.len() as u64 > u64::from(loc.len) {
-            return Err(StoreError::OutOfRange {
-                id: *id,
-                offset,
-                len: buf.len(),
-                chunk_len: loc.len,
-            });
+            return Err(out_of_range(loc.len, buf.len()));
+        }
+        if !self.checked.contains(id) {
+            let mut whole = Vec::new();
+            let held = match self.get_into(id, &mut whole) {
+                Ok(held) => held,
+                // Quarantined (and logged) by `get_into`: from now on it is simply not held.
+                Err(StoreError::CorruptChunk { .. }) => false,
+                Err(e) => return Err(e),
+            };
+            if !held {
+                return Ok(false);
+            }
+            let start = offset as usize;
+            let Some(src) = whole.get(start..start + buf.len()) else {
+                let chunk_len = u32::try_from(whole.len()).unwrap_or(u32::MAX);
+                return Err(out_of_range(chunk_len, buf.len()));
+            };
+            buf.copy_from_slice(src);
+            return Ok(true);
         }
         let path = self.packs.path(loc.pack);
         let Some(file) = self.packs.file(loc.pack) else {
@@ -680,6 +727,21 @@ impl ChunkStore {
         self.read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// Whether chunk `id` has been checked against its id since open (committed by this process
+    /// or read whole): its next [`ChunkStore::read_at`] does not hash.
+    pub fn is_checked(&self, id: &ChunkId) -> bool {
+        self.checked.contains(id)
+    }
+
+    /// Sets the hook told of every chunk dropped from the index from now on (quarantined by `get`,
+    /// `read_at` or `verify`, vanished from its pack, or removed). It runs on the thread that drops
+    /// the chunk, with a store lock held: it must be quick and must not call into the store (send
+    /// the id into a channel). Only one hook can be set; a second call returns `false` and changes
+    /// nothing.
+    pub fn on_dropped(&self, hook: DroppedHook) -> bool {
+        self.dropped_hook.set(hook).is_ok()
     }
 
     /// Stores a manifest (validated first; [`StoreError::InvalidManifest`] if it breaks a rule)
@@ -904,8 +966,12 @@ impl ChunkStore {
     }
 
     fn unindex(&self, id: &ChunkId) {
+        self.checked.remove(id);
         if let Some((_, loc)) = self.index.remove(id) {
             self.bytes.fetch_sub(u64::from(loc.len), Ordering::Relaxed);
+            if let Some(hook) = self.dropped_hook.get() {
+                hook(id);
+            }
         }
     }
 

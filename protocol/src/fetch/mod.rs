@@ -1069,6 +1069,16 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             .map_or(&[], |w| &w.requested_from)
     }
 
+    /// Connected peers known to hold chunk `index` (from their Have sets; 0 if out of range).
+    pub fn holders(&self, index: u32) -> u32 {
+        self.avail.get(index as usize).copied().unwrap_or(0)
+    }
+
+    /// Chunks held by at least one connected peer, as far as their Have sets tell.
+    pub fn chunks_with_holders(&self) -> u32 {
+        self.avail.iter().filter(|&&a| a > 0).count() as u32
+    }
+
     /// Requests in flight to `peer`.
     pub fn peer_in_flight(&self, peer: &P) -> u32 {
         self.peers.get(peer).map_or(0, Peer::in_flight)
