@@ -8,6 +8,7 @@
 //! - [`identity`]: the node's persistent Ed25519 identity.
 //! - [`metrics`]: counters and the Prometheus endpoint.
 //! - [`config`]: the TOML configuration file.
+//! - [`output`]: where `pull -o` may write (regular files only).
 //! - [`nbd`]: NBD exports of images and clones (on-demand fetch through the daemon).
 //! - [`overlay`]: copy-on-write overlays of writable clones.
 //! - [`profile`]: boot profiles (first-touch chunk order) recorded by mounts, replayed by prefetch.
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod metrics;
 pub mod nbd;
 pub mod net;
+pub mod output;
 pub mod overlay;
 pub mod profile;
 pub mod store;

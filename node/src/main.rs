@@ -1,5 +1,10 @@
 //! `vmswarm`: the node binary. `serve` runs the daemon; every other subcommand talks to the daemon
 //! of its data dir over the control socket.
+//!
+//! A command's stdout is collected and written at the end; a closed stdout (`vmswarm images |
+//! head -0`) ends the command quietly with exit 0. A `--chunk-size` outside the manifest format's
+//! limits is refused by the argument parser, and `pull -o` checks its destination
+//! ([`vmswarm_node::output`]) before asking the daemon for anything.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -71,7 +76,9 @@ enum Command {
     Pull {
         /// Image id (64 hex digits).
         image: String,
-        /// Write the verified image to this file.
+        /// Write the verified image to this file: a new path or a regular file (replaced
+        /// atomically); a symlink is followed to the regular file it leads to. Directories,
+        /// devices, FIFOs and sockets are refused.
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
@@ -154,21 +161,35 @@ enum CloneAction {
     },
 }
 
-/// Parses `256KiB`, `1MiB`, `65536`.
+/// Parses a `--chunk-size`: `256KiB`, `1MiB`, `65536` (bytes); it must be a power of two from
+/// 64KiB to 16MiB (the manifest format's limits). No arithmetic can wrap.
 fn parse_size(s: &str) -> Result<u32, String> {
+    use vmswarm_protocol::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+    let allowed = format!(
+        "a chunk size must be a power of two from {}KiB to {}MiB (e.g. 256KiB)",
+        MIN_CHUNK_SIZE >> 10,
+        MAX_CHUNK_SIZE >> 20
+    );
     let t = s.trim();
     let (num, mult) = if let Some(n) = t.strip_suffix("KiB") {
         (n, 1u64 << 10)
     } else if let Some(n) = t.strip_suffix("MiB") {
         (n, 1 << 20)
+    } else if let Some(n) = t.strip_suffix("GiB") {
+        (n, 1 << 30)
     } else {
         (t, 1)
     };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (use e.g. 256KiB, 1MiB or a byte count)"))?;
-    u32::try_from(n * mult).map_err(|_| format!("{s:?} is too large"))
+    let n: u64 = num.trim().parse().map_err(|_| {
+        format!("{s:?} is not a size (use e.g. 256KiB, 1MiB or a byte count); {allowed}")
+    })?;
+    let bytes = n
+        .checked_mul(mult)
+        .and_then(|b| u32::try_from(b).ok())
+        .ok_or_else(|| format!("{s:?} is too large: {allowed}"))?;
+    vmswarm_protocol::manifest::check_chunk_size(bytes)
+        .map_err(|e| format!("{s:?}: {e}: {allowed}"))?;
+    Ok(bytes)
 }
 
 fn data_dir(cli: &Option<PathBuf>, file: Option<&FileConfig>) -> Result<PathBuf> {
@@ -208,20 +229,61 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vmswarm: cannot start the async runtime: {e}");
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "vmswarm: cannot start the async runtime: {e}"
+            );
             return ExitCode::FAILURE;
         }
     };
+    use std::io::Write as _;
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(text) => match write_stdout(&text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "vmswarm: writing to stdout: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Err(e) => {
-            eprintln!("vmswarm: {e:#}");
+            let _ = writeln!(std::io::stderr(), "vmswarm: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// Appends a line to a command's output (written to stdout at the end by [`write_stdout`]).
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        // Writing to a String cannot fail.
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+/// Writes a command's output; a reader that went away (`vmswarm images | head -0`) is not an
+/// error: nobody wants the rest.
+fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
+/// Runs a command; returns what it prints on stdout.
+async fn run(cli: Cli) -> Result<String> {
+    let mut out = String::new();
+    run_into(cli, &mut out).await?;
+    Ok(out)
+}
+
+async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
     match cli.command {
         Command::Serve {
             listen,
@@ -286,8 +348,6 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             chunk_size,
         } => {
-            vmswarm_protocol::manifest::check_chunk_size(chunk_size)
-                .with_context(|| format!("--chunk-size {chunk_size}"))?;
             let path = std::fs::canonicalize(&file)
                 .with_context(|| format!("cannot read image file {}", file.display()))?;
             if !path.is_file() {
@@ -304,13 +364,19 @@ async fn run(cli: Cli) -> Result<()> {
                 |_, _, _| {},
             )
             .await?;
-            println!("name:   {}", result["name"].as_str().unwrap_or_default());
-            println!("size:   {} bytes", result["size"]);
-            println!(
-                "chunks: {} x {} bytes",
-                result["chunks"], result["chunk_size"]
+            outln!(
+                out,
+                "name:   {}",
+                result["name"].as_str().unwrap_or_default()
             );
-            println!("{}", result["image"].as_str().unwrap_or_default());
+            outln!(out, "size:   {} bytes", result["size"]);
+            outln!(
+                out,
+                "chunks: {} x {} bytes",
+                result["chunks"],
+                result["chunk_size"]
+            );
+            outln!(out, "{}", result["image"].as_str().unwrap_or_default());
             Ok(())
         }
         Command::Pull { image, output } => {
@@ -318,7 +384,12 @@ async fn run(cli: Cli) -> Result<()> {
                 .parse()
                 .with_context(|| format!("bad image id {image:?}"))?;
             let output = match output {
-                Some(o) => Some(absolute(&o)?),
+                Some(o) => {
+                    let o = absolute(&o)?;
+                    // Fail before anything is fetched; the daemon checks again when it writes.
+                    vmswarm_node::output::resolve(&o)?;
+                    Some(o)
+                }
                 None => None,
             };
             let data = data_dir(&cli.data, None)?;
@@ -344,7 +415,8 @@ async fn run(cli: Cli) -> Result<()> {
             .await;
             bar.finish_and_clear();
             let result = result?;
-            println!(
+            outln!(
+                out,
                 "pulled {} ({} bytes, {} fetched){}",
                 result["image"].as_str().unwrap_or_default(),
                 result["size"],
@@ -360,10 +432,11 @@ async fn run(cli: Cli) -> Result<()> {
             let v =
                 control::call(&data_dir(&cli.data, None)?, &Request::Images, |_, _, _| {}).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!(out, "{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for i in v.as_array().into_iter().flatten() {
-                    println!(
+                    outln!(
+                        out,
                         "{}  {:<24} {:>6}/{:<6} chunks{}",
                         i["id"].as_str().unwrap_or_default(),
                         i["name"].as_str().unwrap_or_default(),
@@ -383,10 +456,11 @@ async fn run(cli: Cli) -> Result<()> {
             let v =
                 control::call(&data_dir(&cli.data, None)?, &Request::Peers, |_, _, _| {}).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!(out, "{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for (id, p) in v.as_object().into_iter().flatten() {
-                    println!(
+                    outln!(
+                        out,
                         "{id}  site={}  rtt={}",
                         p["site"].as_str().unwrap_or("?"),
                         p["rtt_ms"]
@@ -402,21 +476,27 @@ async fn run(cli: Cli) -> Result<()> {
             let v =
                 control::call(&data_dir(&cli.data, None)?, &Request::Status, |_, _, _| {}).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!(out, "{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("peer id:  {}", v["peer_id"].as_str().unwrap_or_default());
-                println!("site:     {}", v["site"].as_str().unwrap_or_default());
-                println!(
+                outln!(
+                    out,
+                    "peer id:  {}",
+                    v["peer_id"].as_str().unwrap_or_default()
+                );
+                outln!(out, "site:     {}", v["site"].as_str().unwrap_or_default());
+                outln!(
+                    out,
                     "peers:    {}",
                     v["peers"].as_object().map_or(0, |m| m.len())
                 );
-                println!(
+                outln!(
+                    out,
                     "images:   {}",
                     v["images"].as_array().map_or(0, |a| a.len())
                 );
-                println!("in:       {} bytes", v["metrics"]["bytes_in"]);
-                println!("out:      {} bytes", v["metrics"]["bytes_out"]);
-                println!("fetching: {} chunks in flight", v["fetches_in_flight"]);
+                outln!(out, "in:       {} bytes", v["metrics"]["bytes_in"]);
+                outln!(out, "out:      {} bytes", v["metrics"]["bytes_out"]);
+                outln!(out, "fetching: {} chunks in flight", v["fetches_in_flight"]);
             }
             Ok(())
         }
@@ -441,7 +521,8 @@ async fn run(cli: Cli) -> Result<()> {
                 |_, _, _| {},
             )
             .await?;
-            println!(
+            outln!(
+                out,
                 "exported {} ({} bytes, {}) at {}",
                 v["name"].as_str().unwrap_or_default(),
                 v["size"],
@@ -461,17 +542,18 @@ async fn run(cli: Cli) -> Result<()> {
                 |_, _, _| {},
             )
             .await?;
-            println!("unmounted {name}");
+            outln!(out, "unmounted {name}");
             Ok(())
         }
         Command::Mounts { json } => {
             let v =
                 control::call(&data_dir(&cli.data, None)?, &Request::Mounts, |_, _, _| {}).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!(out, "{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for m in v.as_array().into_iter().flatten() {
-                    println!(
+                    outln!(
+                        out,
                         "{:<20} {:<8} {:>6}/{:<6} chunks  read {} B ({} B local)  {}",
                         m["name"].as_str().unwrap_or_default(),
                         if m["writable"].as_bool() == Some(true) {
@@ -499,7 +581,7 @@ async fn run(cli: Cli) -> Result<()> {
                 |_, _, _| {},
             )
             .await?;
-            println!("removed clone {name}");
+            outln!(out, "removed clone {name}");
             Ok(())
         }
         Command::Clone {
@@ -516,7 +598,8 @@ async fn run(cli: Cli) -> Result<()> {
                 |_, _, _| {},
             )
             .await?;
-            println!(
+            outln!(
+                out,
                 "created clone {} of image {}",
                 v["name"].as_str().unwrap_or_default(),
                 v["image"].as_str().unwrap_or_default()
@@ -527,10 +610,11 @@ async fn run(cli: Cli) -> Result<()> {
             let v =
                 control::call(&data_dir(&cli.data, None)?, &Request::Clones, |_, _, _| {}).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!(out, "{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for c in v.as_array().into_iter().flatten() {
-                    println!(
+                    outln!(
+                        out,
                         "{:<20} {}{}",
                         c["name"].as_str().unwrap_or_default(),
                         c["image"].as_str().unwrap_or("(damaged)"),
@@ -546,7 +630,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Verify => {
             let v =
                 control::call(&data_dir(&cli.data, None)?, &Request::Verify, |_, _, _| {}).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!(out, "{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
     }
@@ -572,6 +656,17 @@ mod tests {
         assert_eq!(parse_size("65536"), Ok(65_536));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("9999999MiB").is_err());
+        // 2^44 MiB + 1 MiB wraps to 1 MiB in unchecked u64 arithmetic.
+        assert!(parse_size("17592186044417MiB").is_err());
+        assert!(parse_size("18446744073709551615").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("32KiB").is_err());
+        assert!(parse_size("32MiB").is_err());
+        assert!(parse_size("100000").is_err());
+        assert_eq!(parse_size("64KiB"), Ok(65_536));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        let err = parse_size("17592186044417MiB").unwrap_err();
+        assert!(err.contains("64KiB") && err.contains("16MiB"), "{err}");
         assert_eq!(DEFAULT_CHUNK_SIZE, 262_144);
     }
 }

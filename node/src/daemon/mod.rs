@@ -13,7 +13,9 @@
 //! blocking pool ([`ingest`] batches received chunks into group commits and applies backpressure);
 //! their results come back to the owning task as messages. Shutdown (SIGINT/SIGTERM) removes the
 //! control socket and `node.json`, ends every NBD export (clone overlays flushed, socket files
-//! removed); the data-dir lock is released when the process ends.
+//! removed); the data-dir lock is released when the process ends. A listen address that cannot be
+//! bound stops the daemon with the OS's reason; a bootstrap peer still not connected
+//! `BOOTSTRAP_WARN_AFTER` (10 s) after start is warned about (and `status` shows which are).
 
 mod dropped;
 mod inbound;
@@ -54,6 +56,9 @@ use transfer::{Transfer, Waiter};
 const PROVIDER_RETRY: Duration = Duration::from_secs(3);
 /// How often Have updates are flushed to interested peers (the protocol's batching interval).
 const FLUSH_INTERVAL: Duration = vmswarm_protocol::wire::HAVE_UPDATE_INTERVAL;
+
+/// How long after start a bootstrap peer we are still not connected to is warned about.
+const BOOTSTRAP_WARN_AFTER: Duration = Duration::from_secs(10);
 
 /// Everything `vmswarm serve` is told.
 #[derive(Debug, Clone)]
@@ -279,7 +284,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
             .listen_on(addr.clone())
             .map_err(|e| DaemonError::Listen {
                 addr: addr.clone(),
-                reason: e.to_string(),
+                reason: error_chain(&e),
             })?;
     }
     for addr in &opts.bootstrap {
@@ -369,6 +374,10 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
     };
     d.load_images();
 
+    // Warn once about bootstrap peers still not connected after BOOTSTRAP_WARN_AFTER.
+    let mut bootstrap_unchecked = !d.opts.bootstrap.is_empty();
+    let bootstrap_check = tokio::time::sleep(BOOTSTRAP_WARN_AFTER);
+    tokio::pin!(bootstrap_check);
     let mut flush = tokio::time::interval(FLUSH_INTERVAL);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -388,6 +397,10 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
             Some(id) = d.dropped_rx.recv() => d.on_chunk_dropped(id),
             _ = sleep_until(deadline) => d.on_timeout(),
             _ = flush.tick() => d.on_flush(),
+            _ = &mut bootstrap_check, if bootstrap_unchecked => {
+                bootstrap_unchecked = false;
+                d.warn_unanswered_bootstrap();
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -417,6 +430,25 @@ fn set_mode_0600(path: &Path) -> Result<(), DaemonError> {
             source,
         }
     })
+}
+
+/// An error and its sources, joined with ": ", skipping empty messages (libp2p's
+/// `TransportError::Other` displays as nothing; the OS reason is in its sources).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !text.is_empty() && !parts.last().is_some_and(|p| p.ends_with(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    if parts.is_empty() {
+        "unknown error".into()
+    } else {
+        parts.join(": ")
+    }
 }
 
 /// The `/p2p/<peer id>` of an address, if it has one.
@@ -892,6 +924,14 @@ impl Daemon {
                 return;
             }
         };
+        // Refuse a destination a rename must not replace before fetching anything
+        // ([`crate::output`]); it is checked again just before the image is written.
+        if let Some(Err(e)) = output.as_deref().map(crate::output::resolve) {
+            let _ = reply.send(Reply::Error {
+                message: e.to_string(),
+            });
+            return;
+        }
         let waiter = Waiter::new(reply, output);
         // The user wants the whole image now.
         mounts::clear_lazy(&self.opts.data_dir, &id);
@@ -1028,6 +1068,19 @@ impl Daemon {
         }
     }
 
+    /// Logs a warning for each bootstrap address whose peer we are not connected to.
+    fn warn_unanswered_bootstrap(&self) {
+        for addr in &self.opts.bootstrap {
+            if peer_id_of(addr).is_some_and(|p| !self.swarm.is_connected(&p)) {
+                tracing::warn!(
+                    %addr,
+                    "bootstrap peer {addr} has not answered within {}s: is it running and reachable?",
+                    BOOTSTRAP_WARN_AFTER.as_secs()
+                );
+            }
+        }
+    }
+
     fn status_json(&self) -> serde_json::Value {
         let in_flight: u32 = self
             .transfers
@@ -1047,6 +1100,10 @@ impl Daemon {
             "unstored_bytes": self.ingest.unstored_bytes(),
             "serving": { "queued": self.serve.len(), "active": self.serve.active_uploads() },
             "banned": self.banned.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "bootstrap": self.opts.bootstrap.iter().map(|a| serde_json::json!({
+                "addr": a.to_string(),
+                "connected": peer_id_of(a).is_some_and(|p| self.swarm.is_connected(&p)),
+            })).collect::<Vec<_>>(),
             "store": store,
             "metrics": self.metrics.snapshot(),
         })
@@ -1141,6 +1198,12 @@ fn publish_blocking(
 }
 
 fn export_blocking(store: &ChunkStore, manifest: &Manifest, path: &Path) -> Result<(), StoreError> {
-    // Writes `<path>.vmswarm-partial`, re-verifies every chunk, fsyncs, renames over `path`.
-    store.export_to_file(manifest, path).map(|_| ())
+    // Writes `<path>.vmswarm-partial`, re-verifies every chunk, fsyncs, renames over `path`
+    // (or over the regular file a symlink at `path` leads to; anything else is refused).
+    let target = crate::output::resolve(path).map_err(|e| StoreError::Io {
+        action: "export to",
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    store.export_to_file(manifest, &target).map(|_| ())
 }

@@ -9,6 +9,9 @@
 //!   [`crate::overlay`]). Mounting an image whose manifest the node lacks fetches the manifest first
 //!   through the pull path (`pending_manifests`), without wanting any chunk, and marks the image
 //!   *lazy* (`DATA/lazy/<id>`), so that a restart does not turn it into a full pull.
+//! - **Clones.** `clone IMAGE` needs the image's manifest in the store (fully or partly held):
+//!   an image the node does not know is refused at once, with nothing created, rather than
+//!   failing at mount time (a pull or a lazy mount fetches the manifest first).
 //! - **Demand.** A read's [`DemandRequest`] for an absent chunk becomes one Demand want in the
 //!   image's fetch scheduler (creating a transfer that wants nothing else if there is none). Every
 //!   request for the same chunk joins the same waiters list: one fetch, however many readers. The
@@ -751,6 +754,11 @@ impl Daemon {
         let id: ImageId = image
             .parse()
             .map_err(|e| format!("bad image id {image:?}: {e}"))?;
+        if !self.images.contains_key(&id) {
+            return Err(format!(
+                "unknown image {id}: this node holds no manifest for it (`vmswarm pull {id}` or `vmswarm mount {id}` fetches it first)"
+            ));
+        }
         let dir = clone_dir(&self.opts.data_dir, name);
         if dir.exists() {
             return Err(format!("a clone named {name:?} exists already"));
