@@ -901,6 +901,12 @@ impl Daemon {
                             "manifests_checked": r.manifests_checked,
                             "corrupt_manifests": r.corrupt_manifests.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
                             "quarantine_dir": r.quarantine_dir.display().to_string(),
+                            "skipped_at_open": r.skipped_at_open.iter().map(|s| serde_json::json!({
+                                "pack": s.pack.display().to_string(),
+                                "offset": s.offset,
+                                "len": s.len,
+                                "kind": s.kind.to_string(),
+                            })).collect::<Vec<_>>(),
                         })
                     });
                     let _ = io.send(IoDone::Verified { reply, result });

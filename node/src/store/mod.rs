@@ -11,7 +11,10 @@
 //!   per chunk, never the bytes of a chunk a commit record vouches for) into an in-memory
 //!   [`DashMap`] from chunk id to location, so `contains` is a sharded hash lookup and the store is
 //!   `Send + Sync`. Only the records after a pack's last commit record (the groups in flight at a
-//!   crash) are re-hashed.
+//!   crash) are re-hashed. Bytes of a pack that hold no valid record are skipped, not the rest of
+//!   the pack: the scan resumes at the next valid header and re-hashes every chunk from there
+//!   ([`pack`]); the skipped ranges are in [`OpenSummary::skipped`] and in every
+//!   [`ChunkStore::verify`] report, which is not clean while a pack holds damage.
 //! - **Zero chunks are never stored.** `put` of an all-zero chunk is a no-op answered with
 //!   [`Put::Zero`]; callers learn zero chunks from the manifest ([`Manifest::zero_map`]), and
 //!   [`ChunkStore::image_status`] counts them as present.
@@ -208,11 +211,47 @@ pub struct OpenSummary {
     /// Chunk records re-hashed because no commit record covered them (written just before a
     /// crash).
     pub rehashed_chunks: u64,
-    /// Bytes at the end of packs that hold no valid record (a torn tail after a crash, or damage):
-    /// never indexed, left in place.
+    /// Bytes of packs that hold no valid record (a torn tail after a crash, or damage): never
+    /// indexed, left in place. The sum of the lengths in `skipped`.
     pub damaged_bytes: u64,
+    /// Where those bytes are, pack by pack in file order (see [`SkippedRange`]).
+    pub skipped: Vec<SkippedRange>,
     /// Entries that are not ours (unexpected names), left alone and logged.
     pub ignored_entries: u64,
+}
+
+/// Bytes of a pack that [`ChunkStore::open`] could not read as records and skipped (the scan
+/// resumed at the next valid record header after them, see [`pack`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRange {
+    /// The pack file.
+    pub pack: PathBuf,
+    /// Offset of the first skipped byte.
+    pub offset: u64,
+    /// Number of bytes skipped.
+    pub len: u64,
+    /// What the range looks like.
+    pub kind: SkipKind,
+}
+
+/// Whether a [`SkippedRange`] is what a crash leaves or damage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipKind {
+    /// The range runs to the end of its pack: a torn tail, normal after a crash (damage to the
+    /// last records of a pack looks the same).
+    TornTail,
+    /// Valid records follow the range: bytes were damaged after they were written (records in
+    /// the range, and any chunk they held, are lost from this store).
+    Damaged,
+}
+
+impl fmt::Display for SkipKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SkipKind::TornTail => "torn tail",
+            SkipKind::Damaged => "damaged",
+        })
+    }
 }
 
 /// What [`ChunkStore::verify`] checked and found.
@@ -234,14 +273,28 @@ pub struct VerifyReport {
     pub corrupt_manifests: Vec<ImageId>,
     /// Where bad files were moved.
     pub quarantine_dir: PathBuf,
+    /// Ranges of packs that [`ChunkStore::open`] skipped because they held no valid record
+    /// ([`OpenSummary::skipped`]); `verify` does not rescan packs.
+    pub skipped_at_open: Vec<SkippedRange>,
 }
 
 impl VerifyReport {
-    /// Whether nothing bad was found.
+    /// Whether nothing bad was found: no corrupt or vanished chunk, no corrupt manifest, and no
+    /// pack damage skipped at open. A torn tail ([`SkipKind::TornTail`]) is listed in
+    /// `skipped_at_open` but does not count: every crash leaves one.
     pub fn is_clean(&self) -> bool {
         self.corrupt_chunks.is_empty()
             && self.vanished_chunks.is_empty()
             && self.corrupt_manifests.is_empty()
+            && self.damaged_ranges() == 0
+    }
+
+    /// Number of [`SkipKind::Damaged`] ranges in `skipped_at_open`.
+    pub fn damaged_ranges(&self) -> usize {
+        self.skipped_at_open
+            .iter()
+            .filter(|r| r.kind == SkipKind::Damaged)
+            .count()
     }
 }
 
@@ -461,16 +514,34 @@ impl ChunkStore {
             let scan = pack::scan(&file, path)?;
             self.opened.packs += 1;
             self.opened.rehashed_chunks += scan.rehashed;
-            self.opened.damaged_bytes += scan.damaged_bytes;
+            self.opened.damaged_bytes += scan.skipped_bytes();
             self.chunk_reads.fetch_add(scan.rehashed, Ordering::Relaxed);
             self.read_bytes
                 .fetch_add(scan.rehashed_bytes, Ordering::Relaxed);
-            if scan.damaged_bytes > 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    bytes = scan.damaged_bytes,
-                    "pack ends in bytes that hold no valid record (torn by a crash?); ignored"
-                );
+            for skipped in &scan.skipped {
+                let kind = if skipped.tail {
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset = skipped.offset,
+                        bytes = skipped.len,
+                        "pack ends in bytes that hold no valid record (torn by a crash?); ignored"
+                    );
+                    SkipKind::TornTail
+                } else {
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset = skipped.offset,
+                        bytes = skipped.len,
+                        "damaged bytes in the middle of a pack skipped; the records after them were kept (re-hashed)"
+                    );
+                    SkipKind::Damaged
+                };
+                self.opened.skipped.push(SkippedRange {
+                    pack: path.clone(),
+                    offset: skipped.offset,
+                    len: skipped.len,
+                    kind,
+                });
             }
             for (offset, record) in scan.records {
                 match record {
@@ -857,6 +928,7 @@ impl ChunkStore {
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport {
             quarantine_dir: self.quarantine_dir.clone(),
+            skipped_at_open: self.opened.skipped.clone(),
             ..VerifyReport::default()
         };
         let mut chunks: Vec<(ChunkId, Loc)> = self.index.iter().map(|e| (*e.key(), *e)).collect();
@@ -898,6 +970,7 @@ impl ChunkStore {
                 corrupt_chunks = report.corrupt_chunks.len(),
                 vanished_chunks = report.vanished_chunks.len(),
                 corrupt_manifests = report.corrupt_manifests.len(),
+                damaged_pack_ranges = report.damaged_ranges(),
                 quarantine = %self.quarantine_dir.display(),
                 "verify found bad data"
             );

@@ -21,10 +21,23 @@
 //!   group's sync carries it) and bounds what recovery must re-hash.
 //! - **Recovery** ([`scan`]). Headers are read one by one (no chunk bytes) up to the last commit
 //!   record: that region was fsynced before the commit record was written, so it is trusted. Chunk
-//!   records after it (at most the groups in flight at the crash) are re-hashed; the first that
-//!   is torn, has a bad header or fails its hash ends the pack's valid part. A crash can only damage
-//!   the tail: appends never rewrite earlier bytes, and a sync covering a record covers every
-//!   record before it.
+//!   records after it (at most the groups in flight at the crash) are re-hashed, and one that fails
+//!   its hash is skipped (its header passed its check, so its length, and where the next record
+//!   starts, are right). A crash can only damage the tail: appends never rewrite earlier bytes, and
+//!   a sync covering a record covers every record before it.
+//! - **Damage in the middle** (a flipped byte in a header, from the disk or a person) does not end
+//!   the pack. Where a header fails its check (magic, kind, plausible length, the record fitting
+//!   in the pack, the 8-byte header check), the scan searches forward for the next offset holding a
+//!   well-formed header (1 MiB reads, the magic found in memory) and carries on from there. The
+//!   bytes in between are *skipped*: reported per pack as (offset, length), never indexed. After
+//!   the first damage in a pack nothing is trusted on its header alone: a header found by searching
+//!   may be a header-shaped run of bytes inside a chunk (a VM image can hold a vmswarm store), so
+//!   every chunk record from there to the end of the pack is re-hashed, commit records there vouch
+//!   for nothing, and a chunk record that fails its hash is treated as damage (the search resumes
+//!   one byte after its start, since its length may be made up). This costs one read of the rest of
+//!   a damaged pack at open, and only for a damaged pack. A skipped range that runs to the end of
+//!   the pack is a *tail* (what a crash leaves; damage to the very last records looks the same);
+//!   one followed by a valid record is damage.
 //! - **Packs are never appended to after a restart.** Each process writes to a fresh pack, created
 //!   on its first write, so a damaged tail of an older pack is left where it is (counted and
 //!   reported, never indexed) and nothing has to be truncated in place. A pack is also closed
@@ -157,68 +170,176 @@ impl Record {
     }
 }
 
+/// A range of a pack that holds no valid record, found by [`scan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Skipped {
+    /// Offset of its first byte.
+    pub(crate) offset: u64,
+    /// Its length.
+    pub(crate) len: u64,
+    /// It runs to the end of the pack with no valid record after it (a torn tail, as a crash
+    /// leaves; or damage to the last records, which looks the same).
+    pub(crate) tail: bool,
+}
+
 /// What [`scan`] found in one pack.
 #[derive(Debug, Default)]
 pub(crate) struct Scan {
     /// Valid records and their offsets, in file order.
     pub(crate) records: Vec<(u64, Record)>,
-    /// Bytes after the valid part (a torn tail or damage), never indexed.
-    pub(crate) damaged_bytes: u64,
+    /// Ranges that hold no valid record (damage, a torn tail), in file order, adjacent ones
+    /// merged; never indexed.
+    pub(crate) skipped: Vec<Skipped>,
     /// Chunk records re-hashed because no commit record covered them.
     pub(crate) rehashed: u64,
     /// Bytes read to re-hash them.
     pub(crate) rehashed_bytes: u64,
 }
 
-/// Reads the records of a pack: headers only up to the last commit record, headers and chunk bytes
-/// after it (see the module docs).
+impl Scan {
+    /// Bytes in [`Scan::skipped`].
+    pub(crate) fn skipped_bytes(&self) -> u64 {
+        self.skipped.iter().map(|s| s.len).sum()
+    }
+}
+
+/// Bytes read at a time when searching for the next record after damage.
+const SEARCH_BLOCK: usize = 1 << 20;
+
+/// Reads the records of a pack (see "Recovery" in the module docs): headers only up to the last
+/// commit record, headers and chunk bytes after it, and after damage a search for the next valid
+/// header, with every chunk record from there on re-hashed.
 pub(crate) fn scan(file: &File, path: &Path) -> Result<Scan, StoreError> {
     let file_len = file.metadata().map_err(io_at("stat", path))?.len();
     let mut out = Scan::default();
+    // Records, and whether their bytes were re-hashed already (those found after a resync).
+    let mut found: Vec<(u64, Record, bool)> = Vec::new();
+    let mut bad: Vec<(u64, u64)> = Vec::new();
     let mut pos = 0u64;
     let mut committed = 0u64;
+    // Set at the first damage: from there on nothing is trusted without its hash.
+    let mut resynced = false;
     let mut header = [0u8; HEADER_LEN as usize];
-    while pos + HEADER_LEN <= file_len {
-        file.read_exact_at(&mut header, pos)
-            .map_err(io_at("read pack", path))?;
-        let Some(record) = Record::decode(&header) else {
-            break;
+    let mut buf = Vec::new();
+    while pos < file_len {
+        let record = if pos + HEADER_LEN <= file_len {
+            file.read_exact_at(&mut header, pos)
+                .map_err(io_at("read pack", path))?;
+            // A record whose bytes run past the end is torn: the header made it, not the rest.
+            Record::decode(&header).filter(|r| pos + r.size() <= file_len)
+        } else {
+            None
         };
-        if pos + record.size() > file_len {
-            break; // torn: the header made it, not all of the bytes
-        }
-        if let Record::Commit { synced } = record {
-            if synced <= pos {
-                committed = committed.max(synced);
+        let record = match record {
+            Some(Record::Chunk { id, len }) if resynced => {
+                // Found by searching, so possibly a header-shaped run of bytes inside a chunk
+                // (an image can hold a vmswarm store): only its hash makes it a record.
+                buf.resize(len as usize, 0);
+                file.read_exact_at(&mut buf, pos + HEADER_LEN)
+                    .map_err(io_at("read pack", path))?;
+                out.rehashed += 1;
+                out.rehashed_bytes += u64::from(len);
+                id.verify(&buf).then_some(Record::Chunk { id, len })
+            }
+            other => other,
+        };
+        match record {
+            Some(record) => {
+                if let Record::Commit { synced } = record {
+                    // Only a commit record reached from the pack's start, with no damage before
+                    // it, vouches for anything.
+                    if !resynced && synced <= pos {
+                        committed = committed.max(synced);
+                    }
+                }
+                found.push((pos, record, resynced));
+                pos += record.size();
+            }
+            None => {
+                let next = find_record(file, path, pos + 1, file_len)?;
+                let end = next.unwrap_or(file_len);
+                bad.push((pos, end));
+                resynced = true;
+                pos = end;
             }
         }
-        out.records.push((pos, record));
-        pos += record.size();
     }
-    // Re-hash the chunks no commit record vouches for; the first bad one ends the valid part.
-    let mut buf = Vec::new();
-    let mut keep = out.records.len();
-    for (i, (offset, record)) in out.records.iter().enumerate() {
-        let Record::Chunk { id, len } = *record else {
-            continue;
-        };
-        if *offset < committed {
-            continue;
+    // Re-hash the chunks (before any damage) no commit record vouches for; a bad one is skipped.
+    // Its header passed its check, so its length is right and the records after it stand.
+    for (offset, record, hashed) in found {
+        if let Record::Chunk { id, len } = record {
+            if !hashed && offset >= committed {
+                buf.resize(len as usize, 0);
+                file.read_exact_at(&mut buf, offset + HEADER_LEN)
+                    .map_err(io_at("read pack", path))?;
+                out.rehashed += 1;
+                out.rehashed_bytes += u64::from(len);
+                if !id.verify(&buf) {
+                    bad.push((offset, offset + record.size()));
+                    continue;
+                }
+            }
         }
-        buf.resize(len as usize, 0);
-        file.read_exact_at(&mut buf, offset + HEADER_LEN)
-            .map_err(io_at("read pack", path))?;
-        out.rehashed += 1;
-        out.rehashed_bytes += u64::from(len);
-        if !id.verify(&buf) {
-            keep = i;
-            pos = *offset;
-            break;
+        out.records.push((offset, record));
+    }
+    bad.sort_unstable();
+    for (start, end) in bad {
+        match out.skipped.last_mut() {
+            Some(last) if last.offset + last.len >= start => {
+                last.len = last.len.max(end - last.offset);
+            }
+            _ => out.skipped.push(Skipped {
+                offset: start,
+                len: end - start,
+                tail: false,
+            }),
         }
     }
-    out.records.truncate(keep);
-    out.damaged_bytes = file_len - pos;
+    if let Some(last) = out.skipped.last_mut() {
+        last.tail = last.offset + last.len == file_len;
+    }
     Ok(out)
+}
+
+/// The offset of the first well-formed record header at or after `from` whose record fits in the
+/// pack, or `None`. Reads [`SEARCH_BLOCK`] bytes at a time and looks for the magic in memory.
+fn find_record(
+    file: &File,
+    path: &Path,
+    from: u64,
+    file_len: u64,
+) -> Result<Option<u64>, StoreError> {
+    let header_len = HEADER_LEN as usize;
+    let mut buf = Vec::new();
+    let mut start = from;
+    while start + HEADER_LEN <= file_len {
+        // Candidates at [start, start + SEARCH_BLOCK); the block carries the bytes of the last
+        // candidate's header too.
+        let want = (SEARCH_BLOCK + header_len - 1) as u64;
+        let len = want.min(file_len - start) as usize;
+        buf.resize(len, 0);
+        file.read_exact_at(&mut buf, start)
+            .map_err(io_at("read pack", path))?;
+        let candidates = (len + 1 - header_len).min(SEARCH_BLOCK);
+        let mut i = 0;
+        while i < candidates {
+            let Some(skip) = buf[i..candidates].iter().position(|&b| b == MAGIC[0]) else {
+                break;
+            };
+            i += skip;
+            let at = start + i as u64;
+            if buf[i..i + 4] == MAGIC {
+                let mut h = [0u8; HEADER_LEN as usize];
+                h.copy_from_slice(&buf[i..i + header_len]);
+                if Record::decode(&h).is_some_and(|r| at + r.size() <= file_len) {
+                    return Ok(Some(at));
+                }
+            }
+            i += 1;
+        }
+        start += SEARCH_BLOCK as u64;
+    }
+    Ok(None)
 }
 
 /// Where durability stands.
@@ -535,5 +656,64 @@ mod tests {
             len: MAX_CHUNK_SIZE + 1,
         };
         assert_eq!(Record::decode(&too_long.encode()), None);
+    }
+    #[test]
+    fn the_search_finds_headers_across_block_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        let commit = Record::Commit { synced: 0 }.encode();
+        // Garbage with stray magics, then a header straddling the first block's end, then one
+        // exactly at the start of the third block, then a header cut off by the end of the file.
+        let mut bytes = vec![0x5au8; 2 * SEARCH_BLOCK];
+        for at in (0..bytes.len() - 8).step_by(4099) {
+            bytes[at..at + 4].copy_from_slice(&MAGIC);
+        }
+        let first = SEARCH_BLOCK as u64 - 30;
+        bytes[first as usize..first as usize + 64].copy_from_slice(&commit);
+        bytes.extend_from_slice(&commit);
+        bytes.extend_from_slice(&commit[..63]);
+        fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        let len = bytes.len() as u64;
+        assert_eq!(find_record(&file, &path, 1, len).unwrap(), Some(first));
+        assert_eq!(find_record(&file, &path, first, len).unwrap(), Some(first));
+        let second = 2 * SEARCH_BLOCK as u64;
+        assert_eq!(
+            find_record(&file, &path, first + 1, len).unwrap(),
+            Some(second)
+        );
+        assert_eq!(find_record(&file, &path, second + 1, len).unwrap(), None);
+    }
+
+    #[test]
+    fn a_damaged_record_in_the_middle_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        let chunks: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 1000]).collect();
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::new();
+        for c in &chunks {
+            offsets.push(bytes.len() as u64);
+            let id = ChunkId::of(c);
+            bytes.extend_from_slice(&Record::Chunk { id, len: 1000 }.encode());
+            bytes.extend_from_slice(c);
+        }
+        let synced = bytes.len() as u64;
+        bytes.extend_from_slice(&Record::Commit { synced }.encode());
+        bytes[offsets[1] as usize + 10] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let found = scan(&File::open(&path).unwrap(), &path).unwrap();
+        let kept: Vec<u64> = found.records.iter().map(|(o, _)| *o).collect();
+        assert_eq!(kept, vec![offsets[0], offsets[2], offsets[3], synced]);
+        assert_eq!(
+            found.skipped,
+            vec![Skipped {
+                offset: offsets[1],
+                len: 1064,
+                tail: false
+            }]
+        );
+        // Chunk 0 lies before the damage but no commit record before it vouches for it.
+        assert_eq!(found.rehashed, 3);
     }
 }
