@@ -678,6 +678,7 @@ impl Daemon {
             dir,
             site: "dc1",
             bootstrap,
+            listen: None,
             extra: &[],
             log_filter: "warn",
         })

@@ -12,6 +12,7 @@
 
 use libp2p::PeerId;
 use libp2p::request_response::{self, ResponseChannel};
+use libp2p::swarm::ConnectionId;
 use vmswarm_protocol::ImageId;
 use vmswarm_protocol::bitfield::{ChunkBitmap, ChunkSet};
 use vmswarm_protocol::manifest::Manifest;
@@ -26,12 +27,12 @@ impl Daemon {
         match event {
             request_response::Event::Message {
                 peer,
+                connection_id,
                 message:
                     request_response::Message::Request {
                         request, channel, ..
                     },
-                ..
-            } => self.on_request(peer, request, channel),
+            } => self.on_request(peer, connection_id, request, channel),
             request_response::Event::Message {
                 peer,
                 message:
@@ -41,17 +42,17 @@ impl Daemon {
                     },
                 ..
             } => {
-                if let Some(kind) = self.outbound.remove(&request_id) {
+                if let Some((_, kind)) = self.outbound.remove(&request_id) {
                     self.on_response(peer, kind, response);
                 }
             }
             request_response::Event::OutboundFailure {
                 peer,
+                connection_id,
                 request_id,
                 error,
-                ..
             } => {
-                let Some(kind) = self.outbound.remove(&request_id) else {
+                let Some((_, kind)) = self.outbound.remove(&request_id) else {
                     return;
                 };
                 tracing::debug!(%peer, ?kind, "request failed: {error}");
@@ -60,7 +61,9 @@ impl Daemon {
                     request_response::OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData
                 ) {
                     self.ban(peer, "it answered with bytes that are not a message");
+                    return;
                 }
+                self.on_outbound_failure(peer, connection_id, kind);
             }
             request_response::Event::InboundFailure { .. }
             | request_response::Event::ResponseSent { .. } => {}
@@ -75,13 +78,19 @@ impl Daemon {
             .is_ok()
     }
 
-    fn on_request(&mut self, peer: PeerId, request: Message, channel: ResponseChannel<Message>) {
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        conn: ConnectionId,
+        request: Message,
+        channel: ResponseChannel<Message>,
+    ) {
         let now = self.now();
         match request {
             Message::Hello(hello) => {
                 let ours = self.hello();
                 self.respond(channel, ours);
-                self.on_peer_ready(peer, &hello);
+                self.on_hello_request(peer, conn, &hello);
             }
             Message::Have { image, chunks } => {
                 self.apply_have(peer, image, &chunks);
@@ -124,6 +133,51 @@ impl Daemon {
                 tracing::warn!(%peer, kind = other.kind(), "protocol violation: not a request");
                 drop(channel);
             }
+        }
+    }
+
+    /// Our request `kind` to `peer`, sent on `conn`, failed (not for a hostile answer). A request
+    /// lost with its connection while the peer is still connected on another is sent again at once
+    /// (a connection closes once, so this ends); a failed `GetManifest` is in any case forgotten as
+    /// asked, so the periodic re-ask ([`Daemon::on_timeout`]) repeats it. Chunk requests are not
+    /// here: they travel on lanes, whose end fails them back to the scheduler ([`super::lanes`]).
+    fn on_outbound_failure(&mut self, peer: PeerId, conn: ConnectionId, kind: Outbound) {
+        if let Outbound::Manifest(image) = kind {
+            if let Some(p) = self.pending_manifests.get_mut(&image) {
+                p.asked.remove(&peer);
+            }
+        }
+        let Some(state) = self.peers.get(&peer) else {
+            // Gone: everything is asked again when it comes back.
+            return;
+        };
+        if state.connections.contains(&conn) || state.connections.is_empty() {
+            return;
+        }
+        let ready = state.site.is_some() && !self.banned.contains(&peer);
+        let boot_profiles = state.boot_profiles;
+        tracing::debug!(%peer, ?kind, "request lost with its connection: sending it again");
+        match kind {
+            Outbound::Hello if !ready => {
+                let hello = self.hello();
+                self.send(peer, hello, Outbound::Hello);
+            }
+            Outbound::Have(image) if ready && self.transfers.contains_key(&image) => {
+                let have = self.have_message(image);
+                self.send(peer, have, Outbound::Have(image));
+            }
+            Outbound::Manifest(image) if ready => self.ask_manifest(peer, image),
+            Outbound::BootProfile(image)
+                if ready && boot_profiles && self.wants_boot_profile(image) =>
+            {
+                self.send(
+                    peer,
+                    Message::GetBootProfile { image },
+                    Outbound::BootProfile(image),
+                );
+            }
+            // `HaveUpdate`s and `Fetching` announcements are hints; the next ones follow.
+            _ => {}
         }
     }
 

@@ -13,9 +13,17 @@
 //! blocking pool ([`ingest`] batches received chunks into group commits and applies backpressure);
 //! their results come back to the owning task as messages. Shutdown (SIGINT/SIGTERM) removes the
 //! control socket and `node.json`, ends every NBD export (clone overlays flushed, socket files
-//! removed); the data-dir lock is released when the process ends. A listen address that cannot be
-//! bound stops the daemon with the OS's reason; a bootstrap peer still not connected
+//! removed), and closes every connection (waiting at most [`CLOSE_TIMEOUT`] and
+//! [`CLOSE_FLUSH`] for the closes to go out), so that peers drop us at once rather than after
+//! QUIC's idle timeout; the data-dir lock is released when the process ends. A listen address that
+//! cannot be bound stops the daemon with the OS's reason; a bootstrap peer still not connected
 //! `BOOTSTRAP_WARN_AFTER` (10 s) after start is warned about (and `status` shows which are).
+//!
+//! A peer that restarts (or loses every connection to us while we still hold one) sends a new
+//! `Hello` request on a new connection: that starts a new session with it
+//! ([`Daemon::on_hello_request`]), its older connections are closed and everything we asked of it
+//! is asked again or re-planned. A request to a peer lost with one of several connections is sent
+//! again on another ([`inbound`]).
 
 mod dropped;
 mod inbound;
@@ -33,7 +41,7 @@ use std::time::{Duration, Instant as StdInstant};
 use futures::StreamExt;
 use libp2p::kad;
 use libp2p::request_response::OutboundRequestId;
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -54,6 +62,11 @@ use transfer::{Transfer, Waiter};
 
 /// How often pending manifest lookups ask the DHT for providers again.
 const PROVIDER_RETRY: Duration = Duration::from_secs(3);
+/// How long shutdown waits for its connections to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long shutdown then keeps the QUIC endpoint running, so that its `CONNECTION_CLOSE` frames
+/// leave (the endpoint's task sends them; it ends with the process).
+const CLOSE_FLUSH: Duration = Duration::from_millis(100);
 /// How often Have updates are flushed to interested peers (the protocol's batching interval).
 const FLUSH_INTERVAL: Duration = vmswarm_protocol::wire::HAVE_UPDATE_INTERVAL;
 
@@ -150,6 +163,12 @@ enum Outbound {
 /// A connected peer.
 #[derive(Debug, Default)]
 struct PeerState {
+    /// Its connections we hold for live, oldest first (one we closed is no longer listed, even
+    /// before libp2p reports it closed).
+    connections: Vec<ConnectionId>,
+    /// The connection its `Hello` request came on: its session with us. A `Hello` request on
+    /// another connection starts a new session ([`Daemon::on_hello_request`]).
+    session: Option<ConnectionId>,
     /// Its site, once its `Hello` arrived.
     site: Option<String>,
     rtt: Option<Duration>,
@@ -249,7 +268,8 @@ struct Daemon {
     images: HashMap<ImageId, Image>,
     transfers: HashMap<ImageId, Transfer>,
     pending_manifests: HashMap<ImageId, PendingManifest>,
-    outbound: HashMap<OutboundRequestId, Outbound>,
+    /// Our requests on `/vmswarm/msg/1` awaiting an answer: whom we asked, and what for.
+    outbound: HashMap<OutboundRequestId, (PeerId, Outbound)>,
     serve: ServeQueue<PeerId>,
     /// Opens chunk lanes ([`lanes`]).
     lane_control: libp2p_stream::Control,
@@ -408,6 +428,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
     }
     tracing::info!("shutting down");
     d.shutdown_mounts();
+    d.close_connections().await;
     let _ = std::fs::remove_file(&socket_path);
     let _ = std::fs::remove_file(d.opts.data_dir.join("node.json"));
     drop(lock);
@@ -459,6 +480,26 @@ pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
     })
 }
 
+/// Drives a closing swarm until `until` (or, with `until_closed`, until no connection is left),
+/// closing connections that come up meanwhile.
+async fn drive_closing(
+    swarm: &mut Swarm<Behaviour>,
+    until: tokio::time::Instant,
+    until_closed: bool,
+) {
+    loop {
+        if until_closed && swarm.network_info().num_peers() == 0 {
+            return;
+        }
+        let Ok(event) = tokio::time::timeout_at(until, swarm.select_next_some()).await else {
+            return;
+        };
+        if let SwarmEvent::ConnectionEstablished { peer_id, .. } = event {
+            let _ = swarm.disconnect_peer_id(peer_id);
+        }
+    }
+}
+
 /// Accepts control connections and forwards their one request each.
 async fn accept_control(listener: UnixListener, cmds: mpsc::UnboundedSender<Command>) {
     loop {
@@ -506,6 +547,24 @@ async fn accept_control(listener: UnixListener, cmds: mpsc::UnboundedSender<Comm
 }
 
 impl Daemon {
+    /// Closes every connection and waits a bounded moment for the closes to go out, so that peers
+    /// drop us at once instead of after QUIC's idle timeout. Connections that come up meanwhile
+    /// are closed too.
+    async fn close_connections(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let until = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        drive_closing(&mut self.swarm, until, true).await;
+        let until = tokio::time::Instant::now() + CLOSE_FLUSH;
+        drive_closing(&mut self.swarm, until, false).await;
+        tracing::debug!(
+            open = self.swarm.network_info().num_peers(),
+            "connections closed"
+        );
+    }
+
     fn now(&self) -> Instant {
         Instant::from_duration(self.epoch.elapsed())
     }
@@ -536,7 +595,7 @@ impl Daemon {
 
     fn send(&mut self, peer: PeerId, msg: Message, kind: Outbound) {
         let id = self.swarm.behaviour_mut().msg.send_request(&peer, msg);
-        self.outbound.insert(id, kind);
+        self.outbound.insert(id, (peer, kind));
     }
 
     /// Registers every image in the store, provides it, and resumes unfinished pulls.
@@ -610,6 +669,7 @@ impl Daemon {
         let manifest_timeout = self.opts.manifest_timeout;
         let mut expired = Vec::new();
         let mut relookup = Vec::new();
+        let mut reask = Vec::new();
         for (image, t) in &mut self.transfers {
             if std_now >= t.next_lookup {
                 t.next_lookup = std_now + PROVIDER_RETRY;
@@ -625,10 +685,23 @@ impl Daemon {
             } else if std_now >= p.last_lookup + PROVIDER_RETRY {
                 p.last_lookup = std_now;
                 relookup.push(*image);
+                reask.push(*image);
             }
         }
         for image in relookup {
             self.lookup_providers(image);
+        }
+        // Ready peers whose `GetManifest` failed (it is no longer in `asked`) are asked again.
+        let ready: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| p.site.is_some() && !self.banned.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for image in reask {
+            for &peer in &ready {
+                self.ask_manifest(peer, image);
+            }
         }
         for image in expired {
             if let Some(p) = self.pending_manifests.remove(&image) {
@@ -676,6 +749,7 @@ impl Daemon {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 num_established,
                 ..
             } => {
@@ -683,17 +757,36 @@ impl Daemon {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
-                if num_established.get() == 1 {
-                    self.peers.entry(peer_id).or_default();
+                let first = num_established.get() == 1;
+                if first && self.peers.contains_key(&peer_id) {
+                    // Its only connection, yet we still hold state from an earlier one (its
+                    // close was not reported): that state is stale.
+                    self.on_peer_gone(peer_id);
+                }
+                self.peers
+                    .entry(peer_id)
+                    .or_default()
+                    .connections
+                    .push(connection_id);
+                if first {
                     let hello = self.hello();
                     self.send(peer_id, hello, Outbound::Hello);
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
-            } => self.on_peer_gone(peer_id),
+            } => {
+                if num_established == 0 {
+                    self.on_peer_gone(peer_id);
+                } else if let Some(p) = self.peers.get_mut(&peer_id) {
+                    // Requests that were on it fail ([`Daemon::on_outbound_failure`]) and are
+                    // sent again on a remaining connection.
+                    p.connections.retain(|c| *c != connection_id);
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Msg(e)) => self.on_msg_event(e),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
@@ -739,9 +832,13 @@ impl Daemon {
         }
     }
 
+    /// `peer` is gone (or starts afresh): everything we asked of it and it of us is forgotten;
+    /// its schedulers re-plan the chunks it was asked for.
     fn on_peer_gone(&mut self, peer: PeerId) {
         let now = self.now();
         self.peers.remove(&peer);
+        // Their answers, if any still come, are ignored; their failures are nothing to retry.
+        self.outbound.retain(|_, (p, _)| *p != peer);
         for t in self.transfers.values_mut() {
             t.sched.handle_peer_disconnected(now, &peer);
         }
@@ -753,6 +850,51 @@ impl Daemon {
         for p in self.pending_manifests.values_mut() {
             p.asked.remove(&peer);
         }
+    }
+
+    /// `peer` sent its `Hello` request on `conn`. A peer sends one when its first connection to
+    /// us comes up, so one on a connection other than its session's means that it restarted, or
+    /// that it saw every connection to us die while we still hold some: those connections are
+    /// dead or dying, and whatever we sent into them is lost. So we close every other connection
+    /// to it (QUIC would keep a dead one up to its idle timeout, and libp2p spreads requests and
+    /// streams over all connections of a peer), forget what we asked of it (the schedulers re-plan
+    /// its chunks, and the transfers' `Have` and pending `GetManifest`s go out again when its
+    /// `Hello` is taken) and treat it as a peer that just came.
+    pub(super) fn on_hello_request(&mut self, peer: PeerId, conn: ConnectionId, hello: &Hello) {
+        if !self.peers.contains_key(&peer) {
+            // Its connections are gone already (the request was queued before), or it is banned.
+            return;
+        }
+        let restarted = self
+            .peers
+            .get(&peer)
+            .filter(|s| s.session.is_some_and(|s| s != conn));
+        if let Some(state) = restarted {
+            tracing::info!(%peer, "peer started a new session (restarted?): closing its other connections and asking again");
+            let rtt = state.rtt;
+            let stale: Vec<ConnectionId> = state
+                .connections
+                .iter()
+                .copied()
+                .filter(|c| *c != conn)
+                .collect();
+            for c in stale {
+                self.swarm.close_connection(c);
+            }
+            self.on_peer_gone(peer);
+            self.peers.insert(
+                peer,
+                PeerState {
+                    connections: vec![conn],
+                    rtt,
+                    ..PeerState::default()
+                },
+            );
+        }
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.session = Some(conn);
+        }
+        self.on_peer_ready(peer, hello);
     }
 
     /// A peer's `Hello` arrived: it can now take part in transfers.
@@ -794,6 +936,15 @@ impl Daemon {
         let pending: Vec<ImageId> = self.pending_manifests.keys().copied().collect();
         for image in pending {
             self.ask_manifest(peer, image);
+        }
+        if hello.capabilities.contains(Capabilities::BOOT_PROFILES) {
+            for image in self.boot_profiles_wanted() {
+                self.send(
+                    peer,
+                    Message::GetBootProfile { image },
+                    Outbound::BootProfile(image),
+                );
+            }
         }
     }
 

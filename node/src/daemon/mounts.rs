@@ -542,6 +542,24 @@ impl Daemon {
         }
     }
 
+    /// Whether a running prefetch of `image` still waits for a peer's boot profile.
+    pub(super) fn wants_boot_profile(&self, image: ImageId) -> bool {
+        self.mounts.prefetching.contains_key(&image)
+            && self.transfers.contains_key(&image)
+            && !profile::path(&self.opts.data_dir, &image).exists()
+    }
+
+    /// The images whose prefetch still waits for a peer's boot profile (a peer that comes is
+    /// asked for them).
+    pub(super) fn boot_profiles_wanted(&self) -> Vec<ImageId> {
+        self.mounts
+            .prefetching
+            .keys()
+            .copied()
+            .filter(|image| self.wants_boot_profile(*image))
+            .collect()
+    }
+
     /// Answers a peer's `GetBootProfile` from the local profile, if any (at most
     /// [`vmswarm_protocol::wire::MAX_UPDATE_INDICES`] entries: the head of the order).
     pub(super) fn boot_profile_answer(&self, image: ImageId) -> vmswarm_protocol::wire::Message {

@@ -2,7 +2,7 @@
 //! (`tests/common/mod.rs`) and the pull benchmark (`benches/pull.rs`, which includes this file with
 //! `#[path]`) share.
 //!
-//! It decides how a daemon is started on loopback QUIC (one `--listen` on a free UDP port, stderr to
+//! It decides how a daemon is started on loopback QUIC (one `--listen`, by default on a free UDP port, stderr to
 //! `DIR/daemon.log`), when it counts as up (`node.json` names an address and `status` answers), and
 //! that a [`Daemon`] kills and reaps its process when dropped, so a failing test or bench leaves
 //! nothing behind. Callers add their own conveniences on top (the tests panic, the bench returns
@@ -28,6 +28,8 @@ pub struct Spawn<'a> {
     pub site: &'a str,
     /// A `--bootstrap` address.
     pub bootstrap: Option<&'a str>,
+    /// The `--listen` address (without `/p2p/`); a free loopback UDP port if `None`.
+    pub listen: Option<&'a str>,
     /// More `serve` arguments.
     pub extra: &'a [&'a str],
     /// `RUST_LOG` for the daemon.
@@ -59,7 +61,7 @@ impl Daemon {
             .args([
                 "serve",
                 "--listen",
-                "/ip4/127.0.0.1/udp/0/quic-v1",
+                s.listen.unwrap_or("/ip4/127.0.0.1/udp/0/quic-v1"),
                 "--site",
                 s.site,
             ])

@@ -27,11 +27,24 @@ pub struct Node {
 impl Node {
     /// Starts a daemon on `dir` and waits until it is listening and answering.
     pub fn start(dir: &Path, site: &str, bootstrap: Option<&str>, extra: &[&str]) -> Node {
+        Node::start_on(dir, site, bootstrap, extra, None)
+    }
+
+    /// [`Node::start`] listening on `listen` (a QUIC multiaddr without `/p2p/`), e.g. the
+    /// address a stopped node had, to restart it as it was.
+    pub fn start_on(
+        dir: &Path,
+        site: &str,
+        bootstrap: Option<&str>,
+        extra: &[&str],
+        listen: Option<&str>,
+    ) -> Node {
         let inner = daemon::Daemon::start(&daemon::Spawn {
             bin: Path::new(BIN),
             dir,
             site,
             bootstrap,
+            listen,
             extra,
             log_filter: "info,libp2p=warn",
         })
