@@ -94,6 +94,33 @@ fn read_block_0(uri: &str) {
     );
 }
 
+/// Copies the whole export at `uri` into `out` with `qemu-img convert`.
+fn convert(uri: &str, out: &Path) -> Output {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            out.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Reads 4 KiB block `block` through `uri` with qemu-io, checking its pattern.
+fn read_pattern(uri: &str, block: usize) -> Output {
+    let cmd = format!("read -P {} {} 4096", pattern(block), block * BLOCK);
+    run("qemu-io", &["-r", "-f", "raw", "-c", &cmd, uri])
+}
+
+/// Whether a qemu-io run succeeded and reported no failed command.
+fn io_ok(out: &Output) -> bool {
+    out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed")
+}
+
 fn mount_of<'a>(mounts: &'a Value, name: &str) -> &'a Value {
     mounts
         .as_array()
@@ -173,18 +200,7 @@ fn image_published_on_a_and_mounted_on_b_reads_byte_identical_with_every_client(
     );
 
     let converted = tmp.path().join("converted.raw");
-    let out = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &unix_uri(&sock, "disk"),
-            converted.to_str().unwrap(),
-        ],
-    );
+    let out = convert(&unix_uri(&sock, "disk"), &converted);
     assert!(out.status.success());
     assert!(
         std::fs::read(&converted).unwrap() == data,
@@ -371,7 +387,7 @@ fn writable_clone_survives_kill9_is_isolated_and_leaves_the_base_alone() {
             &vm1,
         ],
     );
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    assert!(io_ok(&out));
     // Bytes around the write are the base's.
     let out = run(
         "qemu-io",
@@ -385,7 +401,7 @@ fn writable_clone_survives_kill9_is_isolated_and_leaves_the_base_alone() {
             &vm1,
         ],
     );
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    assert!(io_ok(&out));
 
     // kill -9: only what FLUSH made durable counts, and it all survives.
     node.kill9();
@@ -403,11 +419,7 @@ fn writable_clone_survives_kill9_is_isolated_and_leaves_the_base_alone() {
             &vm1,
         ],
     );
-    assert!(
-        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
-        "{}",
-        node.log()
-    );
+    assert!(io_ok(&out), "{}", node.log());
     // The second clone and the base see the original bytes.
     let port = free_port();
     cli_ok(
@@ -429,18 +441,7 @@ fn writable_clone_survives_kill9_is_isolated_and_leaves_the_base_alone() {
         unix_uri(&sock, "base"),
     ] {
         let out_file = tmp.path().join("read.raw");
-        let out = run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                &uri,
-                out_file.to_str().unwrap(),
-            ],
-        );
+        let out = convert(&uri, &out_file);
         assert!(out.status.success());
         assert!(
             std::fs::read(&out_file).unwrap() == data,
@@ -492,21 +493,9 @@ fn killing_the_only_provider_gives_eio_in_bounded_time_and_reads_recover_when_it
         ],
     );
     let uri = unix_uri(&sock, "d");
-    let read = |block: usize| {
-        run(
-            "qemu-io",
-            &[
-                "-r",
-                "-f",
-                "raw",
-                "-c",
-                &format!("read -P {} {} 4096", pattern(block), block * BLOCK),
-                &uri,
-            ],
-        )
-    };
+    let read = |block: usize| read_pattern(&uri, block);
     let out = read(0);
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    assert!(io_ok(&out));
 
     a.kill9();
     let far = 3000; // chunk 46, not held by B
@@ -534,7 +523,7 @@ fn killing_the_only_provider_gives_eio_in_bounded_time_and_reads_recover_when_it
         "{st}"
     );
     let out = read(1);
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    assert!(io_ok(&out));
 
     // B notices the dead connection (QUIC idle timeout); then the provider returns (same identity
     // and store, joining through B) and reads work again.
@@ -553,11 +542,7 @@ fn killing_the_only_provider_gives_eio_in_bounded_time_and_reads_recover_when_it
     let _a = Node::start(&a_dir, "dc1", Some(&b.addr), &[]);
     wait_for_peers(&b, 1);
     let out = read(far);
-    assert!(
-        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
-        "{}",
-        b.log()
-    );
+    assert!(io_ok(&out), "{}", b.log());
 }
 
 /// Flips one byte in the middle of chunk `index` of `image` in the (stopped) node's store, as rot
@@ -639,18 +624,7 @@ fn rotten_store_bytes_never_reach_an_nbd_client() {
     };
     mount(&a);
     let out_file = tmp.path().join("out.raw");
-    let out = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &unix_uri(&sock, "d"),
-            out_file.to_str().unwrap(),
-        ],
-    );
+    let out = convert(&unix_uri(&sock, "d"), &out_file);
     assert!(out.status.success(), "{}", a.log());
     // Byte for byte: the rotten chunks were refused, quarantined and fetched again from B.
     assert!(
@@ -683,17 +657,7 @@ fn rotten_store_bytes_never_reach_an_nbd_client() {
     let a = Node::start(&a_dir, "dc1", None, &["--config", cfg]);
     mount(&a);
     let read = |block: usize| {
-        let out = run(
-            "qemu-io",
-            &[
-                "-r",
-                "-f",
-                "raw",
-                "-c",
-                &format!("read -P {} {} 4096", pattern(block), block * BLOCK),
-                &unix_uri(&sock, "d"),
-            ],
-        );
+        let out = read_pattern(&unix_uri(&sock, "d"), block);
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -875,18 +839,7 @@ fn hostile_clients_do_not_disturb_other_exports() {
     // Both exports still serve real clients.
     for (sock, name) in [(&sock1, "one"), (&sock2, "two")] {
         let out_file = tmp.path().join(format!("{name}.raw"));
-        let out = run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                &unix_uri(sock, name),
-                out_file.to_str().unwrap(),
-            ],
-        );
+        let out = convert(&unix_uri(sock, name), &out_file);
         assert!(out.status.success());
         assert!(std::fs::read(&out_file).unwrap() == data);
     }
@@ -923,7 +876,7 @@ fn prefetch_fills_the_image_and_the_boot_profile_is_recorded_and_replayed() {
             "-r", "-f", "raw", "-c", &cmds[0], "-c", &cmds[1], "-c", &cmds[2], &uri,
         ],
     );
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    assert!(io_ok(&out));
     cli_ok(&b, &["umount", "boot1"]);
     let profile: Value = serde_json::from_slice(
         &std::fs::read(b.dir.join("profiles").join(format!("{image}.json"))).unwrap(),
@@ -969,18 +922,8 @@ fn prefetch_fills_the_image_and_the_boot_profile_is_recorded_and_replayed() {
         ],
     );
     let block = last as usize * 64 + 3;
-    let out = run(
-        "qemu-io",
-        &[
-            "-r",
-            "-f",
-            "raw",
-            "-c",
-            &format!("read -P {} {} 4096", pattern(block), block * BLOCK),
-            &unix_uri(&sock, "boot2"),
-        ],
-    );
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"));
+    let out = read_pattern(&unix_uri(&sock, "boot2"), block);
+    assert!(io_ok(&out));
     let m = ok(&b, &["mounts"]);
     let m = mount_of(&m, "boot2");
     eprintln!(
