@@ -3,17 +3,62 @@
 //!
 //! A unix stream socket at `DATA/control.sock`, mode 0600 (only the daemon's user may drive it).
 //! Each connection carries one request as a JSON line; the daemon answers with zero or more
-//! `progress` lines and then exactly one `done` or `error` line. This module defines the messages and
-//! the client; the daemon implements the commands.
+//! `progress` lines and then exactly one `done` or `error` line. This module defines the messages,
+//! the client, and how the daemon reads a request line: at most [`MAX_REQUEST_LINE`] bytes are
+//! buffered; a longer line is answered with an `error` and the connection is closed, so a client
+//! cannot make the daemon hold an unbounded line in memory. The daemon implements the commands.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 /// The socket's file name inside the data dir.
 pub const SOCKET_NAME: &str = "control.sock";
+
+/// Longest request line the daemon reads, newline included. The largest legitimate request is a
+/// `publish` or `pull -o` naming a path (at most `PATH_MAX`, 4096 bytes, on Linux; JSON escaping can
+/// make it up to six times longer) plus a name: 64 KiB leaves ample room.
+pub const MAX_REQUEST_LINE: usize = 64 << 10;
+
+/// Why the daemon could not read a request line.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestLineError {
+    /// No newline within [`MAX_REQUEST_LINE`] bytes.
+    #[error(
+        "control request longer than {MAX_REQUEST_LINE} bytes (a request is one JSON line); closing the connection"
+    )]
+    TooLong,
+    /// Reading the socket failed.
+    #[error("reading the control request: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one request line (without its line ending) from a control connection, buffering at most
+/// [`MAX_REQUEST_LINE`] bytes. `None` if the client closed before sending anything; a last line
+/// without a newline counts as a line.
+pub async fn read_request_line<R: AsyncBufRead + Unpin>(
+    rd: &mut R,
+) -> Result<Option<Vec<u8>>, RequestLineError> {
+    let mut line = Vec::new();
+    let n = (&mut *rd)
+        .take(MAX_REQUEST_LINE as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    } else if line.len() >= MAX_REQUEST_LINE {
+        return Err(RequestLineError::TooLong);
+    }
+    Ok(Some(line))
+}
 
 /// What `vmswarm mount` asks the daemon for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +277,34 @@ mod tests {
                 message: "x".into()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn request_lines_are_capped() {
+        let mut ok: &[u8] = b"{\"cmd\":\"status\"}\r\nrest";
+        assert_eq!(
+            read_request_line(&mut ok).await.unwrap().unwrap(),
+            br#"{"cmd":"status"}"#
+        );
+        let mut last: &[u8] = b"no newline";
+        assert_eq!(
+            read_request_line(&mut last).await.unwrap().unwrap(),
+            b"no newline"
+        );
+        let mut empty: &[u8] = b"";
+        assert!(read_request_line(&mut empty).await.unwrap().is_none());
+        let mut fits = vec![b'x'; MAX_REQUEST_LINE - 1];
+        fits.push(b'\n');
+        let got = read_request_line(&mut fits.as_slice()).await.unwrap();
+        assert_eq!(got.unwrap().len(), MAX_REQUEST_LINE - 1);
+        let long = vec![b'x'; 4 * MAX_REQUEST_LINE];
+        let mut rd = long.as_slice();
+        assert!(matches!(
+            read_request_line(&mut rd).await,
+            Err(RequestLineError::TooLong)
+        ));
+        // Nothing past the cap was consumed.
+        assert_eq!(rd.len(), 3 * MAX_REQUEST_LINE);
     }
 
     #[tokio::test]

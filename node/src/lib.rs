@@ -5,6 +5,7 @@
 //!   chunk lanes).
 //! - [`store`]: the durable, content-addressed chunk store.
 //! - [`control`]: the unix control socket the other subcommands use.
+//! - [`accept`]: how the control, metrics and NBD accept loops survive `accept()` failures.
 //! - [`identity`]: the node's persistent Ed25519 identity.
 //! - [`metrics`]: counters and the Prometheus endpoint.
 //! - [`config`]: the TOML configuration file.
@@ -16,6 +17,7 @@
 //! Scheduling decisions (which chunk, from whom, when to give up, whom to ban, what to serve next)
 //! are made by `vmswarm-protocol`, never here.
 
+pub mod accept;
 pub mod config;
 pub mod control;
 pub mod daemon;

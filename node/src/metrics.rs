@@ -2,7 +2,9 @@
 //!
 //! Bytes in and out are kept per peer site; chunk fetch latency (request sent to verified chunk) goes
 //! into a fixed-bucket histogram. The endpoint is a minimal HTTP/1.1 responder for `GET /metrics` on
-//! the address the operator gives (text exposition format 0.0.4); it serves nothing else.
+//! the address the operator gives (text exposition format 0.0.4); it serves nothing else. A failing
+//! `accept()` (out of file descriptors) is retried with a backoff ([`crate::accept`]), never in a
+//! busy loop.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -110,6 +112,9 @@ pub struct ExportMetrics {
     fetched_by_site: Mutex<BTreeMap<String, u64>>,
     /// Demand want to verified, stored chunk.
     pub demand_latency: Histogram,
+    /// Requests that found their connection's in-flight byte budget spent, so the server stopped
+    /// reading that client's requests until replies drained (see `nbd::server::MAX_IN_FLIGHT_BYTES`).
+    pub budget_waits: AtomicU64,
 }
 
 /// A copy of an export's counters.
@@ -133,6 +138,9 @@ pub struct ExportSnapshot {
     pub demand_latency_count: u64,
     /// Mean Demand fetch latency in milliseconds.
     pub demand_latency_mean_ms: f64,
+    /// Requests that waited for their connection's in-flight byte budget.
+    #[serde(default)]
+    pub budget_waits: u64,
 }
 
 impl ExportMetrics {
@@ -154,6 +162,7 @@ impl ExportMetrics {
             demand_failures: self.demand_failures.load(Ordering::Relaxed),
             demand_latency_count: self.demand_latency.count(),
             demand_latency_mean_ms: self.demand_latency.mean_ms(),
+            budget_waits: self.budget_waits.load(Ordering::Relaxed),
         }
     }
 }
@@ -378,6 +387,11 @@ impl Metrics {
                 "Reads failed with EIO because a chunk was not fetched in time.",
                 |s| s.demand_failures,
             ),
+            (
+                "vmswarm_export_budget_waits_total",
+                "NBD requests that waited for their connection's in-flight byte budget (replies not read fast enough).",
+                |s| s.budget_waits,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (export, s) in &snaps {
@@ -412,9 +426,17 @@ impl Metrics {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve_http(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+    let mut backoff = crate::accept::Backoff::new("metrics endpoint");
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => {
+                backoff.accepted();
+                sock
+            }
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -44,7 +44,7 @@ use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use vmswarm_protocol::bitfield::ChunkBitmap;
@@ -500,19 +500,29 @@ async fn drive_closing(
     }
 }
 
-/// Accepts control connections and forwards their one request each.
+/// Accepts control connections and forwards their one request each. A request line longer than
+/// [`crate::control::MAX_REQUEST_LINE`] is answered with an error and the connection closed;
+/// `accept()` failures back off ([`crate::accept`]).
 async fn accept_control(listener: UnixListener, cmds: mpsc::UnboundedSender<Command>) {
+    let mut backoff = crate::accept::Backoff::new("control socket");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.accepted();
+                stream
+            }
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
+            }
         };
         let cmds = cmds.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
-            let mut lines = BufReader::new(rd).lines();
+            let mut rd = BufReader::new(rd);
             let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
-            match lines.next_line().await {
-                Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
+            match crate::control::read_request_line(&mut rd).await {
+                Ok(Some(line)) => match serde_json::from_slice::<Request>(&line) {
                     Ok(request) => {
                         if cmds
                             .send(Command {
@@ -530,8 +540,15 @@ async fn accept_control(listener: UnixListener, cmds: mpsc::UnboundedSender<Comm
                         });
                     }
                 },
-                _ => return,
+                Err(e @ crate::control::RequestLineError::TooLong) => {
+                    tracing::warn!("control socket: {e}");
+                    let _ = reply_tx.send(Reply::Error {
+                        message: e.to_string(),
+                    });
+                }
+                Ok(None) | Err(crate::control::RequestLineError::Io(_)) => return,
             }
+            drop(rd);
             while let Some(reply) = reply_rx.recv().await {
                 let last = !matches!(reply, Reply::Progress { .. });
                 let Ok(mut line) = serde_json::to_string(&reply) else {

@@ -247,27 +247,26 @@ const MAX_CONNECTIONS: usize = 256;
 
 async fn accept_loop(listener: BoundListener, table: ExportTable<MountExport>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::accept::Backoff::new("NBD listener");
     loop {
         match &listener {
             BoundListener::Unix(l) => match l.accept().await {
-                Ok((s, _)) => spawn_conn(s, table.clone(), &slots),
-                Err(e) => accept_error(e).await,
+                Ok((s, _)) => {
+                    backoff.accepted();
+                    spawn_conn(s, table.clone(), &slots)
+                }
+                Err(e) => backoff.failed(&e).await,
             },
             BoundListener::Tcp(l) => match l.accept().await {
                 Ok((s, _)) => {
+                    backoff.accepted();
                     let _ = s.set_nodelay(true);
                     spawn_conn(s, table.clone(), &slots)
                 }
-                Err(e) => accept_error(e).await,
+                Err(e) => backoff.failed(&e).await,
             },
         }
     }
-}
-
-async fn accept_error(e: std::io::Error) {
-    tracing::warn!("NBD accept: {e}");
-    // Out of file descriptors and similar: do not spin.
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 fn spawn_conn<S>(s: S, table: ExportTable<MountExport>, slots: &Arc<tokio::sync::Semaphore>)

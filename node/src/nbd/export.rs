@@ -431,6 +431,10 @@ impl MountExport {
 }
 
 impl Backend for MountExport {
+    fn budget_wait(&self) {
+        self.metrics.budget_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn info(&self) -> &ExportInfo {
         &self.info
     }

@@ -4,7 +4,10 @@
 //! This module decides how connections are run: one task per connection; requests are decoded in
 //! order, each is executed in its own task (at most [`MAX_IN_FLIGHT`] per connection, so a slow
 //! on-demand fetch does not block reads of local chunks behind it), and replies are written whole by
-//! one writer task, so they never interleave. A protocol violation (bad magic, unknown client flags,
+//! one writer task, so they never interleave. The payload bytes of one connection (READ lengths,
+//! WRITE data) are bounded by [`MAX_IN_FLIGHT_BYTES`] from the moment a request is read until its
+//! reply has been written to the socket: a client that queues many large READs and never reads the
+//! replies makes the server stop reading its requests, not allocate gigabytes. A protocol violation (bad magic, unknown client flags,
 //! an oversized WRITE, a handshake that takes longer than [`HANDSHAKE_TIMEOUT`]) closes that one
 //! connection; nothing is shared between connections but the export table, so a hostile client
 //! cannot disturb other clients or exports. What a request *does* is the [`Backend`]'s business.
@@ -15,17 +18,24 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::proto::{self, ClientOption, Command, ExportInfo, ProtoError, Refusal};
 
 /// Requests of one connection executed at once.
 pub const MAX_IN_FLIGHT: usize = 64;
-/// Payload bytes (READ lengths and WRITE data) of one connection in flight at once, so that a client
-/// queueing many maximal reads cannot make the node allocate gigabytes.
+/// Payload bytes (READ lengths and WRITE data) of one connection in flight at once, counted from the
+/// request until its reply is written out, so that a client queueing many maximal reads and not
+/// reading the replies cannot make the node allocate gigabytes. When the budget is spent the server
+/// reads no further requests until replies drain. A request larger than the budget still runs (it
+/// takes the whole budget). 64 MiB is two maximal ([`proto::MAX_PAYLOAD`]) requests, and four times
+/// what the usual clients keep in flight (`qemu-img convert`: 8 coroutines x 2 MiB; `nbdcopy`: 64 x
+/// 256 KiB; the kernel's `nbd` client: at most 128 x 128 KiB per queue), so they never wait on it.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// Accounting unit of [`MAX_IN_FLIGHT_BYTES`].
 const BYTE_UNIT: u64 = 64 << 10;
+/// [`MAX_IN_FLIGHT_BYTES`] in [`BYTE_UNIT`]s.
+const BUDGET_UNITS: u64 = MAX_IN_FLIGHT_BYTES / BYTE_UNIT;
 /// The whole handshake must finish within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -47,6 +57,9 @@ pub trait Backend: Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = Result<(), Refusal>> + Send;
     /// The client no longer needs these bytes.
     fn trim(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), Refusal>> + Send;
+    /// A request of one of this export's connections waits because the connection's
+    /// [`MAX_IN_FLIGHT_BYTES`] are spent (for counters; nothing to do by default).
+    fn budget_wait(&self) {}
     /// Makes these bytes read as zeros.
     fn write_zeroes(
         &self,
@@ -287,19 +300,23 @@ where
     B: Backend,
 {
     // Each reply is a header and (for READ) its data, written back to back without copying the data.
-    let (tx, mut rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>(MAX_IN_FLIGHT);
+    // The byte budget a request holds travels with its reply and is released once the reply is
+    // written to the socket (or dropped with it).
+    let (tx, mut rx) = mpsc::channel::<(Vec<u8>, Vec<u8>, OwnedSemaphorePermit)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
-        while let Some((head, data)) = rx.recv().await {
+        while let Some((head, data, bytes_permit)) = rx.recv().await {
             if wr.write_all(&head).await.is_err() || wr.write_all(&data).await.is_err() {
                 return;
             }
             crate::net::buffers::give(data);
+            drop(bytes_permit);
             // Coalesce replies that are already queued before flushing.
-            while let Ok((head, data)) = rx.try_recv() {
+            while let Ok((head, data, bytes_permit)) = rx.try_recv() {
                 if wr.write_all(&head).await.is_err() || wr.write_all(&data).await.is_err() {
                     return;
                 }
                 crate::net::buffers::give(data);
+                drop(bytes_permit);
             }
             if wr.flush().await.is_err() {
                 return;
@@ -308,7 +325,7 @@ where
         let _ = wr.shutdown().await;
     });
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let budget = Arc::new(Semaphore::new((MAX_IN_FLIGHT_BYTES / BYTE_UNIT) as usize));
+    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let result = loop {
         let mut h = [0u8; proto::REQUEST_HEADER_LEN];
         tokio::select! {
@@ -340,22 +357,32 @@ where
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break Ok(());
         };
-        // Reads and writes hold their payload size of the byte budget (at least one unit; a read
-        // longer than MAX_PAYLOAD is refused before it allocates anything).
+        // Reads and writes hold their payload size of the byte budget until their reply is written
+        // (at least one unit, at most the whole budget; a read longer than MAX_PAYLOAD is refused
+        // before it allocates anything). While the budget is spent no further request is read.
         let bytes = match req.command {
             Command::Read => u64::from(req.length.min(proto::MAX_PAYLOAD)),
             _ => u64::from(req.payload_len()),
         };
-        let units = bytes.div_ceil(BYTE_UNIT).max(1) as u32;
-        let Ok(bytes_permit) = budget.clone().acquire_many_owned(units).await else {
-            break Ok(());
+        let units = bytes.div_ceil(BYTE_UNIT).clamp(1, BUDGET_UNITS) as u32;
+        let bytes_permit = match budget.clone().try_acquire_many_owned(units) {
+            Ok(p) => p,
+            Err(_) => {
+                backend.budget_wait();
+                tokio::select! {
+                    p = budget.clone().acquire_many_owned(units) => match p {
+                        Ok(p) => p,
+                        Err(_) => break Ok(()),
+                    },
+                    _ = closed.wait_for(|c| *c) => break Ok(()),
+                }
+            }
         };
         let tx = tx.clone();
         let backend = backend.clone();
         tokio::spawn(async move {
-            let reply = execute(&*backend, req, payload, structured).await;
-            let _ = tx.send(reply).await;
-            drop(bytes_permit);
+            let (head, data) = execute(&*backend, req, payload, structured).await;
+            let _ = tx.send((head, data, bytes_permit)).await;
             drop(permit);
         });
     };
