@@ -548,7 +548,7 @@ fn killing_the_only_provider_gives_eio_in_bounded_time_and_reads_recover_when_it
 /// Flips one byte in the middle of chunk `index` of `image` in the (stopped) node's store, as rot
 /// at rest would; returns the chunk's id.
 fn rot_chunk(data_dir: &Path, image: &str, index: usize) -> String {
-    let store = vmswarm_node::store::ChunkStore::open(&data_dir.join("store")).unwrap();
+    let store = common::open_store(&data_dir.join("store"));
     let manifest = store.manifest(&image.parse().unwrap()).unwrap().unwrap();
     let id = manifest.chunks[index];
     let loc = store.chunk_location(&id).unwrap();

@@ -50,7 +50,7 @@ fn write_store(dir: &Path, sizes: &[usize], batch: usize, seed: u64) -> Vec<Writ
             (ChunkId::of(&data), data)
         })
         .collect();
-    let store = ChunkStore::open(dir).unwrap();
+    let store = common::open_store(dir);
     for group in chunks.chunks(batch) {
         let verified: Vec<_> = group
             .iter()
@@ -120,7 +120,7 @@ fn one_damaged_record_header_loses_only_that_record() {
         let victim = &chunks[5];
         xor_byte(&victim.pack, victim.header + at, mask);
 
-        let store = ChunkStore::open(dir.path()).unwrap();
+        let store = common::open_store(dir.path());
         let expected = vec![SkippedRange {
             pack: victim.pack.clone(),
             offset: victim.header,
@@ -144,7 +144,7 @@ fn one_damaged_record_header_loses_only_that_record() {
         drop(store);
 
         // Still reported (the bytes are left in place), and new writes go on as usual.
-        let store = ChunkStore::open(dir.path()).unwrap();
+        let store = common::open_store(dir.path());
         assert_eq!(store.open_summary().skipped, expected, "{case}");
         store.put(&victim.id, &victim.data).unwrap();
         assert_eq!(store.get(&victim.id).unwrap().as_ref(), Some(&victim.data));
@@ -160,7 +160,7 @@ fn a_damaged_commit_record_loses_nothing() {
     assert_eq!(chunks[10].header, commit + HEADER);
     xor_byte(&chunks[9].pack, commit + 50, 0x04);
 
-    let store = ChunkStore::open(dir.path()).unwrap();
+    let store = common::open_store(dir.path());
     let expected = vec![SkippedRange {
         pack: chunks[9].pack.clone(),
         offset: commit,
@@ -183,7 +183,7 @@ fn a_commit_record_after_damage_vouches_for_nothing() {
     xor_byte(&chunks[5].pack, chunks[5].header + 30, 0x01);
     xor_byte(&chunks[7].pack, chunks[7].header + HEADER + 100, 0x01);
 
-    let store = ChunkStore::open(dir.path()).unwrap();
+    let store = common::open_store(dir.path());
     let skipped = &store.open_summary().skipped;
     assert_eq!(skipped.len(), 2, "{skipped:?}");
     assert_eq!(skipped[0].offset, chunks[5].header);
@@ -210,7 +210,7 @@ fn a_torn_tail_is_reported_apart_from_damage() {
         .unwrap();
     xor_byte(&chunks[5].pack, chunks[5].header + 20, 0x01);
 
-    let store = ChunkStore::open(dir.path()).unwrap();
+    let store = common::open_store(dir.path());
     let summary = store.open_summary();
     assert_eq!(
         summary.skipped,
@@ -242,7 +242,7 @@ fn a_torn_tail_is_reported_apart_from_damage() {
         .unwrap()
         .set_len(last.header + HEADER + 10)
         .unwrap();
-    let store = ChunkStore::open(dir.path()).unwrap();
+    let store = common::open_store(dir.path());
     let report = store.verify().unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.skipped_at_open.len(), 1);
@@ -266,7 +266,7 @@ fn headers_inside_chunk_bytes_are_never_trusted() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let store = ChunkStore::open(dir.path()).unwrap();
+    let store = common::open_store(dir.path());
     let mut chunks = Vec::new();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for i in 0..12 {
@@ -290,7 +290,7 @@ fn headers_inside_chunk_bytes_are_never_trusted() {
     drop(store);
     xor_byte(&chunks[5].pack, chunks[5].header + 20, 0x01);
 
-    let store = ChunkStore::open(dir.path()).unwrap();
+    let store = common::open_store(dir.path());
     assert_present_except(&store, &chunks, &[5], "inner pack");
     // The intact inner chunks were found and hash right; the damaged one is not indexed, so `get`
     // does not even meet it.
@@ -323,7 +323,7 @@ fn vmswarm_verify_reports_the_skipped_range() {
 
     // The 6th chunk record of the pack, found through the store's own index.
     let (victim, header, pack) = {
-        let store = ChunkStore::open(&dir.join("store")).unwrap();
+        let store = common::open_store(&dir.join("store"));
         let mut locs: Vec<_> = store
             .images()
             .iter()
@@ -354,7 +354,7 @@ fn vmswarm_verify_reports_the_skipped_range() {
     drop(node);
 
     // Only the damaged record is gone.
-    let store = ChunkStore::open(&dir.join("store")).unwrap();
+    let store = common::open_store(&dir.join("store"));
     let id = image_id.parse().unwrap();
     let manifest = store.manifest(&id).unwrap().unwrap();
     let missing: Vec<ChunkId> = store
@@ -399,7 +399,7 @@ proptest! {
             xor_byte(&pack, at, rng.random_range(1..=255u8));
             touched.push(at);
         }
-        let store = ChunkStore::open(dir.path()).unwrap();
+        let store = common::open_store(dir.path());
         let summary = store.open_summary().clone();
         for (i, c) in chunks.iter().enumerate() {
             let hit = touched.iter().any(|&t| t >= c.header && t < c.end());

@@ -16,7 +16,7 @@ fn metric(status: &Value, name: &str) -> u64 {
 }
 
 fn stored_manifest(dir: &std::path::Path, image: &str) -> (ChunkStore, Manifest) {
-    let store = ChunkStore::open(&dir.join("store")).unwrap();
+    let store = common::open_store(&dir.join("store"));
     let m = store.manifest(&image.parse().unwrap()).unwrap().unwrap();
     (store, m)
 }

@@ -138,3 +138,26 @@ pub fn seed() -> u64 {
     eprintln!("test seed: {seed} (set VMSWARM_TEST_SEED to replay)");
     seed
 }
+
+/// [`vmswarm_node::store::ChunkStore::open`] for test binaries that also spawn daemons.
+///
+/// The store lock is an `flock`, which belongs to the open file description. While another test
+/// thread spawns a daemon, the child holds a copy of every descriptor of this process between its
+/// `fork` and its `exec` (`O_CLOEXEC` closes them only at `exec`), so a store just dropped by this
+/// test can still look locked, by this very process, for that instant. Only that case is retried
+/// (a lock held by another process is not) and only for a few seconds.
+pub fn open_store(dir: &Path) -> vmswarm_node::store::ChunkStore {
+    use vmswarm_node::store::{ChunkStore, StoreError};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match ChunkStore::open(dir) {
+            Ok(store) => return store,
+            Err(StoreError::Locked { holder, .. })
+                if holder == Some(std::process::id()) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open store {}: {e}", dir.display()),
+        }
+    }
+}
