@@ -675,7 +675,7 @@ mod tests {
                             prop_assert!(queued.remove(&(s.peer as u8, s.chunk.0[0])).is_some());
                         }
                     }
-                    FanOp::Wait(ms) => now = now + Duration::from_millis(u64::from(ms)),
+                    FanOp::Wait(ms) => now += Duration::from_millis(u64::from(ms)),
                 }
                 copies.retain(|_, at| *at + hold > now);
                 let chunks: std::collections::BTreeSet<u8> = copies.keys().map(|k| k.0).collect();
