@@ -31,6 +31,20 @@ pub struct FileConfig {
     /// Fetch tuning.
     #[serde(default)]
     pub fetch: FetchTuning,
+    /// Serving tuning.
+    #[serde(default)]
+    pub serve: ServeTuning,
+}
+
+/// Serve queue settings that operators may tune.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeTuning {
+    /// Most peers one chunk is sent to at once for VMs waiting on it (0: no limit; an origin
+    /// never limits). Default `serve::DEFAULT_DEMAND_FANOUT`.
+    pub demand_fanout: Option<usize>,
+    /// Most chunks being sent at once.
+    pub max_active_uploads: Option<usize>,
 }
 
 /// Fetch scheduler settings that operators may tune (milliseconds for durations).
@@ -88,6 +102,16 @@ impl FileConfig {
         std::time::Duration::from_millis(self.fetch.manifest_timeout_ms.unwrap_or(30_000))
     }
 
+    /// Applies the serving tuning to a serve queue configuration.
+    pub fn apply_serve(&self, c: &mut vmswarm_protocol::serve::Config) {
+        if let Some(v) = self.serve.demand_fanout {
+            c.demand_fanout = v;
+        }
+        if let Some(v) = self.serve.max_active_uploads {
+            c.max_active_uploads = v.max(1);
+        }
+    }
+
     /// Applies the tuning to a scheduler configuration.
     pub fn apply(&self, c: &mut vmswarm_protocol::fetch::Config) {
         use std::time::Duration;
@@ -127,6 +151,10 @@ mod tests {
         let mut f = vmswarm_protocol::fetch::Config::default();
         c.apply(&mut f);
         assert_eq!(f.request_timeout.as_millis(), 900);
+        std::fs::write(&p, "[serve]\ndemand_fanout = 1\n").unwrap();
+        let mut s = vmswarm_protocol::serve::Config::default();
+        FileConfig::load(&p).unwrap().apply_serve(&mut s);
+        assert_eq!(s.demand_fanout, 1);
         std::fs::write(&p, "sitee = \"dc1\"\n").unwrap();
         let err = FileConfig::load(&p).unwrap_err().to_string();
         assert!(err.contains("sitee"), "{err}");

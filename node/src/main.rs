@@ -327,7 +327,11 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
                 },
                 metrics: metrics.or(file.metrics),
                 fetch,
-                serve: vmswarm_protocol::serve::Config::default(),
+                serve: {
+                    let mut s = vmswarm_protocol::serve::Config::default();
+                    file.apply_serve(&mut s);
+                    s
+                },
                 manifest_timeout: file.manifest_timeout(),
                 origin: origin || file.origin,
                 corrupt_served_chunks,

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub chunks_fetched: AtomicU64,
     /// Chunks sent to peers.
     pub chunks_served: AtomicU64,
+    /// Demand requests refused because the chunk was on its way to `demand_fanout` other peers.
+    pub fanout_refusals: AtomicU64,
     /// Chunks that failed verification.
     pub chunks_corrupt: AtomicU64,
     /// Chunks the local store dropped after start (found rotten and quarantined, or vanished).
@@ -182,6 +184,9 @@ pub struct Snapshot {
     pub chunks_fetched: u64,
     /// Chunks served.
     pub chunks_served: u64,
+    /// Demand requests refused with `Fanout` (the chunk was on its way to enough peers).
+    #[serde(default)]
+    pub fanout_refusals: u64,
     /// Corrupt chunks received.
     pub chunks_corrupt: u64,
     /// Chunks the local store dropped after start (rotten or vanished).
@@ -255,6 +260,7 @@ impl Metrics {
             bytes_out_by_site,
             chunks_fetched: self.chunks_fetched.load(Ordering::Relaxed),
             chunks_served: self.chunks_served.load(Ordering::Relaxed),
+            fanout_refusals: self.fanout_refusals.load(Ordering::Relaxed),
             chunks_corrupt: self.chunks_corrupt.load(Ordering::Relaxed),
             store_chunks_dropped: self.store_chunks_dropped.load(Ordering::Relaxed),
             bans: self.bans.load(Ordering::Relaxed),
@@ -300,6 +306,11 @@ impl Metrics {
                 "vmswarm_chunks_served_total",
                 "Chunks served to peers.",
                 s.chunks_served,
+            ),
+            (
+                "vmswarm_fanout_refusals_total",
+                "Demand requests refused because the chunk was on its way to enough other peers.",
+                s.fanout_refusals,
             ),
             (
                 "vmswarm_chunks_corrupt_total",

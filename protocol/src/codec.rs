@@ -546,6 +546,15 @@ mod tests {
         expected.extend_from_slice(&[0xab; 32]);
         expected.push(1);
         assert_eq!(encode(&msg).unwrap(), expected);
+        // `Fanout` was added after version 1 shipped: it is the next variant (older peers fail
+        // to decode it, so it is only sent to peers announcing MULTICAST).
+        let msg = Message::Reject {
+            chunk: ChunkId([0xab; 32]),
+            reason: RejectReason::Fanout,
+        };
+        expected.pop();
+        expected.push(4);
+        assert_eq!(encode(&msg).unwrap(), expected);
         let hello = Message::Hello(Hello::new("dc", Capabilities::SERVE, "a"));
         assert_eq!(encode(&hello).unwrap(), [0, 1, 2, b'd', b'c', 1, 1, b'a']);
     }
@@ -757,10 +766,10 @@ mod tests {
             matches!(&err, CodecError::Decode(s) if s.contains("UnexpectedVariant")),
             "{err}"
         );
-        // Reject (variant 7) with RejectReason 4 (there are 4 reasons, 0..=3).
+        // Reject (variant 7) with RejectReason 5 (there are 5 reasons, 0..=4).
         let mut payload = vec![7];
         payload.extend_from_slice(&[0; 32]);
-        payload.push(4);
+        payload.push(5);
         let err = decode(&payload).unwrap_err();
         assert!(
             matches!(&err, CodecError::Decode(s) if s.contains("UnexpectedVariant")),

@@ -14,13 +14,27 @@
 //! a few chunks at a time, rather than every request at once, is what makes the priority order mean
 //! something on a saturated uplink.
 //!
+//! **Fan-out of one chunk.** A `Demand` request for a chunk that is already on its way at Demand
+//! to [`Config::demand_fanout`] other peers is refused ([`Queued::Relay`], answered with
+//! `Reject { reason: Fanout }`): the requester gets it from one of those peers once they announce
+//! it. Without this a lockstep flash crowd (every VM of a site reading the same block within
+//! milliseconds) is served entirely by the first node to hold each block, every copy sharing its
+//! uplink, so that the others can relay nothing until all copies finish together; with it the
+//! block spreads as a tree of fan-out `demand_fanout`. A copy stops counting when its peer
+//! announces holding the chunk ([`ServeQueue::handle_peer_has`]: the end-to-end signal, since a
+//! write into the connection does not say when the bytes arrived), cancels it, leaves, or after
+//! [`Config::fanout_hold`], whichever comes first. Background requests are never refused this way:
+//! a full pull spreads by rarest-first already.
+//!
 //! It does not read chunks or decide whether we hold them (the caller answers `NotFound` before
 //! queueing) and it has no timers: a request waits until served, cancelled, or its peer leaves.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
 
 use crate::ids::ChunkId;
 use crate::priority::Priority;
+use crate::time::Instant;
 
 /// Serve queue settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +43,12 @@ pub struct Config {
     pub max_queued_per_peer: usize,
     /// Most chunks being sent at once (handed out by `poll_next`, not yet `handle_sent`).
     pub max_active_uploads: usize,
+    /// Most peers one chunk is on its way to at Demand priority; further Demand requests for it
+    /// are refused with [`Queued::Relay`]. 0: no limit (an origin, whose Demand copies the fetch
+    /// rules already limit to about one per site, and whose requesters have nobody else to ask).
+    pub demand_fanout: usize,
+    /// Longest a Demand copy counts towards `demand_fanout` without its peer announcing the chunk.
+    pub fanout_hold: Duration,
 }
 
 impl Default for Config {
@@ -36,9 +56,14 @@ impl Default for Config {
         Config {
             max_queued_per_peer: 256,
             max_active_uploads: 8,
+            demand_fanout: DEFAULT_DEMAND_FANOUT,
+            fanout_hold: Duration::from_secs(2),
         }
     }
 }
+
+/// The default [`Config::demand_fanout`].
+pub const DEFAULT_DEMAND_FANOUT: usize = 4;
 
 /// What became of one requested chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +76,9 @@ pub enum Queued {
     Duplicate,
     /// The peer's queue is full: answer `Reject { reason: Busy }`.
     Busy,
+    /// The chunk is on its way at Demand to [`Config::demand_fanout`] other peers: answer
+    /// `Reject { reason: Fanout }`.
+    Relay,
 }
 
 /// The next chunk to send.
@@ -82,6 +110,58 @@ pub struct ServeQueue<P> {
     background_rotation: VecDeque<P>,
     len: usize,
     active: usize,
+    fanout: Fanout<P>,
+}
+
+/// The Demand copies of each chunk on their way, for [`Config::demand_fanout`].
+#[derive(Debug)]
+struct Fanout<P> {
+    /// Per chunk, the peers a Demand copy is on its way to, with when it was accepted.
+    copies: BTreeMap<ChunkId, Vec<(P, Instant)>>,
+    /// Every accepted copy in acceptance order, for expiry after `fanout_hold` (entries already
+    /// removed from `copies` are skipped when they come up).
+    order: VecDeque<(Instant, ChunkId, P)>,
+}
+
+impl<P: Clone + Ord> Fanout<P> {
+    fn expire(&mut self, now: Instant, hold: Duration) {
+        while let Some((at, chunk, peer)) = self.order.front() {
+            if *at + hold > now {
+                break;
+            }
+            let (at, chunk, peer) = (*at, *chunk, peer.clone());
+            self.order.pop_front();
+            self.remove_if(&chunk, |(p, t)| *p == peer && *t == at);
+        }
+    }
+
+    fn remove_if(&mut self, chunk: &ChunkId, pred: impl Fn(&(P, Instant)) -> bool) {
+        if let Some(v) = self.copies.get_mut(chunk) {
+            v.retain(|e| !pred(e));
+            if v.is_empty() {
+                self.copies.remove(chunk);
+            }
+        }
+        if self.copies.is_empty() {
+            // Nothing counts any more: the stale order entries can go at once.
+            self.order.clear();
+        }
+    }
+
+    fn count_without(&self, chunk: &ChunkId, peer: &P) -> (usize, bool) {
+        self.copies.get(chunk).map_or((0, false), |v| {
+            let mine = v.iter().any(|(p, _)| p == peer);
+            (v.len() - usize::from(mine), mine)
+        })
+    }
+
+    fn add(&mut self, now: Instant, chunk: ChunkId, peer: &P) {
+        self.copies
+            .entry(chunk)
+            .or_default()
+            .push((peer.clone(), now));
+        self.order.push_back((now, chunk, peer.clone()));
+    }
 }
 
 impl<P: Clone + Ord> ServeQueue<P> {
@@ -94,7 +174,28 @@ impl<P: Clone + Ord> ServeQueue<P> {
             background_rotation: VecDeque::new(),
             len: 0,
             active: 0,
+            fanout: Fanout {
+                copies: BTreeMap::new(),
+                order: VecDeque::new(),
+            },
         }
+    }
+
+    /// Whether any Demand copy still counts towards [`Config::demand_fanout`] (if not, Have
+    /// updates need not be passed to [`Self::handle_peer_has`]).
+    pub fn has_fanout_copies(&self) -> bool {
+        !self.fanout.copies.is_empty()
+    }
+
+    /// Chunks with Demand copies on their way at `now` (counted towards
+    /// [`Config::demand_fanout`]).
+    pub fn fanning_out(&self, now: Instant) -> usize {
+        let hold = self.config.fanout_hold;
+        self.fanout
+            .copies
+            .values()
+            .filter(|v| v.iter().any(|(_, at)| *at + hold > now))
+            .count()
     }
 
     /// Chunks queued in all.
@@ -112,17 +213,29 @@ impl<P: Clone + Ord> ServeQueue<P> {
         self.peers.get(peer).map_or(0, |q| q.queued.len())
     }
 
-    /// Queues `peer`'s request for `chunks`; returns what became of each, in order.
+    /// Queues `peer`'s request for `chunks` (received at `now`); returns what became of each, in
+    /// order.
     pub fn handle_request(
         &mut self,
+        now: Instant,
         peer: &P,
         priority: Priority,
         chunks: &[ChunkId],
     ) -> Vec<Queued> {
         let max = self.config.max_queued_per_peer;
+        let fanout_limit = self.config.demand_fanout;
+        let limit_fanout = priority == Priority::Demand && fanout_limit > 0;
+        if limit_fanout {
+            self.fanout.expire(now, self.config.fanout_hold);
+        }
         let q = self.peers.entry(peer.clone()).or_default();
         let mut out = Vec::with_capacity(chunks.len());
         for &chunk in chunks {
+            let (others, mine) = if limit_fanout {
+                self.fanout.count_without(&chunk, peer)
+            } else {
+                (0, false)
+            };
             let result = match q.queued.get(&chunk).copied() {
                 Some(Priority::Background) if priority == Priority::Demand => {
                     q.background.retain(|c| *c != chunk);
@@ -132,6 +245,7 @@ impl<P: Clone + Ord> ServeQueue<P> {
                 }
                 Some(_) => Queued::Duplicate,
                 None if q.queued.len() >= max => Queued::Busy,
+                None if !mine && limit_fanout && others >= fanout_limit => Queued::Relay,
                 None => {
                     match priority {
                         Priority::Demand => q.demand.push_back(chunk),
@@ -142,6 +256,11 @@ impl<P: Clone + Ord> ServeQueue<P> {
                     Queued::Queued
                 }
             };
+            // An upgraded request counts too (it is now on its way at Demand), even past the
+            // limit: refusing it would leave its Background copy queued behind the refusal.
+            if limit_fanout && !mine && matches!(result, Queued::Queued | Queued::Upgraded) {
+                self.fanout.add(now, chunk, peer);
+            }
             out.push(result);
         }
         if !q.demand.is_empty() && !q.in_demand_rotation {
@@ -158,8 +277,24 @@ impl<P: Clone + Ord> ServeQueue<P> {
         out
     }
 
+    /// `peer` announced holding `chunks` (its Have update): the copies we were sending it no
+    /// longer count towards [`Config::demand_fanout`]; it can relay them now.
+    pub fn handle_peer_has(&mut self, peer: &P, chunks: &[ChunkId]) {
+        if self.fanout.copies.is_empty() {
+            return;
+        }
+        for chunk in chunks {
+            self.fanout.remove_if(chunk, |(p, _)| p == peer);
+        }
+    }
+
     /// `peer` no longer wants these chunks. Unknown chunks are ignored.
     pub fn handle_cancel(&mut self, peer: &P, chunks: &[ChunkId]) {
+        if !self.fanout.copies.is_empty() {
+            for chunk in chunks {
+                self.fanout.remove_if(chunk, |(p, _)| p == peer);
+            }
+        }
         let Some(q) = self.peers.get_mut(peer) else {
             return;
         };
@@ -172,12 +307,28 @@ impl<P: Clone + Ord> ServeQueue<P> {
             self.len -= 1;
         }
         if q.queued.is_empty() {
-            self.handle_peer_gone(peer);
+            self.remove_queue(peer);
         }
     }
 
     /// `peer` disconnected or was banned: drop everything it asked for.
     pub fn handle_peer_gone(&mut self, peer: &P) {
+        if !self.fanout.copies.is_empty() {
+            let chunks: Vec<ChunkId> = self
+                .fanout
+                .copies
+                .iter()
+                .filter(|(_, v)| v.iter().any(|(p, _)| p == peer))
+                .map(|(c, _)| *c)
+                .collect();
+            for chunk in chunks {
+                self.fanout.remove_if(&chunk, |(p, _)| p == peer);
+            }
+        }
+        self.remove_queue(peer);
+    }
+
+    fn remove_queue(&mut self, peer: &P) {
         if let Some(q) = self.peers.remove(peer) {
             self.len -= q.queued.len();
             self.demand_rotation.retain(|p| p != peer);
@@ -250,6 +401,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const T0: Instant = Instant::ZERO;
+
     fn c(n: u8) -> ChunkId {
         ChunkId([n; 32])
     }
@@ -266,10 +419,10 @@ mod tests {
             max_active_uploads: usize::MAX,
             ..Config::default()
         });
-        q.handle_request(&1, Priority::Background, &[c(1), c(2), c(3)]);
-        q.handle_request(&2, Priority::Background, &[c(4)]);
-        q.handle_request(&3, Priority::Demand, &[c(5), c(6)]);
-        q.handle_request(&2, Priority::Demand, &[c(7)]);
+        q.handle_request(T0, &1, Priority::Background, &[c(1), c(2), c(3)]);
+        q.handle_request(T0, &2, Priority::Background, &[c(4)]);
+        q.handle_request(T0, &3, Priority::Demand, &[c(5), c(6)]);
+        q.handle_request(T0, &2, Priority::Demand, &[c(7)]);
         assert_eq!(q.len(), 7);
         assert_eq!(
             drain(&mut q),
@@ -291,20 +444,21 @@ mod tests {
         let mut q = ServeQueue::new(Config {
             max_queued_per_peer: 2,
             max_active_uploads: 100,
+            ..Config::default()
         });
         assert_eq!(
-            q.handle_request(&1, Priority::Background, &[c(1), c(2), c(3)]),
+            q.handle_request(T0, &1, Priority::Background, &[c(1), c(2), c(3)]),
             vec![Queued::Queued, Queued::Queued, Queued::Busy]
         );
         assert_eq!(
-            q.handle_request(&1, Priority::Demand, &[c(2), c(2)]),
+            q.handle_request(T0, &1, Priority::Demand, &[c(2), c(2)]),
             vec![Queued::Upgraded, Queued::Duplicate]
         );
         assert_eq!(q.poll_next().map(|s| s.chunk), Some(c(2)));
         q.handle_cancel(&1, &[c(1), c(9)]);
         assert!(q.poll_next().is_none());
-        q.handle_request(&5, Priority::Demand, &[c(1)]);
-        q.handle_request(&6, Priority::Demand, &[c(2)]);
+        q.handle_request(T0, &5, Priority::Demand, &[c(1)]);
+        q.handle_request(T0, &6, Priority::Demand, &[c(2)]);
         q.handle_peer_gone(&5);
         assert_eq!(drain(&mut q), vec![(6, 2, Priority::Demand)]);
         assert_eq!(q.len(), 0);
@@ -316,7 +470,7 @@ mod tests {
             max_active_uploads: 2,
             ..Config::default()
         });
-        q.handle_request(&1, Priority::Background, &[c(1), c(2), c(3)]);
+        q.handle_request(T0, &1, Priority::Background, &[c(1), c(2), c(3)]);
         assert!(q.poll_next().is_some());
         assert!(q.poll_next().is_some());
         assert_eq!(q.poll_next(), None, "two uploads already active");
@@ -324,6 +478,210 @@ mod tests {
         q.handle_sent();
         assert_eq!(q.poll_next().map(|s| s.chunk), Some(c(3)));
         assert_eq!(q.len(), 0);
+    }
+
+    fn fanout_queue(limit: usize) -> ServeQueue<u32> {
+        ServeQueue::new(Config {
+            max_active_uploads: usize::MAX,
+            demand_fanout: limit,
+            ..Config::default()
+        })
+    }
+
+    #[test]
+    fn a_demand_crowd_for_one_chunk_is_refused_past_the_fanout() {
+        let mut q = fanout_queue(3);
+        let answers: Vec<Queued> = (1..=6)
+            .map(|p| q.handle_request(T0, &p, Priority::Demand, &[c(1)])[0])
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                Queued::Queued,
+                Queued::Queued,
+                Queued::Queued,
+                Queued::Relay,
+                Queued::Relay,
+                Queued::Relay
+            ]
+        );
+        // Other chunks, and Background requests for this one, are not affected.
+        assert_eq!(
+            q.handle_request(T0, &4, Priority::Demand, &[c(2)]),
+            [Queued::Queued]
+        );
+        assert_eq!(
+            q.handle_request(T0, &5, Priority::Background, &[c(1)]),
+            [Queued::Queued]
+        );
+        // Handing the copies out does not end them: they are on their way until announced.
+        assert_eq!(drain(&mut q).len(), 5);
+        assert_eq!(
+            q.handle_request(T0, &6, Priority::Demand, &[c(1)]),
+            [Queued::Relay]
+        );
+        // A recipient announces the chunk: one more may have it from us.
+        q.handle_peer_has(&2, &[c(1)]);
+        assert_eq!(
+            q.handle_request(T0, &6, Priority::Demand, &[c(1)]),
+            [Queued::Queued]
+        );
+        assert_eq!(
+            q.handle_request(T0, &7, Priority::Demand, &[c(1)]),
+            [Queued::Relay]
+        );
+        // A peer asking again for a copy already on its way is not refused (nor counted twice).
+        assert_eq!(
+            q.handle_request(T0, &6, Priority::Demand, &[c(1)]),
+            [Queued::Duplicate]
+        );
+        drain(&mut q);
+        assert_eq!(
+            q.handle_request(T0, &6, Priority::Demand, &[c(1)]),
+            [Queued::Queued]
+        );
+    }
+
+    #[test]
+    fn fanout_copies_end_on_cancel_departure_and_expiry() {
+        let mut q = fanout_queue(2);
+        q.handle_request(T0, &1, Priority::Demand, &[c(1), c(2)]);
+        q.handle_request(T0, &2, Priority::Demand, &[c(1), c(2)]);
+        assert_eq!(
+            q.handle_request(T0, &3, Priority::Demand, &[c(1), c(2)]),
+            [Queued::Relay, Queued::Relay]
+        );
+        // Cancelling one chunk ends that copy only, even when it empties the peer's queue.
+        drain(&mut q);
+        q.handle_cancel(&1, &[c(1)]);
+        assert_eq!(
+            q.handle_request(T0, &3, Priority::Demand, &[c(1), c(2)]),
+            [Queued::Queued, Queued::Relay]
+        );
+        // A peer that leaves takes its copies with it.
+        q.handle_peer_gone(&2);
+        assert_eq!(
+            q.handle_request(T0, &4, Priority::Demand, &[c(2)]),
+            [Queued::Queued]
+        );
+        assert_eq!(q.fanning_out(T0), 2);
+        // Copies never announced stop counting after `fanout_hold`.
+        let hold = Config::default().fanout_hold;
+        let almost = T0 + (hold - Duration::from_millis(1));
+        assert_eq!(
+            q.handle_request(almost, &5, Priority::Demand, &[c(2)]),
+            [Queued::Relay]
+        );
+        assert_eq!(
+            q.handle_request(T0 + hold, &5, Priority::Demand, &[c(2)]),
+            [Queued::Queued]
+        );
+        assert_eq!(
+            q.fanning_out(T0 + hold),
+            1,
+            "only the new copy of c(2) counts"
+        );
+    }
+
+    #[test]
+    fn a_zero_fanout_never_refuses() {
+        let mut q = fanout_queue(0);
+        for p in 1..=50 {
+            assert_eq!(
+                q.handle_request(T0, &p, Priority::Demand, &[c(1)]),
+                [Queued::Queued]
+            );
+        }
+        assert_eq!(q.fanning_out(T0), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum FanOp {
+        Request(u8, u8, bool),
+        Has(u8, u8),
+        Cancel(u8, u8),
+        Gone(u8),
+        Poll,
+        Wait(u16),
+    }
+
+    fn fan_op() -> impl Strategy<Value = FanOp> {
+        prop_oneof![
+            6 => (0u8..8, 0u8..3, any::<bool>()).prop_map(|(p, c, d)| FanOp::Request(p, c, d)),
+            2 => (0u8..8, 0u8..3).prop_map(|(p, c)| FanOp::Has(p, c)),
+            1 => (0u8..8, 0u8..3).prop_map(|(p, c)| FanOp::Cancel(p, c)),
+            1 => (0u8..8).prop_map(FanOp::Gone),
+            3 => Just(FanOp::Poll),
+            1 => (0u16..1500).prop_map(FanOp::Wait),
+        ]
+    }
+
+    proptest! {
+        /// The fan-out against a model: a Demand request is refused exactly when its chunk is on
+        /// its way at Demand to `demand_fanout` other peers (accepted within `fanout_hold`, not
+        /// announced, cancelled or gone since), and never otherwise.
+        #[test]
+        fn fanout_matches_model(ops in proptest::collection::vec(fan_op(), 1..300)) {
+            const LIMIT: usize = 3;
+            let hold = Duration::from_secs(1);
+            let mut q = ServeQueue::new(Config {
+                max_active_uploads: usize::MAX,
+                demand_fanout: LIMIT,
+                fanout_hold: hold,
+                ..Config::default()
+            });
+            // (chunk, peer) -> accepted at; and what is queued, as in the queue.
+            let mut copies: BTreeMap<(u8, u8), Instant> = BTreeMap::new();
+            let mut queued: BTreeMap<(u8, u8), Priority> = BTreeMap::new();
+            let mut now = T0;
+            for op in ops {
+                copies.retain(|_, at| *at + hold > now);
+                match op {
+                    FanOp::Request(p, n, demand) => {
+                        let prio = if demand { Priority::Demand } else { Priority::Background };
+                        let r = q.handle_request(now, &u32::from(p), prio, &[c(n)])[0];
+                        let mine = copies.contains_key(&(n, p));
+                        let others = copies.keys().filter(|k| k.0 == n && k.1 != p).count();
+                        let expected = match queued.get(&(p, n)).copied() {
+                            Some(Priority::Background) if demand => Queued::Upgraded,
+                            Some(_) => Queued::Duplicate,
+                            None if demand && !mine && others >= LIMIT => Queued::Relay,
+                            None => Queued::Queued,
+                        };
+                        prop_assert_eq!(r, expected);
+                        if matches!(r, Queued::Queued | Queued::Upgraded) {
+                            queued.insert((p, n), prio);
+                            if demand && !mine {
+                                copies.insert((n, p), now);
+                            }
+                        }
+                    }
+                    FanOp::Has(p, n) => {
+                        q.handle_peer_has(&u32::from(p), &[c(n)]);
+                        copies.remove(&(n, p));
+                    }
+                    FanOp::Cancel(p, n) => {
+                        q.handle_cancel(&u32::from(p), &[c(n)]);
+                        copies.remove(&(n, p));
+                        queued.remove(&(p, n));
+                    }
+                    FanOp::Gone(p) => {
+                        q.handle_peer_gone(&u32::from(p));
+                        copies.retain(|k, _| k.1 != p);
+                        queued.retain(|k, _| k.0 != p);
+                    }
+                    FanOp::Poll => {
+                        if let Some(s) = q.poll_next() {
+                            prop_assert!(queued.remove(&(s.peer as u8, s.chunk.0[0])).is_some());
+                        }
+                    }
+                    FanOp::Wait(ms) => now += Duration::from_millis(u64::from(ms)),
+                }
+                copies.retain(|_, at| *at + hold > now);
+                let chunks: std::collections::BTreeSet<u8> = copies.keys().map(|k| k.0).collect();
+                prop_assert_eq!(q.fanning_out(now), chunks.len());
+            }
+        }
     }
 
     #[derive(Debug, Clone)]
@@ -349,14 +707,14 @@ mod tests {
         /// lost, per-peer limits hold.
         #[test]
         fn matches_model(ops in proptest::collection::vec(op(), 1..200)) {
-            let mut q = ServeQueue::new(Config { max_queued_per_peer: 6, max_active_uploads: usize::MAX });
+            let mut q = ServeQueue::new(Config { max_queued_per_peer: 6, max_active_uploads: usize::MAX, demand_fanout: 0, ..Config::default() });
             let mut model: BTreeMap<(u8, u8), Priority> = BTreeMap::new();
             for op in ops {
                 match op {
                     Op::Request(p, demand, cs) => {
                         let prio = if demand { Priority::Demand } else { Priority::Background };
                         let ids: Vec<ChunkId> = cs.iter().map(|&n| c(n)).collect();
-                        let res = q.handle_request(&u32::from(p), prio, &ids);
+                        let res = q.handle_request(T0, &u32::from(p), prio, &ids);
                         for (n, r) in cs.iter().zip(res) {
                             let count = model.keys().filter(|k| k.0 == p).count();
                             match (model.get(&(p, *n)).copied(), r) {

@@ -47,6 +47,19 @@ pub const MAX_AGENT_LEN: usize = 128;
 /// HaveUpdates are most of the traffic). Both the node and the simulator use this default.
 pub const HAVE_UPDATE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How long a node may hold back the [`Message::HaveUpdate`] for a chunk it has just committed,
+/// given the priority it fetched the chunk at. A chunk a VM was waiting for is announced at once:
+/// in a flash crowd the other nodes of the site read the same block at nearly the same moment,
+/// and a server that refused them with [`RejectReason::Fanout`] sends them to the nodes it gave
+/// the chunk to, so every batching delay lengthens every VM's read chain. Background chunks
+/// wait for the next batch ([`HAVE_UPDATE_INTERVAL`]). The node and the simulator both use this.
+pub fn have_update_delay(fetched_at: Priority) -> std::time::Duration {
+    match fetched_at {
+        Priority::Demand => std::time::Duration::ZERO,
+        Priority::Background => HAVE_UPDATE_INTERVAL,
+    }
+}
+
 /// Most chunk indices in one [`Message::HaveUpdate`] or [`Message::Fetching`]. A sender with more
 /// splits them over several messages (or sends a full [`Message::Have`]).
 pub const MAX_UPDATE_INDICES: usize = 65_536;
@@ -73,7 +86,9 @@ impl Capabilities {
     pub const NONE: Capabilities = Capabilities(0);
     /// Serves chunks and manifests it holds to other peers.
     pub const SERVE: Capabilities = Capabilities(1);
-    /// Reserved: takes part in multicast distribution (not implemented yet).
+    /// Takes part in relay-tree distribution: understands [`RejectReason::Fanout`] (peers without
+    /// it are answered `Busy` instead, which an older decoder knows) and relays what it fetches.
+    /// Staged multicast push will be announced by this bit as well.
     pub const MULTICAST: Capabilities = Capabilities(2);
     /// Understands [`Message::GetBootProfile`] (peers without it are never sent one).
     pub const BOOT_PROFILES: Capabilities = Capabilities(4);
@@ -231,6 +246,26 @@ pub enum RejectReason {
     Banned,
     /// The peer is shutting down.
     Shutdown,
+    /// The peer is already sending this chunk, for VMs waiting on it, to as many peers as it
+    /// fans one chunk out to (`serve::Config::demand_fanout`): get it from one of them once they
+    /// announce it. Says nothing about other chunks. Only sent to peers announcing
+    /// [`Capabilities::MULTICAST`]: a peer without it would fail to decode this variant, and is
+    /// answered `Busy` instead.
+    Fanout,
+}
+
+impl RejectReason {
+    /// How to refuse a chunk already on its way to `serve::Config::demand_fanout` other peers,
+    /// to a peer whose `Hello` announced `peer`: [`RejectReason::Fanout`] if it understands it
+    /// ([`Capabilities::MULTICAST`]), else [`RejectReason::Busy`] (a peer of protocol version 1
+    /// without that bit fails to decode `Fanout`, and treats `Busy` as "ask elsewhere for a while").
+    pub fn fanout_for(peer: Capabilities) -> RejectReason {
+        if peer.contains(Capabilities::MULTICAST) {
+            RejectReason::Fanout
+        } else {
+            RejectReason::Busy
+        }
+    }
 }
 
 /// A structural violation found by [`Message::validate`].
@@ -567,6 +602,7 @@ pub(crate) mod strategies {
             Just(RejectReason::Busy),
             Just(RejectReason::Banned),
             Just(RejectReason::Shutdown),
+            Just(RejectReason::Fanout),
         ]
     }
 
@@ -659,6 +695,23 @@ mod tests {
         assert!(!Capabilities::NONE.contains(Capabilities::SERVE));
         // Unknown bits are kept.
         assert!(Capabilities(0x8000_0001).contains(Capabilities::SERVE));
+    }
+
+    #[test]
+    fn fanout_is_only_sent_to_peers_that_understand_it() {
+        // A peer without MULTICAST (any peer before the fan-out limit) gets a reason it decodes.
+        assert_eq!(
+            RejectReason::fanout_for(Capabilities::SERVE | Capabilities::BOOT_PROFILES),
+            RejectReason::Busy
+        );
+        assert_eq!(
+            RejectReason::fanout_for(Capabilities::NONE),
+            RejectReason::Busy
+        );
+        assert_eq!(
+            RejectReason::fanout_for(Capabilities::SERVE | Capabilities::MULTICAST),
+            RejectReason::Fanout
+        );
     }
 
     #[test]

@@ -105,6 +105,9 @@ pub struct Counters {
     pub cancels: u64,
     /// `Reject { Busy }` answers.
     pub busy_rejects: u64,
+    /// `Reject { Fanout }` answers (a Demand chunk already on its way to `serve.demand_fanout`
+    /// other peers).
+    pub fanout_rejects: u64,
     /// Chunk writes that waited for room in a full send buffer (holding an upload slot).
     pub writes_waited: u64,
     /// `NoSource` events.

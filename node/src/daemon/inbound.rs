@@ -13,10 +13,10 @@
 use libp2p::PeerId;
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::ConnectionId;
-use vmswarm_protocol::ImageId;
 use vmswarm_protocol::bitfield::{ChunkBitmap, ChunkSet};
 use vmswarm_protocol::manifest::Manifest;
 use vmswarm_protocol::wire::Message;
+use vmswarm_protocol::{ChunkId, ImageId};
 
 use super::{Daemon, IoDone, Outbound};
 
@@ -106,6 +106,14 @@ impl Daemon {
                 }
                 if let Some(img) = self.images.get_mut(&image) {
                     img.interested.insert(peer);
+                    // Copies we were sending the peer stop counting towards the fan-out.
+                    if self.serve.has_fanout_copies() {
+                        let ids: Vec<ChunkId> = indices
+                            .iter()
+                            .filter_map(|&i| img.manifest.chunks.get(i as usize).copied())
+                            .collect();
+                        self.serve.handle_peer_has(&peer, &ids);
+                    }
                 }
                 self.respond(channel, Message::Ack);
             }

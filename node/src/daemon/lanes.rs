@@ -399,6 +399,7 @@ impl Daemon {
                 let kind = match reason {
                     RejectReason::NotFound => fetch::RejectKind::NotFound,
                     RejectReason::Busy => fetch::RejectKind::Busy,
+                    RejectReason::Fanout => fetch::RejectKind::Fanout,
                     RejectReason::Banned | RejectReason::Shutdown => fetch::RejectKind::Refused,
                 };
                 let now = self.now();
@@ -467,7 +468,13 @@ impl Daemon {
                     held
                 })
                 .collect();
-            let queued = self.serve.handle_request(&peer, priority, &held);
+            let now = self.now();
+            let caps = self
+                .peers
+                .get(&peer)
+                .map(|p| p.capabilities)
+                .unwrap_or_default();
+            let queued = self.serve.handle_request(now, &peer, priority, &held);
             for (id, q) in held.into_iter().zip(queued) {
                 match q {
                     // Answered on the lane of this request; an upgrade moves the answer here.
@@ -476,6 +483,12 @@ impl Daemon {
                     }
                     Queued::Duplicate => {}
                     Queued::Busy => answers.push(reject(id, RejectReason::Busy)),
+                    Queued::Relay => {
+                        self.metrics
+                            .fanout_refusals
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        answers.push(reject(id, RejectReason::fanout_for(caps)));
+                    }
                 }
             }
         }

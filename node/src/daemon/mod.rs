@@ -174,6 +174,9 @@ struct PeerState {
     rtt: Option<Duration>,
     /// It announced [`Capabilities::BOOT_PROFILES`].
     boot_profiles: bool,
+    /// What its `Hello` announced (`NONE` until it arrives): among others whether it understands
+    /// `Reject { Fanout }` ([`RejectReason::fanout_for`](vmswarm_protocol::wire::RejectReason::fanout_for)).
+    capabilities: Capabilities,
     /// Its `Hello` announced `Capabilities::ORIGIN` (a source server, not a swarm member).
     origin: bool,
 }
@@ -366,7 +369,16 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
 
     let opts_profile_window = opts.profile_window;
     let mut d = Daemon {
-        serve: ServeQueue::new(opts.serve.clone()),
+        // An origin fans chunks out without limit: the fetch rules already send it about one
+        // Demand request per chunk and site, and its requesters have nobody else to ask.
+        serve: ServeQueue::new(serve::Config {
+            demand_fanout: if opts.origin {
+                0
+            } else {
+                opts.serve.demand_fanout
+            },
+            ..opts.serve.clone()
+        }),
         opts,
         swarm,
         store,
@@ -602,9 +614,12 @@ impl Daemon {
             version: PROTOCOL_VERSION,
             site: self.opts.site.clone(),
             capabilities: if self.opts.origin {
-                Capabilities::SERVE | Capabilities::BOOT_PROFILES | Capabilities::ORIGIN
+                Capabilities::SERVE
+                    | Capabilities::BOOT_PROFILES
+                    | Capabilities::MULTICAST
+                    | Capabilities::ORIGIN
             } else {
-                Capabilities::SERVE | Capabilities::BOOT_PROFILES
+                Capabilities::SERVE | Capabilities::BOOT_PROFILES | Capabilities::MULTICAST
             },
             agent: format!("vmswarm/{}", env!("CARGO_PKG_VERSION")),
         })
@@ -737,23 +752,37 @@ impl Daemon {
     }
 
     fn on_flush(&mut self) {
-        let mut sends = Vec::new();
-        for (image, img) in &mut self.images {
-            if img.unannounced.is_empty() {
-                continue;
-            }
-            let indices = std::mem::take(&mut img.unannounced);
-            for peer in &img.interested {
-                sends.push((*peer, *image, indices.clone()));
-            }
-        }
-        for (peer, image, indices) in sends {
-            if self.peers.contains_key(&peer) {
-                self.send(peer, Message::HaveUpdate { image, indices }, Outbound::Ack);
-            }
+        let images: Vec<ImageId> = self
+            .images
+            .iter()
+            .filter(|(_, img)| !img.unannounced.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for image in images {
+            self.flush_have(image);
         }
         for t in self.transfers.values_mut() {
             t.report_progress();
+        }
+    }
+
+    /// Sends the chunks of `image` completed since its last Have update to every interested peer.
+    /// Called every `FLUSH_INTERVAL`, and at once for a chunk a VM waited for
+    /// (`wire::have_update_delay`).
+    fn flush_have(&mut self, image: ImageId) {
+        let Some(img) = self.images.get_mut(&image) else {
+            return;
+        };
+        if img.unannounced.is_empty() {
+            return;
+        }
+        let indices = std::mem::take(&mut img.unannounced);
+        let peers: Vec<PeerId> = img.interested.iter().copied().collect();
+        for peer in peers {
+            if self.peers.contains_key(&peer) {
+                let indices = indices.clone();
+                self.send(peer, Message::HaveUpdate { image, indices }, Outbound::Ack);
+            }
         }
     }
 
@@ -927,6 +956,7 @@ impl Daemon {
             state.site = Some(hello.site.clone());
             state.boot_profiles = hello.capabilities.contains(Capabilities::BOOT_PROFILES);
             state.origin = hello.capabilities.contains(Capabilities::ORIGIN);
+            state.capabilities = hello.capabilities;
             first
         };
         if !first || self.banned.contains(&peer) {

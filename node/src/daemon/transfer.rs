@@ -7,7 +7,7 @@
 //! up on some chunk, fails its waiters naming the missing chunks. While the store is behind
 //! ([`super::ingest::MAX_UNSTORED_BYTES`]), the scheduler's new decisions wait inside it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Instant as StdInstant;
 
@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use vmswarm_protocol::fetch::{
     self, Action, ChunkOutcome, Delivery, Event, FailReason, FetchScheduler,
 };
-use vmswarm_protocol::wire::Message;
+use vmswarm_protocol::wire::{Message, have_update_delay};
 use vmswarm_protocol::{ChunkId, ImageId, Priority};
 
 use super::ingest::{Checked, Received};
@@ -65,6 +65,9 @@ pub(super) struct Transfer {
     reported: Option<u64>,
     /// When to ask the DHT for providers again (pullers become providers as they go).
     pub(super) next_lookup: StdInstant,
+    /// Accepted chunks a VM was waiting for, announced as soon as they are committed
+    /// (`wire::have_update_delay`).
+    announce_at_once: HashSet<u32>,
 }
 
 impl Transfer {
@@ -164,6 +167,7 @@ impl Daemon {
                 total: u64::from(chunks),
                 reported: None,
                 next_lookup: StdInstant::now() + super::PROVIDER_RETRY,
+                announce_at_once: HashSet::new(),
             },
         );
         for (peer, _, _, _) in ready {
@@ -345,7 +349,11 @@ impl Daemon {
             };
             // Uncommitted chunks count in `storing` until `on_stored`, accepted or not (a valid
             // duplicate is stored once; the store answers the second copy with AlreadyPresent).
+            let fetched_at = t.sched.want_priority(c.index);
             if t.sched.handle_chunk(now, &c.peer, c.index, outcome) == Delivery::Accept {
+                if fetched_at.is_some_and(|p| have_update_delay(p).is_zero()) {
+                    t.announce_at_once.insert(c.index);
+                }
                 self.metrics.fetch_latency(c.sent.elapsed());
                 tracing::debug!(image = %c.image, peer = %c.peer, index = c.index, ms = c.sent.elapsed().as_secs_f64() * 1e3, "chunk accepted");
                 self.metrics
@@ -389,13 +397,18 @@ impl Daemon {
         }
         let done = u64::from(img.present.count());
         self.mounts_chunk_present(image, &indices);
+        let mut at_once = false;
         if let Some(t) = self.transfers.get_mut(&image) {
             t.done = done;
             for &i in &indices {
+                at_once |= t.announce_at_once.remove(&i);
                 if t.sched.is_wanted(i) {
                     t.sched.handle_local_have(now, i);
                 }
             }
+        }
+        if at_once {
+            self.flush_have(image);
         }
         self.maybe_finish(image);
     }

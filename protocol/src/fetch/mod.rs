@@ -63,6 +63,13 @@
 //!   ([`Event::WantFailed`]) instead of waiting forever, and so does any want that has had no
 //!   connected holder for [`Config::unavailable_deadline`] (a pull of an image nobody fully holds
 //!   ends with the missing chunks named, instead of hanging).
+//! - **Fan-out refusals.** A peer that answers `Reject { Fanout }` is sending that chunk to as
+//!   many others as it serves one chunk to at once (`serve::Config::demand_fanout`). It is not
+//!   asked for that chunk again for [`Config::relay_retry`], and gets no cool-down (it is not
+//!   overloaded); meanwhile the want goes to whichever peer announces the chunk next, typically
+//!   one of those it was being sent to, which announce a Demand chunk at once
+//!   (`wire::have_update_delay`). A lockstep flash crowd so spreads each block as a tree instead
+//!   of through one node's uplink.
 //! - **Endgame.** When every wanted chunk is in flight and at most [`Config::endgame_threshold`]
 //!   remain, each is also requested from up to [`Config::endgame_max_requests`] peers; the first valid
 //!   copy wins and the others are cancelled.
@@ -136,6 +143,11 @@ pub struct Config {
     /// A Demand want whose only request is this old is also requested from a better-ranked peer
     /// that obtains the chunk.
     pub hedge_delay: Duration,
+    /// How long a peer that refused a chunk with [`RejectKind::Fanout`] is not asked for it again.
+    /// Meanwhile the peers it is sending the chunk to announce it (at once: a Demand chunk's Have
+    /// update is not batched, see `wire::have_update_delay`) and the want goes to one of them;
+    /// this is the fallback for a requester connected to none of them.
+    pub relay_retry: Duration,
     /// The image's chunk size in bytes, for the bandwidth-delay window (0: unknown, the window
     /// stays at `max_in_flight_per_peer`).
     pub chunk_bytes: u32,
@@ -174,6 +186,7 @@ impl Default for Config {
             demand_local_wait: Duration::from_millis(500),
             demand_assign_wait: Duration::from_millis(5),
             hedge_delay: Duration::from_millis(200),
+            relay_retry: Duration::from_millis(100),
             chunk_bytes: 0,
             peer_rate_target: 250_000_000,
             endgame_threshold: 16,
@@ -242,6 +255,10 @@ pub enum RejectKind {
     Busy,
     /// The peer refuses to serve us at all (it banned us, or is shutting down).
     Refused,
+    /// The peer is already sending this chunk to as many peers as it fans one chunk out to: it
+    /// is asked for this chunk again only after [`Config::relay_retry`], and meanwhile the want
+    /// waits for one of those peers to announce it. Not a sign of load: no cool-down.
+    Fanout,
 }
 
 /// Something the caller must do.
@@ -354,6 +371,9 @@ struct Want<P> {
     /// While Demand: until this instant it waits for its assignee's announcement
     /// ([`Config::demand_assign_wait`]).
     assign_after: Option<Instant>,
+    /// Peers that refused this chunk with [`RejectKind::Fanout`], each not asked for it again
+    /// before its instant ([`Config::relay_retry`]).
+    relayed: Vec<(P, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -435,6 +455,8 @@ pub struct FetchScheduler<P> {
     hedge_candidates: BTreeSet<u32>,
     /// Hedge candidates whose request is too young yet, by the instant to look again.
     hedge_due: BTreeSet<(Instant, u32)>,
+    /// Wants whose fan-out refusal ([`Want::relayed`]) ends, by that instant.
+    relay_due: BTreeSet<(Instant, u32)>,
 
     actions: VecDeque<Action<P>>,
     events: VecDeque<Event<P>>,
@@ -492,6 +514,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             wan_after_deadlines: BTreeSet::new(),
             hedge_candidates: BTreeSet::new(),
             hedge_due: BTreeSet::new(),
+            relay_due: BTreeSet::new(),
             demand_backoff_until: None,
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -588,6 +611,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     tiebreak,
                     wan_after,
                     assign_after: None,
+                    relayed: Vec::new(),
                 });
                 self.wanted.insert(index);
                 if self.avail[i] == 0 {
@@ -884,6 +908,16 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         match kind {
             RejectKind::NotFound => self.peer_lost_chunk(now, peer, index),
             RejectKind::Busy => self.cool_down(peer, now + self.config.timeout_backoff),
+            RejectKind::Fanout => {
+                if was_in_flight {
+                    if let Some(w) = self.wants[index as usize].as_mut() {
+                        let until = now + self.config.relay_retry;
+                        w.relayed.retain(|(p, _)| p != peer);
+                        w.relayed.push((peer.clone(), until));
+                        self.relay_due.insert((until, index));
+                    }
+                }
+            }
             RejectKind::Refused => {
                 self.cool_down(peer, Instant::MAX);
                 self.set_suspect(peer, true);
@@ -995,6 +1029,22 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             self.hedge_due.pop_first();
             self.hedge_candidates.insert(index);
         }
+        // Fan-out refusals that end: the peer may be asked again.
+        while let Some(&(at, index)) = self.relay_due.first() {
+            if at > now {
+                break;
+            }
+            self.relay_due.pop_first();
+            if let Some(w) = self.wants[index as usize].as_mut() {
+                w.relayed.retain(|(_, until)| *until > now);
+                match w.priority {
+                    Priority::Demand => {
+                        self.demand_fresh.insert(index);
+                    }
+                    Priority::Background => self.bump_generation(),
+                }
+            }
+        }
         // Same-site fetch announcements we stop waiting for.
         while let Some((until, peer, index)) = self.pending_expiry.first().cloned() {
             if until > now {
@@ -1032,6 +1082,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             self.pending_expiry.first().map(|d| d.0),
             self.wan_after_deadlines.first().map(|d| d.0),
             self.hedge_due.first().map(|d| d.0),
+            self.relay_due.first().map(|d| d.0),
             (self.sourceless.count() > 0).then_some(self.no_source_due),
         ]
         .into_iter()
@@ -1206,6 +1257,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             self.wan_after_deadlines.remove(&(t, index));
         }
         self.hedge_candidates.remove(&index);
+        for (_, until) in &w.relayed {
+            self.relay_due.remove(&(*until, index));
+        }
         if w.priority == Priority::Demand {
             self.wanted_demand -= 1;
         }
@@ -1549,6 +1603,14 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         !waiting
     }
 
+    /// Whether `peer` refused `index` with [`RejectKind::Fanout`] less than
+    /// [`Config::relay_retry`] ago.
+    fn relay_excluded(&self, now: Instant, peer: &P, index: u32) -> bool {
+        self.wants[index as usize]
+            .as_ref()
+            .is_some_and(|w| w.relayed.iter().any(|(p, until)| p == peer && now < *until))
+    }
+
     /// The best peer to ask for `index` at `priority`, skipping `exclude`.
     fn best_source(
         &self,
@@ -1564,6 +1626,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     && p.has_room(now, self.slot_limit(now, p, priority))
                     && self.locality_allows(now, p, index)
                     && !exclude.contains(id)
+                    && !self.relay_excluded(now, id, index)
             })
             .min_by_key(|(_, p)| p.rank(now))
             .map(|(id, _)| id.clone())
@@ -1597,8 +1660,12 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     }
 
     /// The best queued Background chunk for `peer`, if any.
-    fn pick_background(&self, now: Instant, peer: &Peer) -> Option<u32> {
-        let ok = |index: u32| peer.have.contains(index) && self.locality_allows(now, peer, index);
+    fn pick_background(&self, now: Instant, id: &P, peer: &Peer) -> Option<u32> {
+        let ok = |index: u32| {
+            peer.have.contains(index)
+                && self.locality_allows(now, peer, index)
+                && !self.relay_excluded(now, id, index)
+        };
         let mut scanned = 0;
         for key in &self.bg_queue {
             if ok(key.index) {
@@ -1615,7 +1682,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         // The peer holds little of what is queued: intersect bitmaps instead of walking the queue.
         peer.have
             .iter_and(&self.bg_unassigned)
-            .filter(|&i| self.locality_allows(now, peer, i))
+            .filter(|&i| ok(i))
             .filter_map(|i| self.wants[i as usize].as_ref().and_then(|w| w.bg_key))
             .min()
             .map(|k| k.index)
@@ -1757,7 +1824,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                             self.demand_queue
                                 .iter()
                                 .map(|&(_, i)| i)
-                                .filter(|&i| p.have.contains(i) && self.locality_allows(now, p, i))
+                                .filter(|&i| {
+                                    p.have.contains(i)
+                                        && self.locality_allows(now, p, i)
+                                        && !self.relay_excluded(now, &id, i)
+                                })
                                 .take(room)
                                 .collect()
                         }
@@ -1794,7 +1865,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 let Some(p) = self.peers.get(&id) else {
                     continue;
                 };
-                match self.pick_background(now, p) {
+                match self.pick_background(now, &id, p) {
                     Some(index) => {
                         self.assign(now, index, &id, Priority::Background, &mut pass);
                         if let Some(p) = self.peers.get(&id) {

@@ -507,6 +507,72 @@ fn reject_not_found_forgets_the_chunk_and_busy_cools_down() {
 }
 
 #[test]
+fn a_fanout_refusal_waits_for_a_relay_without_cooling_the_peer() {
+    // Peer 1 holds everything; peer 2 (same site) holds nothing yet.
+    let mut s = asked_peer_1("dc1", 1, 0, Priority::Demand);
+    s.handle_peer_connected(t(0), 2, info("dc1", 1));
+    s.handle_peer_have(t(0), &2, &ChunkBitmap::new(4));
+    s.handle_reject(t(1), &1, 0, RejectKind::Fanout);
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "peer 1 is not asked for chunk 0 again at once, and nobody else holds it"
+    );
+    // Not a sign of load: another chunk goes to peer 1 at once.
+    s.handle_want(t(2), 1, Priority::Demand).unwrap();
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 1)]
+    );
+    // Peer 2, one of those peer 1 was sending chunk 0 to, announces it: chunk 0 goes there.
+    s.handle_peer_have_update(t(5), &2, &[0]);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(2, Priority::Demand, 0)]
+    );
+}
+
+#[test]
+fn a_fanout_refusal_is_retried_after_relay_retry() {
+    let mut s = asked_peer_1("dc1", 1, 0, Priority::Demand);
+    let retry = cfg().relay_retry;
+    s.handle_reject(t(1), &1, 0, RejectKind::Fanout);
+    let almost = t(1) + (retry - Duration::from_millis(1));
+    assert!(requests(&advance(&mut s, almost)).is_empty());
+    assert_eq!(
+        requests(&advance(&mut s, t(1) + retry)),
+        vec![(1, Priority::Demand, 0)],
+        "with nobody else to ask, the refusing peer is asked again after relay_retry"
+    );
+}
+
+#[test]
+fn two_refusing_peers_are_not_asked_in_turn() {
+    // Peers 1 and 2 both hold chunk 0 and both refuse it: each waits out its own relay_retry,
+    // instead of the want bouncing between them.
+    let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
+    for p in [1, 2] {
+        s.handle_peer_connected(t(0), p, info("dc1", 1));
+        s.handle_peer_have(t(0), &p, &full(4));
+    }
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    let first = requests(&drain_actions(&mut s));
+    assert_eq!(first.len(), 1);
+    let (a, b) = if first[0].0 == 1 { (1, 2) } else { (2, 1) };
+    s.handle_reject(t(1), &a, 0, RejectKind::Fanout);
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(b, Priority::Demand, 0)]
+    );
+    s.handle_reject(t(2), &b, 0, RejectKind::Fanout);
+    assert!(requests(&drain_actions(&mut s)).is_empty());
+    let retry = cfg().relay_retry;
+    assert_eq!(
+        requests(&advance(&mut s, t(1) + retry)),
+        vec![(a, Priority::Demand, 0)]
+    );
+}
+
+#[test]
 fn corrupt_chunk_bans_the_sender_and_requeues() {
     let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
     for p in [1, 2] {
@@ -1053,6 +1119,9 @@ enum Behaviour {
     /// A busy server: answers its requests one at a time, [`SLOW_SERVICE_MS`] each, in arrival
     /// order (its queue makes later requests wait far longer than the request timeout).
     Slow,
+    /// Honest, but refuses the first Demand request for each chunk with `Fanout`, as a server
+    /// whose copies of that chunk are all on their way to others does.
+    Relaying,
 }
 
 /// The scheduler's own id in the property tests (peers are 0..7).
@@ -1089,7 +1158,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             0u8..3,
             1u64..200,
             proptest::collection::vec(any::<bool>(), chunks as usize),
-            prop_oneof![6 => Just(Behaviour::Honest), 1 => Just(Behaviour::Corrupt), 1 => Just(Behaviour::Dead), 2 => Just(Behaviour::Slow)],
+            prop_oneof![6 => Just(Behaviour::Honest), 1 => Just(Behaviour::Corrupt), 1 => Just(Behaviour::Dead), 2 => Just(Behaviour::Slow), 2 => Just(Behaviour::Relaying)],
             proptest::option::weighted(0.3, 0u64..20_000),
             proptest::bool::weighted(0.15),
         )
@@ -1149,6 +1218,8 @@ enum SimEvent {
     /// A slow response's bytes have been arriving for `ARRIVING_REPORT_AFTER` (peer, index,
     /// connection epoch).
     Arriving(u32, u32, u32),
+    /// A `Fanout` refusal (peer, index, connection epoch).
+    Fanout(u32, u32, u32),
     Disconnect(u32),
     Reconnect(u32),
 }
@@ -1182,6 +1253,8 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
     let mut slow_free_at = vec![0u64; sc.peers.len()];
     // When each outstanding request was sent, by (peer, index).
     let mut sent_at: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+    // When a Relaying peer refused a chunk with `Fanout`, by (peer, index).
+    let mut refused_at: BTreeMap<(u32, u32), u64> = BTreeMap::new();
     let mut queue = SimQueue::default();
     let mut connected = vec![false; sc.peers.len()];
     let mut epoch = vec![0u32; sc.peers.len()];
@@ -1268,6 +1341,13 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                         s.handle_chunk_arriving(now, &p, index);
                     }
                 }
+                SimEvent::Fanout(p, index, ep) => {
+                    if connected[p as usize] && epoch[p as usize] == ep {
+                        sent_at.remove(&(p, index));
+                        refused_at.insert((p, index), now_ms);
+                        s.handle_reject(now, &p, index, RejectKind::Fanout);
+                    }
+                }
                 SimEvent::Response(p, index, ep) => {
                     if connected[p as usize] && epoch[p as usize] == ep {
                         sent_at.remove(&(p, index));
@@ -1330,8 +1410,23 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                         sp.have[i as usize],
                         "peer {peer} asked for chunk {i} it lacks"
                     );
+                    if let Some(&at) = refused_at.get(&(*peer, i)) {
+                        let waited = now_ms - at;
+                        prop_assert!(
+                            waited >= config.relay_retry.as_millis() as u64,
+                            "peer {peer} asked again for {i} {waited} ms after its Fanout refusal (seed {})",
+                            sc.seed
+                        );
+                    }
+                    let refuse = sp.behaviour == Behaviour::Relaying
+                        && *priority == Priority::Demand
+                        && !refused_at.contains_key(&(*peer, i));
                     match sp.behaviour {
                         Behaviour::Dead => {}
+                        Behaviour::Relaying if refuse => queue.push(
+                            now_ms + sp.rtt_ms,
+                            SimEvent::Fanout(*peer, i, epoch[*peer as usize]),
+                        ),
                         Behaviour::Slow => {
                             let p = *peer as usize;
                             let start = slow_free_at[p].max(now_ms + sp.rtt_ms / 2);
@@ -1347,7 +1442,7 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
                                 SimEvent::Response(*peer, i, epoch[*peer as usize]),
                             );
                         }
-                        Behaviour::Honest | Behaviour::Corrupt => queue.push(
+                        Behaviour::Honest | Behaviour::Corrupt | Behaviour::Relaying => queue.push(
                             now_ms + sp.rtt_ms,
                             SimEvent::Response(*peer, i, epoch[*peer as usize]),
                         ),
@@ -1375,10 +1470,9 @@ fn run(sc: &Scenario) -> Result<Trace, TestCaseError> {
     // Liveness: every wanted chunk that some honest peer holds and that is not a failed Demand want
     // was delivered. Honest holders are connected at the end (flapping peers reconnect).
     for &index in &ever_wanted {
-        let honest_holder = sc
-            .peers
-            .iter()
-            .any(|p| p.behaviour == Behaviour::Honest && p.have[index as usize]);
+        let honest_holder = sc.peers.iter().any(|p| {
+            matches!(p.behaviour, Behaviour::Honest | Behaviour::Relaying) && p.have[index as usize]
+        });
         if honest_holder {
             prop_assert!(
                 delivered.contains(&index) || failed.contains(&index),
@@ -1476,9 +1570,13 @@ fn check_invariants(
             } else {
                 p.limit
             };
+            let refused = s.wants[index as usize]
+                .as_ref()
+                .is_some_and(|w| w.relayed.iter().any(|(q, until)| q == id && now < *until));
             let could = p.have.contains(index)
                 && p.in_flight() < capacity
-                && model_locality_allows(s, now, p, index);
+                && model_locality_allows(s, now, p, index)
+                && !refused;
             prop_assert!(
                 !could,
                 "demand want {index} queued while peer {id} could serve it"

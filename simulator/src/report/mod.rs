@@ -221,7 +221,7 @@ pub fn summary_text(s: &Summary) -> String {
     let k = &s.counters;
     let _ = writeln!(
         t,
-        "  events {}, simulated {:.2} s, flows {} ({} aborted), requests {}, cancels {}, busy {}, writes waited {}, want failures {}, no-source {}, lookups {}, connections {}, have updates {}, rate updates {}, solves {} ({:.1} flows each)",
+        "  events {}, simulated {:.2} s, flows {} ({} aborted), requests {}, cancels {}, busy {}, fan-out refusals {}, writes waited {}, want failures {}, no-source {}, lookups {}, connections {}, have updates {}, rate updates {}, solves {} ({:.1} flows each)",
         k.events,
         k.end_s,
         k.flows,
@@ -229,6 +229,7 @@ pub fn summary_text(s: &Summary) -> String {
         k.requests,
         k.cancels,
         k.busy_rejects,
+        k.fanout_rejects,
         k.writes_waited,
         k.want_failures,
         k.no_source_events,

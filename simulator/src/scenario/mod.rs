@@ -695,6 +695,7 @@ impl Checker<'_> {
             &mut f.demand_assign_wait,
         )?;
         ms("hedge_delay_ms", p.hedge_delay_ms, &mut f.hedge_delay)?;
+        ms("relay_retry_ms", p.relay_retry_ms, &mut f.relay_retry)?;
         if let Some(v) = &p.peer_rate_target {
             let rate = self.rate("protocol.peer_rate_target", v)?;
             f.peer_rate_target = rate.round() as u64;
@@ -727,6 +728,12 @@ impl Checker<'_> {
             }
             s.max_active_uploads = v as usize;
         }
+        if let Some(v) = p.demand_fanout {
+            s.demand_fanout = v as usize;
+        }
+        let mut hold = s.fanout_hold;
+        ms("fanout_hold_ms", p.fanout_hold_ms, &mut hold)?;
+        s.fanout_hold = hold;
         // Let the scheduler itself judge the combination (it knows its rules).
         fetch::FetchScheduler::<u32>::new(f.clone(), 1, 0)
             .map_err(|e| self.invalid("protocol", e.to_string()))?;

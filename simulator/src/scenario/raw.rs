@@ -189,6 +189,7 @@ pub(crate) struct RawProtocol {
     pub(crate) demand_local_wait_ms: Option<f64>,
     pub(crate) demand_assign_wait_ms: Option<f64>,
     pub(crate) hedge_delay_ms: Option<f64>,
+    pub(crate) relay_retry_ms: Option<f64>,
     pub(crate) peer_rate_target: Option<String>,
     pub(crate) endgame_threshold: Option<u32>,
     pub(crate) endgame_max_requests: Option<u32>,
@@ -196,6 +197,8 @@ pub(crate) struct RawProtocol {
     pub(crate) no_source_retry_ms: Option<f64>,
     pub(crate) max_queued_per_peer: Option<u32>,
     pub(crate) max_active_uploads: Option<u32>,
+    pub(crate) demand_fanout: Option<u32>,
+    pub(crate) fanout_hold_ms: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

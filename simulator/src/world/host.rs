@@ -4,6 +4,7 @@
 use std::rc::Rc;
 
 use vmswarm_protocol::fetch::{Action, ChunkOutcome, Delivery, Event, FetchScheduler, PeerInfo};
+use vmswarm_protocol::wire::have_update_delay;
 use vmswarm_protocol::{Instant, Priority};
 
 use super::{Ev, Msg, NodeId, STREAM_SCHED, World, substream};
@@ -130,7 +131,14 @@ impl World {
         }
         self.counters.connections += 1;
         let peer_have = match self.host_of(peer) {
-            None => None,
+            None => {
+                // A source that is an ordinary node (not an origin) hears our Have updates, as
+                // the node's publisher does; its serve queue's fan-out needs them.
+                if !self.sc.sources[peer as usize].origin {
+                    self.hosts[h as usize].have_peers.push(peer);
+                }
+                None
+            }
             Some(ph) => {
                 let p = &mut self.hosts[ph as usize];
                 p.conns.insert(node);
@@ -187,8 +195,9 @@ impl World {
         // scheduler, as on the node's lanes: it is accepted if still wanted (from whichever peer)
         // and counts as the peer's progress either way.
         // Chunks are never corrupt here: the simulator models no malicious peer.
+        let fetched_at = sched.want_priority(index).unwrap_or(Priority::Background);
         match sched.handle_chunk(now, &from, index, ChunkOutcome::Valid) {
-            Delivery::Accept => self.commit(h, index, from),
+            Delivery::Accept => self.commit(h, index, from, fetched_at),
             Delivery::Discard => self.hosts[h as usize].duplicate += len,
         }
         self.drain(h);
@@ -196,11 +205,14 @@ impl World {
 
     /// Stores a verified chunk, and so every chunk with the same content (the store keeps one
     /// copy, as a node's does): Have updates, waiting reads, background progress.
-    fn commit(&mut self, h: u32, index: u32, from: NodeId) {
+    fn commit(&mut self, h: u32, index: u32, from: NodeId, fetched_at: Priority) {
         let now = self.now();
         let len = self.chunk_len(index);
         let from_site = self.nodes[from as usize].site;
         let from_source = self.is_source(from);
+        // Background chunks wait for the batch; a chunk a VM waited for goes out at once
+        // (`wire::have_update_delay`).
+        let urgent = have_update_delay(fetched_at).is_zero();
         let batch = self.sc.routing.have_batch;
         let host = &mut self.hosts[h as usize];
         if !host.store.insert(index) {
@@ -222,13 +234,19 @@ impl World {
                 }
             }
         }
+        let mut flush_now = false;
         if !host.have_peers.is_empty() {
             host.pending_have.push(index);
             host.pending_have.extend_from_slice(&copies);
-            if !host.flush_armed {
+            if urgent {
+                flush_now = true;
+            } else if !host.flush_armed {
                 host.flush_armed = true;
                 self.q.schedule_in(batch, Ev::HaveFlush(h));
             }
+        }
+        if flush_now {
+            self.have_flush(h);
         }
         self.settle(h, index, Some((len, from_site)));
         for c in copies {

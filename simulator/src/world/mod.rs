@@ -58,7 +58,7 @@ use rand_chacha::ChaCha8Rng;
 use vmswarm_protocol::bitfield::ChunkBitmap;
 use vmswarm_protocol::fetch::{FetchScheduler, RejectKind};
 use vmswarm_protocol::manifest::Manifest;
-use vmswarm_protocol::serve::ServeQueue;
+use vmswarm_protocol::serve::{self, ServeQueue};
 use vmswarm_protocol::{ChunkId, Instant, Priority};
 
 use crate::boot::{self, SharedTrace, VmReads};
@@ -382,11 +382,20 @@ impl World {
         for (i, s) in sc.sources.iter().enumerate() {
             let up = net.add_link(s.nic_up, LinkClass::SourceUp, i as u32);
             let down = net.add_link(s.nic_down, LinkClass::SourceDown, i as u32);
+            // An origin fans chunks out without limit, as the node's `serve --origin` does.
+            let serve = if s.origin {
+                ServeQueue::new(serve::Config {
+                    demand_fanout: 0,
+                    ..sc.serve.clone()
+                })
+            } else {
+                ServeQueue::new(sc.serve.clone())
+            };
             nodes.push(Node {
                 site: s.site,
                 up,
                 down,
-                serve: ServeQueue::new(sc.serve.clone()),
+                serve,
                 sending: HashMap::new(),
                 uploaded: 0.0,
             });
@@ -629,7 +638,15 @@ impl World {
             }
             Ev::CwndTick { from, to } => self.cwnd_tick(from, to),
             Ev::HaveBatch { from, to, indices } => {
+                let mut ids: Option<Vec<ChunkId>> = None;
                 for &peer in to.iter() {
+                    // Our copies to `from` of these chunks stop counting towards the fan-out.
+                    let serve = &mut self.nodes[peer as usize].serve;
+                    if serve.has_fanout_copies() {
+                        let ids = ids
+                            .get_or_insert_with(|| indices.iter().map(|&i| chunk_id(i)).collect());
+                        serve.handle_peer_has(&from, ids);
+                    }
                     if let Some(h) = self.host_of(peer) {
                         self.on_host_message(
                             h,

@@ -48,21 +48,23 @@ impl World {
         if ids.is_empty() {
             return;
         }
+        let now = self.now();
         let results = self.nodes[server as usize]
             .serve
-            .handle_request(&from, priority, &ids);
+            .handle_request(now, &from, priority, &ids);
         for (index, r) in kept.into_iter().zip(results) {
-            if r == Queued::Busy {
-                self.counters.busy_rejects += 1;
-                self.send(
-                    server,
-                    from,
-                    Msg::Reject {
-                        index,
-                        kind: RejectKind::Busy,
-                    },
-                );
-            }
+            let kind = match r {
+                Queued::Busy => {
+                    self.counters.busy_rejects += 1;
+                    RejectKind::Busy
+                }
+                Queued::Relay => {
+                    self.counters.fanout_rejects += 1;
+                    RejectKind::Fanout
+                }
+                Queued::Queued | Queued::Upgraded | Queued::Duplicate => continue,
+            };
+            self.send(server, from, Msg::Reject { index, kind });
         }
         self.pump(server);
     }
