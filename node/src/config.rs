@@ -40,9 +40,12 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServeTuning {
-    /// Most peers one chunk is sent to at once for VMs waiting on it (0: no limit; an origin
-    /// never limits). Default `serve::DEFAULT_DEMAND_FANOUT`.
+    /// Most peers one chunk is sent to at once for VMs waiting on it (0: no limit). Default
+    /// `serve::DEFAULT_DEMAND_FANOUT`.
     pub demand_fanout: Option<usize>,
+    /// The same for `serve --origin` (0: no limit). Default
+    /// `serve::DEFAULT_ORIGIN_DEMAND_FANOUT`.
+    pub origin_demand_fanout: Option<usize>,
     /// Most chunks being sent at once.
     pub max_active_uploads: Option<usize>,
 }
@@ -106,6 +109,9 @@ impl FileConfig {
     pub fn apply_serve(&self, c: &mut vmswarm_protocol::serve::Config) {
         if let Some(v) = self.serve.demand_fanout {
             c.demand_fanout = v;
+        }
+        if let Some(v) = self.serve.origin_demand_fanout {
+            c.origin_demand_fanout = v;
         }
         if let Some(v) = self.serve.max_active_uploads {
             c.max_active_uploads = v.max(1);

@@ -49,6 +49,9 @@ pub struct Config {
     pub demand_fanout: usize,
     /// Longest a Demand copy counts towards `demand_fanout` without its peer announcing the chunk.
     pub fanout_hold: Duration,
+    /// `demand_fanout` of an origin (`vmswarm serve --origin`, a simulated source with
+    /// `origin = true`), see [`Config::for_origin`]. 0: no limit.
+    pub origin_demand_fanout: usize,
 }
 
 impl Default for Config {
@@ -58,12 +61,27 @@ impl Default for Config {
             max_active_uploads: 8,
             demand_fanout: DEFAULT_DEMAND_FANOUT,
             fanout_hold: Duration::from_secs(2),
+            origin_demand_fanout: DEFAULT_ORIGIN_DEMAND_FANOUT,
+        }
+    }
+}
+
+impl Config {
+    /// The settings an origin serves with: `demand_fanout` replaced by `origin_demand_fanout`.
+    /// Both the node and the simulator take an origin's serve queue from here.
+    pub fn for_origin(&self) -> Config {
+        Config {
+            demand_fanout: self.origin_demand_fanout,
+            ..self.clone()
         }
     }
 }
 
 /// The default [`Config::demand_fanout`].
 pub const DEFAULT_DEMAND_FANOUT: usize = 4;
+
+/// The default [`Config::origin_demand_fanout`].
+pub const DEFAULT_ORIGIN_DEMAND_FANOUT: usize = 0;
 
 /// What became of one requested chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -369,15 +369,10 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
 
     let opts_profile_window = opts.profile_window;
     let mut d = Daemon {
-        // An origin fans chunks out without limit: the fetch rules already send it about one
-        // Demand request per chunk and site, and its requesters have nobody else to ask.
-        serve: ServeQueue::new(serve::Config {
-            demand_fanout: if opts.origin {
-                0
-            } else {
-                opts.serve.demand_fanout
-            },
-            ..opts.serve.clone()
+        serve: ServeQueue::new(if opts.origin {
+            opts.serve.for_origin()
+        } else {
+            opts.serve.clone()
         }),
         opts,
         swarm,

@@ -731,6 +731,9 @@ impl Checker<'_> {
         if let Some(v) = p.demand_fanout {
             s.demand_fanout = v as usize;
         }
+        if let Some(v) = p.origin_demand_fanout {
+            s.origin_demand_fanout = v as usize;
+        }
         let mut hold = s.fanout_hold;
         ms("fanout_hold_ms", p.fanout_hold_ms, &mut hold)?;
         s.fanout_hold = hold;

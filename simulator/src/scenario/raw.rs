@@ -198,6 +198,7 @@ pub(crate) struct RawProtocol {
     pub(crate) max_queued_per_peer: Option<u32>,
     pub(crate) max_active_uploads: Option<u32>,
     pub(crate) demand_fanout: Option<u32>,
+    pub(crate) origin_demand_fanout: Option<u32>,
     pub(crate) fanout_hold_ms: Option<f64>,
 }
 

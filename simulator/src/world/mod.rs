@@ -58,7 +58,7 @@ use rand_chacha::ChaCha8Rng;
 use vmswarm_protocol::bitfield::ChunkBitmap;
 use vmswarm_protocol::fetch::{FetchScheduler, RejectKind};
 use vmswarm_protocol::manifest::Manifest;
-use vmswarm_protocol::serve::{self, ServeQueue};
+use vmswarm_protocol::serve::ServeQueue;
 use vmswarm_protocol::{ChunkId, Instant, Priority};
 
 use crate::boot::{self, SharedTrace, VmReads};
@@ -382,12 +382,9 @@ impl World {
         for (i, s) in sc.sources.iter().enumerate() {
             let up = net.add_link(s.nic_up, LinkClass::SourceUp, i as u32);
             let down = net.add_link(s.nic_down, LinkClass::SourceDown, i as u32);
-            // An origin fans chunks out without limit, as the node's `serve --origin` does.
+            // An origin serves with the origin's fan-out, as the node's `serve --origin` does.
             let serve = if s.origin {
-                ServeQueue::new(serve::Config {
-                    demand_fanout: 0,
-                    ..sc.serve.clone()
-                })
+                ServeQueue::new(sc.serve.for_origin())
             } else {
                 ServeQueue::new(sc.serve.clone())
             };
