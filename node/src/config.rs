@@ -46,6 +46,9 @@ pub struct ServeTuning {
     /// The same for `serve --origin` (0: no limit). Default
     /// `serve::DEFAULT_ORIGIN_DEMAND_FANOUT`.
     pub origin_demand_fanout: Option<usize>,
+    /// Whether the fan-out in use is chosen from measured rates, at most `demand_fanout`
+    /// (default true); false pins it to `demand_fanout`.
+    pub fanout_from_rates: Option<bool>,
     /// Most chunks being sent at once.
     pub max_active_uploads: Option<usize>,
 }
@@ -112,6 +115,9 @@ impl FileConfig {
         }
         if let Some(v) = self.serve.origin_demand_fanout {
             c.origin_demand_fanout = v;
+        }
+        if let Some(v) = self.serve.fanout_from_rates {
+            c.fanout_from_rates = v;
         }
         if let Some(v) = self.serve.max_active_uploads {
             c.max_active_uploads = v.max(1);

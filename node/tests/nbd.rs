@@ -1129,4 +1129,14 @@ fn a_demand_crowd_is_relayed_between_mounts_and_every_copy_is_exact() {
         .collect();
     // How many requests met a full fan-out depends on timing; the figure is for the log only.
     eprintln!("fan-out refusals (a, b, c, d, e): {refusals:?}");
+    // The publisher measured its Demand copies (acceptance to the receiver's Have) for the
+    // fan-out rule, and the fan-out in use never exceeds the configured maximum.
+    let serving = a.status()["serving"].clone();
+    eprintln!("publisher serving: {serving}");
+    assert_eq!(serving["demand_fanout_max"], 1, "{serving}");
+    assert_eq!(serving["demand_fanout"], 1, "{serving}");
+    assert!(
+        serving["chunk_upload_ms"].as_f64().is_some(),
+        "no Demand copy was measured (seed {seed}): {serving}"
+    );
 }

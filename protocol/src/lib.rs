@@ -18,6 +18,7 @@
 pub mod bitfield;
 pub mod chunker;
 pub mod codec;
+pub mod fanout;
 pub mod fetch;
 pub mod ids;
 pub mod manifest;

@@ -15,16 +15,19 @@
 //! something on a saturated uplink.
 //!
 //! **Fan-out of one chunk.** A `Demand` request for a chunk that is already on its way at Demand
-//! to [`Config::demand_fanout`] other peers is refused ([`Queued::Relay`], answered with
+//! to as many other peers as the current fan-out is refused ([`Queued::Relay`], answered with
 //! `Reject { reason: Fanout }`): the requester gets it from one of those peers once they announce
 //! it. Without this a lockstep flash crowd (every VM of a site reading the same block within
 //! milliseconds) is served entirely by the first node to hold each block, every copy sharing its
 //! uplink, so that the others can relay nothing until all copies finish together; with it the
-//! block spreads as a tree of fan-out `demand_fanout`. A copy stops counting when its peer
-//! announces holding the chunk ([`ServeQueue::handle_peer_has`]: the end-to-end signal, since a
-//! write into the connection does not say when the bytes arrived), cancels it, leaves, or after
-//! [`Config::fanout_hold`], whichever comes first. Background requests are never refused this way:
-//! a full pull spreads by rarest-first already.
+//! block spreads as a tree. The fan-out is chosen from measured rates by
+//! [`crate::fanout::FanoutRule`] (at most [`Config::demand_fanout`]): each copy's time from
+//! acceptance to its receiver's announcement, and the receiver's round-trip time, are the
+//! measurements. A copy stops counting when its peer announces holding the chunk
+//! ([`ServeQueue::handle_peer_has`]: the end-to-end signal, since a write into the connection does
+//! not say when the bytes arrived), cancels it, leaves, or after [`Config::fanout_hold`], whichever
+//! comes first. Background requests are never refused this way: a full pull spreads by
+//! rarest-first already.
 //!
 //! It does not read chunks or decide whether we hold them (the caller answers `NotFound` before
 //! queueing) and it has no timers: a request waits until served, cancelled, or its peer leaves.
@@ -32,6 +35,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+use crate::fanout::FanoutRule;
 use crate::ids::ChunkId;
 use crate::priority::Priority;
 use crate::time::Instant;
@@ -44,11 +48,16 @@ pub struct Config {
     /// Most chunks being sent at once (handed out by `poll_next`, not yet `handle_sent`).
     pub max_active_uploads: usize,
     /// Most peers one chunk is on its way to at Demand priority; further Demand requests for it
-    /// are refused with [`Queued::Relay`]. 0: no limit (an origin, whose Demand copies the fetch
+    /// are refused with [`Queued::Relay`]. The fan-out in use is chosen from measured rates
+    /// ([`crate::fanout::FanoutRule`]) and never exceeds this; it is this until a copy has been
+    /// measured. 0: no limit (an origin, whose Demand copies the fetch
     /// rules already limit to about one per site, and whose requesters have nobody else to ask).
     pub demand_fanout: usize,
     /// Longest a Demand copy counts towards `demand_fanout` without its peer announcing the chunk.
     pub fanout_hold: Duration,
+    /// Whether the fan-out in use is chosen from measured rates (at most `demand_fanout`); false
+    /// pins it to `demand_fanout`.
+    pub fanout_from_rates: bool,
     /// `demand_fanout` of an origin (`vmswarm serve --origin`, a simulated source with
     /// `origin = true`), see [`Config::for_origin`]. 0: no limit.
     pub origin_demand_fanout: usize,
@@ -61,6 +70,7 @@ impl Default for Config {
             max_active_uploads: 8,
             demand_fanout: DEFAULT_DEMAND_FANOUT,
             fanout_hold: Duration::from_secs(2),
+            fanout_from_rates: true,
             origin_demand_fanout: DEFAULT_ORIGIN_DEMAND_FANOUT,
         }
     }
@@ -134,14 +144,28 @@ pub struct ServeQueue<P> {
 /// The Demand copies of each chunk on their way, for [`Config::demand_fanout`].
 #[derive(Debug)]
 struct Fanout<P> {
-    /// Per chunk, the peers a Demand copy is on its way to, with when it was accepted.
-    copies: BTreeMap<ChunkId, Vec<(P, Instant)>>,
+    /// Per chunk, the peers a Demand copy is on its way to, with when it was accepted and how many
+    /// Demand copies (all chunks, itself included) were then on their way.
+    copies: BTreeMap<ChunkId, Vec<(P, Instant, usize)>>,
     /// Every accepted copy in acceptance order, for expiry after `fanout_hold` (entries already
     /// removed from `copies` are skipped when they come up).
     order: VecDeque<(Instant, ChunkId, P)>,
+    /// Entries in `copies`, all chunks together.
+    live: usize,
+    /// The fan-out in use, from the copies' measured times.
+    rule: FanoutRule,
 }
 
 impl<P: Clone + Ord> Fanout<P> {
+    fn new(max: usize, adaptive: bool) -> Self {
+        Fanout {
+            copies: BTreeMap::new(),
+            order: VecDeque::new(),
+            live: 0,
+            rule: FanoutRule::new(max, adaptive),
+        }
+    }
+
     fn expire(&mut self, now: Instant, hold: Duration) {
         while let Some((at, chunk, peer)) = self.order.front() {
             if *at + hold > now {
@@ -149,35 +173,47 @@ impl<P: Clone + Ord> Fanout<P> {
             }
             let (at, chunk, peer) = (*at, *chunk, peer.clone());
             self.order.pop_front();
-            self.remove_if(&chunk, |(p, t)| *p == peer && *t == at);
+            self.remove_if(&chunk, |(p, t, _)| *p == peer && *t == at);
         }
     }
 
-    fn remove_if(&mut self, chunk: &ChunkId, pred: impl Fn(&(P, Instant)) -> bool) {
+    /// Removes the copies of `chunk` matching `pred`; returns them.
+    fn remove_if(
+        &mut self,
+        chunk: &ChunkId,
+        pred: impl Fn(&(P, Instant, usize)) -> bool,
+    ) -> Vec<(P, Instant, usize)> {
+        let mut removed = Vec::new();
         if let Some(v) = self.copies.get_mut(chunk) {
-            v.retain(|e| !pred(e));
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(v).into_iter().partition(&pred);
+            *v = kept;
+            removed = gone;
             if v.is_empty() {
                 self.copies.remove(chunk);
             }
         }
+        self.live -= removed.len();
         if self.copies.is_empty() {
             // Nothing counts any more: the stale order entries can go at once.
             self.order.clear();
         }
+        removed
     }
 
     fn count_without(&self, chunk: &ChunkId, peer: &P) -> (usize, bool) {
         self.copies.get(chunk).map_or((0, false), |v| {
-            let mine = v.iter().any(|(p, _)| p == peer);
+            let mine = v.iter().any(|(p, _, _)| p == peer);
             (v.len() - usize::from(mine), mine)
         })
     }
 
     fn add(&mut self, now: Instant, chunk: ChunkId, peer: &P) {
+        self.live += 1;
+        let sharing = self.live;
         self.copies
             .entry(chunk)
             .or_default()
-            .push((peer.clone(), now));
+            .push((peer.clone(), now, sharing));
         self.order.push_back((now, chunk, peer.clone()));
     }
 }
@@ -186,17 +222,24 @@ impl<P: Clone + Ord> ServeQueue<P> {
     /// An empty queue.
     pub fn new(config: Config) -> Self {
         ServeQueue {
+            fanout: Fanout::new(config.demand_fanout, config.fanout_from_rates),
             config,
             peers: BTreeMap::new(),
             demand_rotation: VecDeque::new(),
             background_rotation: VecDeque::new(),
             len: 0,
             active: 0,
-            fanout: Fanout {
-                copies: BTreeMap::new(),
-                order: VecDeque::new(),
-            },
         }
+    }
+
+    /// The fan-out in use now (0: no limit), see [`crate::fanout::FanoutRule`].
+    pub fn demand_fanout(&self) -> usize {
+        self.fanout.rule.fanout()
+    }
+
+    /// The fan-out rule, for its measurements.
+    pub fn fanout_rule(&self) -> &FanoutRule {
+        &self.fanout.rule
     }
 
     /// Whether any Demand copy still counts towards [`Config::demand_fanout`] (if not, Have
@@ -212,7 +255,7 @@ impl<P: Clone + Ord> ServeQueue<P> {
         self.fanout
             .copies
             .values()
-            .filter(|v| v.iter().any(|(_, at)| *at + hold > now))
+            .filter(|v| v.iter().any(|(_, at, _)| *at + hold > now))
             .count()
     }
 
@@ -241,7 +284,7 @@ impl<P: Clone + Ord> ServeQueue<P> {
         chunks: &[ChunkId],
     ) -> Vec<Queued> {
         let max = self.config.max_queued_per_peer;
-        let fanout_limit = self.config.demand_fanout;
+        let fanout_limit = self.fanout.rule.fanout();
         let limit_fanout = priority == Priority::Demand && fanout_limit > 0;
         if limit_fanout {
             self.fanout.expire(now, self.config.fanout_hold);
@@ -295,14 +338,25 @@ impl<P: Clone + Ord> ServeQueue<P> {
         out
     }
 
-    /// `peer` announced holding `chunks` (its Have update): the copies we were sending it no
-    /// longer count towards [`Config::demand_fanout`]; it can relay them now.
-    pub fn handle_peer_has(&mut self, peer: &P, chunks: &[ChunkId]) {
+    /// `peer` announced holding `chunks` (its Have update) at `now`: the copies we were sending it
+    /// no longer count towards the fan-out (it can relay them now), and each one's time from
+    /// acceptance to this announcement is a measurement for [`crate::fanout::FanoutRule`], with
+    /// `rtt` the peer's round-trip time if known.
+    pub fn handle_peer_has(
+        &mut self,
+        now: Instant,
+        peer: &P,
+        rtt: Option<Duration>,
+        chunks: &[ChunkId],
+    ) {
         if self.fanout.copies.is_empty() {
             return;
         }
         for chunk in chunks {
-            self.fanout.remove_if(chunk, |(p, _)| p == peer);
+            for (_, at, sharing) in self.fanout.remove_if(chunk, |(p, _, _)| p == peer) {
+                let took = now.saturating_duration_since(at);
+                self.fanout.rule.handle_copy_done(took, sharing, rtt);
+            }
         }
     }
 
@@ -310,7 +364,7 @@ impl<P: Clone + Ord> ServeQueue<P> {
     pub fn handle_cancel(&mut self, peer: &P, chunks: &[ChunkId]) {
         if !self.fanout.copies.is_empty() {
             for chunk in chunks {
-                self.fanout.remove_if(chunk, |(p, _)| p == peer);
+                self.fanout.remove_if(chunk, |(p, _, _)| p == peer);
             }
         }
         let Some(q) = self.peers.get_mut(peer) else {
@@ -336,11 +390,11 @@ impl<P: Clone + Ord> ServeQueue<P> {
                 .fanout
                 .copies
                 .iter()
-                .filter(|(_, v)| v.iter().any(|(p, _)| p == peer))
+                .filter(|(_, v)| v.iter().any(|(p, _, _)| p == peer))
                 .map(|(c, _)| *c)
                 .collect();
             for chunk in chunks {
-                self.fanout.remove_if(&chunk, |(p, _)| p == peer);
+                self.fanout.remove_if(&chunk, |(p, _, _)| p == peer);
             }
         }
         self.remove_queue(peer);
@@ -502,6 +556,7 @@ mod tests {
         ServeQueue::new(Config {
             max_active_uploads: usize::MAX,
             demand_fanout: limit,
+            fanout_from_rates: false,
             ..Config::default()
         })
     }
@@ -539,7 +594,7 @@ mod tests {
             [Queued::Relay]
         );
         // A recipient announces the chunk: one more may have it from us.
-        q.handle_peer_has(&2, &[c(1)]);
+        q.handle_peer_has(T0, &2, None, &[c(1)]);
         assert_eq!(
             q.handle_request(T0, &6, Priority::Demand, &[c(1)]),
             [Queued::Queued]
@@ -646,6 +701,7 @@ mod tests {
                 max_active_uploads: usize::MAX,
                 demand_fanout: LIMIT,
                 fanout_hold: hold,
+                fanout_from_rates: false,
                 ..Config::default()
             });
             // (chunk, peer) -> accepted at; and what is queued, as in the queue.
@@ -675,7 +731,7 @@ mod tests {
                         }
                     }
                     FanOp::Has(p, n) => {
-                        q.handle_peer_has(&u32::from(p), &[c(n)]);
+                        q.handle_peer_has(now, &u32::from(p), None, &[c(n)]);
                         copies.remove(&(n, p));
                     }
                     FanOp::Cancel(p, n) => {
@@ -698,6 +754,51 @@ mod tests {
                 copies.retain(|_, at| *at + hold > now);
                 let chunks: std::collections::BTreeSet<u8> = copies.keys().map(|k| k.0).collect();
                 prop_assert_eq!(q.fanning_out(now), chunks.len());
+            }
+        }
+    }
+
+    proptest! {
+        /// With the fan-out chosen from measured rates: it stays within 1..=`demand_fanout`, and
+        /// no chunk is ever accepted for more peers at once than the fan-out in use when it was
+        /// accepted (an upgrade of a queued Background request aside, which is documented to
+        /// count past the limit).
+        #[test]
+        fn fanout_from_rates_is_never_exceeded(
+            ops in proptest::collection::vec(fan_op(), 1..300),
+            rtt_us in 0u64..50_000,
+        ) {
+            const LIMIT: usize = 5;
+            let mut q = ServeQueue::new(Config {
+                max_active_uploads: usize::MAX,
+                demand_fanout: LIMIT,
+                fanout_hold: Duration::from_secs(1),
+                ..Config::default()
+            });
+            let rtt = Some(Duration::from_micros(rtt_us));
+            let mut now = T0;
+            for op in ops {
+                match op {
+                    FanOp::Request(p, n, demand) => {
+                        let prio = if demand { Priority::Demand } else { Priority::Background };
+                        let limit = q.demand_fanout();
+                        // As `handle_request` does first: copies past their hold no longer count.
+                        q.fanout.expire(now, q.config.fanout_hold);
+                        let before = q.fanout.count_without(&c(n), &u32::from(p));
+                        let r = q.handle_request(now, &u32::from(p), prio, &[c(n)])[0];
+                        if demand && r == Queued::Queued && !before.1 {
+                            prop_assert!(before.0 < limit, "{} copies on their way, fan-out {}", before.0, limit);
+                        }
+                    }
+                    FanOp::Has(p, n) => q.handle_peer_has(now, &u32::from(p), rtt, &[c(n)]),
+                    FanOp::Cancel(p, n) => q.handle_cancel(&u32::from(p), &[c(n)]),
+                    FanOp::Gone(p) => q.handle_peer_gone(&u32::from(p)),
+                    FanOp::Poll => {
+                        q.poll_next();
+                    }
+                    FanOp::Wait(ms) => now += Duration::from_millis(u64::from(ms)),
+                }
+                prop_assert!((1..=LIMIT).contains(&q.demand_fanout()));
             }
         }
     }

@@ -108,6 +108,16 @@ pub struct Counters {
     /// `Reject { Fanout }` answers (a Demand chunk already on its way to `serve.demand_fanout`
     /// other peers).
     pub fanout_rejects: u64,
+    /// Nodes whose fan-out rule measured at least one Demand copy, at the end of the run.
+    pub fanout_measured_nodes: u64,
+    /// Their smallest fan-out in use at the end.
+    pub fanout_min: u64,
+    /// Their mean fan-out in use at the end.
+    pub fanout_mean: f64,
+    /// Their largest fan-out in use at the end.
+    pub fanout_max: u64,
+    /// Their measured time to upload one chunk (`fanout::FanoutRule`), mean in milliseconds.
+    pub fanout_chunk_ms_mean: f64,
     /// Chunk writes that waited for room in a full send buffer (holding an upload slot).
     pub writes_waited: u64,
     /// `NoSource` events.

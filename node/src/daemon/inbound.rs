@@ -112,7 +112,8 @@ impl Daemon {
                             .iter()
                             .filter_map(|&i| img.manifest.chunks.get(i as usize).copied())
                             .collect();
-                        self.serve.handle_peer_has(&peer, &ids);
+                        let rtt = self.peers.get(&peer).and_then(|p| p.rtt);
+                        self.serve.handle_peer_has(now, &peer, rtt, &ids);
                     }
                 }
                 self.respond(channel, Message::Ack);

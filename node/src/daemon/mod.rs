@@ -1297,7 +1297,15 @@ impl Daemon {
             "images": self.images_json(),
             "fetches_in_flight": in_flight,
             "unstored_bytes": self.ingest.unstored_bytes(),
-            "serving": { "queued": self.serve.len(), "active": self.serve.active_uploads() },
+            "serving": {
+                "queued": self.serve.len(),
+                "active": self.serve.active_uploads(),
+                // The relay tree's fan-out in use and what it was chosen from.
+                "demand_fanout": self.serve.demand_fanout(),
+                "demand_fanout_max": self.serve.fanout_rule().max(),
+                "chunk_upload_ms": self.serve.fanout_rule().chunk_time().map(|d| d.as_secs_f64() * 1e3),
+                "hop_latency_ms": self.serve.fanout_rule().hop_latency().map(|d| d.as_secs_f64() * 1e3),
+            },
             "banned": self.banned.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
             "bootstrap": self.opts.bootstrap.iter().map(|a| serde_json::json!({
                 "addr": a.to_string(),

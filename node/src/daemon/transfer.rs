@@ -354,6 +354,12 @@ impl Daemon {
                 if fetched_at.is_some_and(|p| have_update_delay(p).is_zero()) {
                     t.announce_at_once.insert(c.index);
                 }
+                // The sender hears our Have updates from now on, even if it never asked for
+                // them (a publisher holding the whole image does not): our announcement is what
+                // ends its copy's count towards its fan-out, and its fan-out rule's measurement.
+                if let Some(img) = self.images.get_mut(&c.image) {
+                    img.interested.insert(c.peer);
+                }
                 self.metrics.fetch_latency(c.sent.elapsed());
                 tracing::debug!(image = %c.image, peer = %c.peer, index = c.index, ms = c.sent.elapsed().as_secs_f64() * 1e3, "chunk accepted");
                 self.metrics

@@ -219,6 +219,17 @@ pub fn summary_text(s: &Summary) -> String {
         let _ = writeln!(t, "  CHECK FAILED: {p}");
     }
     let k = &s.counters;
+    if k.fanout_measured_nodes > 0 {
+        let _ = writeln!(
+            t,
+            "  relay fan-out at the end ({} nodes measured): min {}, mean {:.2}, max {}; measured chunk upload time {:.2} ms (mean)",
+            k.fanout_measured_nodes,
+            k.fanout_min,
+            k.fanout_mean,
+            k.fanout_max,
+            k.fanout_chunk_ms_mean
+        );
+    }
     let _ = writeln!(
         t,
         "  events {}, simulated {:.2} s, flows {} ({} aborted), requests {}, cancels {}, busy {}, fan-out refusals {}, writes waited {}, want failures {}, no-source {}, lookups {}, connections {}, have updates {}, rate updates {}, solves {} ({:.1} flows each)",

@@ -731,6 +731,9 @@ impl Checker<'_> {
         if let Some(v) = p.demand_fanout {
             s.demand_fanout = v as usize;
         }
+        if let Some(v) = p.fanout_from_rates {
+            s.fanout_from_rates = v;
+        }
         if let Some(v) = p.origin_demand_fanout {
             s.origin_demand_fanout = v as usize;
         }

@@ -199,6 +199,7 @@ pub(crate) struct RawProtocol {
     pub(crate) max_active_uploads: Option<u32>,
     pub(crate) demand_fanout: Option<u32>,
     pub(crate) origin_demand_fanout: Option<u32>,
+    pub(crate) fanout_from_rates: Option<bool>,
     pub(crate) fanout_hold_ms: Option<f64>,
 }
 

@@ -132,9 +132,10 @@ impl World {
         self.counters.connections += 1;
         let peer_have = match self.host_of(peer) {
             None => {
-                // A source that is an ordinary node (not an origin) hears our Have updates, as
-                // the node's publisher does; its serve queue's fan-out needs them.
-                if !self.sc.sources[peer as usize].origin {
+                // A source hears our Have updates, as the node's publisher does once it has sent
+                // us a chunk; its serve queue's fan-out needs them. An origin without a fan-out
+                // limit ignores them, so they are not simulated.
+                if self.nodes[peer as usize].serve.fanout_rule().max() > 0 {
                     self.hosts[h as usize].have_peers.push(peer);
                 }
                 None

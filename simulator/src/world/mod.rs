@@ -636,13 +636,16 @@ impl World {
             Ev::CwndTick { from, to } => self.cwnd_tick(from, to),
             Ev::HaveBatch { from, to, indices } => {
                 let mut ids: Option<Vec<ChunkId>> = None;
+                let now = self.now();
                 for &peer in to.iter() {
-                    // Our copies to `from` of these chunks stop counting towards the fan-out.
+                    // Our copies to `from` of these chunks stop counting towards the fan-out, and
+                    // their times are the fan-out rule's measurements.
+                    let rtt = self.rtt(peer, from);
                     let serve = &mut self.nodes[peer as usize].serve;
                     if serve.has_fanout_copies() {
                         let ids = ids
                             .get_or_insert_with(|| indices.iter().map(|&i| chunk_id(i)).collect());
-                        serve.handle_peer_has(&from, ids);
+                        serve.handle_peer_has(now, &from, Some(rtt), ids);
                     }
                     if let Some(h) = self.host_of(peer) {
                         self.on_host_message(
@@ -794,7 +797,27 @@ impl World {
             source_egress,
             series_bin_s: bin_ns as f64 / 1e9,
             series,
-            counters: self.counters.clone(),
+            counters: {
+                let mut k = self.counters.clone();
+                let measured: Vec<(usize, f64)> = self
+                    .nodes
+                    .iter()
+                    .filter_map(|n| {
+                        let rule = n.serve.fanout_rule();
+                        rule.chunk_time()
+                            .map(|t| (rule.fanout(), t.as_secs_f64() * 1e3))
+                    })
+                    .collect();
+                if !measured.is_empty() {
+                    let n = measured.len() as f64;
+                    k.fanout_measured_nodes = measured.len() as u64;
+                    k.fanout_min = measured.iter().map(|m| m.0).min().unwrap_or(0) as u64;
+                    k.fanout_max = measured.iter().map(|m| m.0).max().unwrap_or(0) as u64;
+                    k.fanout_mean = measured.iter().map(|m| m.0 as f64).sum::<f64>() / n;
+                    k.fanout_chunk_ms_mean = measured.iter().map(|m| m.1).sum::<f64>() / n;
+                }
+                k
+            },
             kr_inputs: (u_s, u_hosts, d_min),
             first_start_s: secs(self.first_start),
         }
