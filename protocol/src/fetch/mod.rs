@@ -64,12 +64,16 @@
 //!   connected holder for [`Config::unavailable_deadline`] (a pull of an image nobody fully holds
 //!   ends with the missing chunks named, instead of hanging).
 //! - **Fan-out refusals.** A peer that answers `Reject { Fanout }` is sending that chunk to as
-//!   many others as it serves one chunk to at once (`serve::Config::demand_fanout`). It is not
-//!   asked for that chunk again for [`Config::relay_retry`], and gets no cool-down (it is not
-//!   overloaded); meanwhile the want goes to whichever peer announces the chunk next, typically
-//!   one of those it was being sent to, which announce a Demand chunk at once
-//!   (`wire::have_update_delay`). A lockstep flash crowd so spreads each block as a tree instead
-//!   of through one node's uplink.
+//!   many others as it serves one chunk to at once (`serve`, `fanout`). It is not asked for that
+//!   chunk again for [`Config::relay_retry`], and gets no cool-down (it is not overloaded);
+//!   meanwhile the want goes to a peer that announces the chunk later, typically one of those it
+//!   was being sent to, which announce a Demand chunk at once (`wire::have_update_delay`). A
+//!   lockstep flash crowd so spreads each block as a tree instead of through one node's uplink.
+//!   To keep the whole crowd from asking every new holder in turn (each would accept a few and
+//!   refuse the rest: messages growing with the square of the crowd), a refused want asks only
+//!   holders whose rendezvous score for this requester and chunk beats that of every peer that
+//!   refused it within `relay_retry` (`peer::relay_score`): a new holder among `k` is then asked
+//!   by about `1/k` of the waiting crowd, and the crowd splits over the tree's branches.
 //! - **Endgame.** When every wanted chunk is in flight and at most [`Config::endgame_threshold`]
 //!   remain, each is also requested from up to [`Config::endgame_max_requests`] peers; the first valid
 //!   copy wins and the others are cancelled.
@@ -93,7 +97,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::bitfield::ChunkBitmap;
 use crate::priority::Priority;
 use crate::time::Instant;
-use peer::{Peer, RankKey, site_score, stable_key};
+use peer::{Peer, RankKey, relay_score, site_score, stable_key};
 
 /// How many Background queue entries to scan for a peer before switching to a bitmap intersection.
 const SCAN_BUDGET: usize = 64;
@@ -372,8 +376,9 @@ struct Want<P> {
     /// ([`Config::demand_assign_wait`]).
     assign_after: Option<Instant>,
     /// Peers that refused this chunk with [`RejectKind::Fanout`], each not asked for it again
-    /// before its instant ([`Config::relay_retry`]).
-    relayed: Vec<(P, Instant)>,
+    /// before its instant ([`Config::relay_retry`]), with its relay score
+    /// ([`peer::relay_score`]): until then only holders scoring higher are asked.
+    relayed: Vec<(P, Instant, u64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -910,10 +915,15 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             RejectKind::Busy => self.cool_down(peer, now + self.config.timeout_backoff),
             RejectKind::Fanout => {
                 if was_in_flight {
+                    let holder = self
+                        .peers
+                        .get(peer)
+                        .map_or_else(|| stable_key(peer), |p| p.key);
+                    let score = relay_score(self.local_key.unwrap_or(0), holder, index);
                     if let Some(w) = self.wants[index as usize].as_mut() {
                         let until = now + self.config.relay_retry;
-                        w.relayed.retain(|(p, _)| p != peer);
-                        w.relayed.push((peer.clone(), until));
+                        w.relayed.retain(|(p, _, _)| p != peer);
+                        w.relayed.push((peer.clone(), until, score));
                         self.relay_due.insert((until, index));
                     }
                 }
@@ -1036,7 +1046,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             }
             self.relay_due.pop_first();
             if let Some(w) = self.wants[index as usize].as_mut() {
-                w.relayed.retain(|(_, until)| *until > now);
+                w.relayed.retain(|(_, until, _)| *until > now);
                 match w.priority {
                     Priority::Demand => {
                         self.demand_fresh.insert(index);
@@ -1257,7 +1267,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             self.wan_after_deadlines.remove(&(t, index));
         }
         self.hedge_candidates.remove(&index);
-        for (_, until) in &w.relayed {
+        for (_, until, _) in &w.relayed {
             self.relay_due.remove(&(*until, index));
         }
         if w.priority == Priority::Demand {
@@ -1603,12 +1613,30 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         !waiting
     }
 
-    /// Whether `peer` refused `index` with [`RejectKind::Fanout`] less than
-    /// [`Config::relay_retry`] ago.
+    /// Whether `peer` is not to be asked for `index` now because of fan-out refusals: it refused
+    /// it less than [`Config::relay_retry`] ago, or another peer did that scores higher for us
+    /// ([`peer::relay_score`]).
     fn relay_excluded(&self, now: Instant, peer: &P, index: u32) -> bool {
-        self.wants[index as usize]
-            .as_ref()
-            .is_some_and(|w| w.relayed.iter().any(|(p, until)| p == peer && now < *until))
+        let Some(w) = self.wants[index as usize].as_ref() else {
+            return false;
+        };
+        let mut bar = None;
+        for (p, until, score) in &w.relayed {
+            if now < *until {
+                if p == peer {
+                    return true;
+                }
+                bar = bar.max(Some(*score));
+            }
+        }
+        let Some(bar) = bar else {
+            return false;
+        };
+        let holder = self
+            .peers
+            .get(peer)
+            .map_or_else(|| stable_key(peer), |p| p.key);
+        relay_score(self.local_key.unwrap_or(0), holder, index) <= bar
     }
 
     /// The best peer to ask for `index` at `priority`, skipping `exclude`.

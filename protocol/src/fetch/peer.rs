@@ -149,6 +149,13 @@ pub(crate) fn site_score(key: u64, index: u32) -> u64 {
     mix(key ^ mix(u64::from(index).wrapping_add(0x9E37_79B9_7F4A_7C15)))
 }
 
+/// Rendezvous score of holder `holder` for chunk `index` as seen by requester `requester`: after a
+/// fan-out refusal a requester asks only holders scoring above every holder that refused it, so
+/// the crowd waiting for one chunk splits over the new holders instead of all asking each one.
+pub(crate) fn relay_score(requester: u64, holder: u64, index: u32) -> u64 {
+    site_score(holder ^ mix(requester ^ 0xA076_1D64_78BD_642F), index)
+}
+
 /// SplitMix64 finaliser.
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

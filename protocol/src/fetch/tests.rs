@@ -506,12 +506,24 @@ fn reject_not_found_forgets_the_chunk_and_busy_cools_down() {
     );
 }
 
+/// For a requester without a local key (0) and chunk 0: a peer id scoring above peer 1, and one
+/// scoring below it ([`relay_score`]).
+fn relay_ids_around_peer_1() -> (u32, u32) {
+    let score = |p: u32| relay_score(0, stable_key(&p), 0);
+    let above = (2..100).find(|&p| score(p) > score(1)).unwrap();
+    let below = (2..100).find(|&p| score(p) < score(1)).unwrap();
+    (above, below)
+}
+
 #[test]
 fn a_fanout_refusal_waits_for_a_relay_without_cooling_the_peer() {
-    // Peer 1 holds everything; peer 2 (same site) holds nothing yet.
+    // Peer 1 holds everything; two same-site peers hold nothing yet.
+    let (above, below) = relay_ids_around_peer_1();
     let mut s = asked_peer_1("dc1", 1, 0, Priority::Demand);
-    s.handle_peer_connected(t(0), 2, info("dc1", 1));
-    s.handle_peer_have(t(0), &2, &ChunkBitmap::new(4));
+    for p in [above, below] {
+        s.handle_peer_connected(t(0), p, info("dc1", 1));
+        s.handle_peer_have(t(0), &p, &ChunkBitmap::new(4));
+    }
     s.handle_reject(t(1), &1, 0, RejectKind::Fanout);
     assert!(
         requests(&drain_actions(&mut s)).is_empty(),
@@ -523,12 +535,31 @@ fn a_fanout_refusal_waits_for_a_relay_without_cooling_the_peer() {
         requests(&drain_actions(&mut s)),
         vec![(1, Priority::Demand, 1)]
     );
-    // Peer 2, one of those peer 1 was sending chunk 0 to, announces it: chunk 0 goes there.
-    s.handle_peer_have_update(t(5), &2, &[0]);
+    // A relay scoring below the refusing peer announces chunk 0: the rest of the crowd asks it,
+    // not us (the crowd splits over the relays by score).
+    s.handle_peer_have_update(t(4), &below, &[0]);
+    assert!(requests(&drain_actions(&mut s)).is_empty());
+    // One scoring above announces it: chunk 0 goes there.
+    s.handle_peer_have_update(t(5), &above, &[0]);
     assert_eq!(
         requests(&drain_actions(&mut s)),
-        vec![(2, Priority::Demand, 0)]
+        vec![(above, Priority::Demand, 0)]
     );
+}
+
+#[test]
+fn after_relay_retry_any_holder_may_be_asked() {
+    let (_, below) = relay_ids_around_peer_1();
+    let mut s = asked_peer_1("dc1", 1, 0, Priority::Demand);
+    s.handle_peer_connected(t(0), below, info("dc1", 1));
+    s.handle_peer_have(t(0), &below, &ChunkBitmap::new(4));
+    s.handle_reject(t(1), &1, 0, RejectKind::Fanout);
+    s.handle_peer_have_update(t(2), &below, &[0]);
+    assert!(requests(&drain_actions(&mut s)).is_empty());
+    let retry = cfg().relay_retry;
+    let asked = requests(&advance(&mut s, t(1) + retry));
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].2, 0);
 }
 
 #[test]
@@ -548,7 +579,8 @@ fn a_fanout_refusal_is_retried_after_relay_retry() {
 #[test]
 fn two_refusing_peers_are_not_asked_in_turn() {
     // Peers 1 and 2 both hold chunk 0 and both refuse it: each waits out its own relay_retry,
-    // instead of the want bouncing between them.
+    // instead of the want bouncing between them. After the first refusal the second is asked only
+    // if it scores above the first (the relay bar).
     let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
     for p in [1, 2] {
         s.handle_peer_connected(t(0), p, info("dc1", 1));
@@ -559,16 +591,20 @@ fn two_refusing_peers_are_not_asked_in_turn() {
     assert_eq!(first.len(), 1);
     let (a, b) = if first[0].0 == 1 { (1, 2) } else { (2, 1) };
     s.handle_reject(t(1), &a, 0, RejectKind::Fanout);
-    assert_eq!(
-        requests(&drain_actions(&mut s)),
-        vec![(b, Priority::Demand, 0)]
-    );
-    s.handle_reject(t(2), &b, 0, RejectKind::Fanout);
+    let score = |p: u32| relay_score(0, stable_key(&p), 0);
+    if score(b) > score(a) {
+        assert_eq!(
+            requests(&drain_actions(&mut s)),
+            vec![(b, Priority::Demand, 0)]
+        );
+        s.handle_reject(t(2), &b, 0, RejectKind::Fanout);
+    }
     assert!(requests(&drain_actions(&mut s)).is_empty());
     let retry = cfg().relay_retry;
     assert_eq!(
-        requests(&advance(&mut s, t(1) + retry)),
-        vec![(a, Priority::Demand, 0)]
+        requests(&advance(&mut s, t(1) + retry)).len(),
+        if score(b) > score(a) { 0 } else { 1 },
+        "the bar set by {a} ends at its relay_retry; {b}'s refusal, if any, lasts longer"
     );
 }
 
@@ -1570,9 +1606,16 @@ fn check_invariants(
             } else {
                 p.limit
             };
-            let refused = s.wants[index as usize]
-                .as_ref()
-                .is_some_and(|w| w.relayed.iter().any(|(q, until)| q == id && now < *until));
+            // Refused by this peer, or by one scoring at least as high for us (the relay bar).
+            let refused = s.wants[index as usize].as_ref().is_some_and(|w| {
+                let live = w.relayed.iter().filter(|(_, until, _)| now < *until);
+                let mine = relay_score(s.local_key.unwrap_or(0), p.key, index);
+                live.clone().any(|(q, _, _)| q == id)
+                    || live
+                        .map(|(_, _, score)| *score)
+                        .max()
+                        .is_some_and(|bar| mine <= bar)
+            });
             let could = p.have.contains(index)
                 && p.in_flight() < capacity
                 && model_locality_allows(s, now, p, index)
