@@ -1159,7 +1159,8 @@ impl Drop for Children {
 #[test]
 fn lockstep_lazy_readers_on_8_nodes_where_the_first_holders_upload_stays_bounded() {
     // Eight nodes lazily mount one image that only the publisher holds and copy it through their
-    // exports at the same moment: a lockstep flash crowd. Every node has `demand_fanout = 2`.
+    // exports at the same moment: a lockstep flash crowd. Every node has `demand_fanout = 2`
+    // (`VMSWARM_TEST_FANOUT` sets another value for comparison; the upload bound is for 2 only).
     let seed = seed();
     let fanout: usize = std::env::var("VMSWARM_TEST_FANOUT")
         .ok()
@@ -1251,21 +1252,32 @@ fn lockstep_lazy_readers_on_8_nodes_where_the_first_holders_upload_stays_bounded
             m["fanout_refusals"],
         );
     }
+    // Only non-zero chunks travel (a zero chunk is read as zeros): the publisher's upload in
+    // copies of those is how many peers it sent each one to, on average.
+    let chunk = 256 * 1024;
+    let wire_bytes = (data
+        .chunks(chunk)
+        .filter(|c| c.iter().any(|&x| x != 0))
+        .count()
+        * chunk) as f64;
     let published = stats[0].1["metrics"]["bytes_out"].as_u64().unwrap();
-    let images = published as f64 / image_bytes;
-    eprintln!("publisher upload: {images:.2} images (demand_fanout = {fanout}, seed {seed})");
+    let copies = published as f64 / wire_bytes;
+    eprintln!(
+        "publisher upload: {:.2} images, {copies:.2} copies of the non-zero chunks (demand_fanout = {fanout}, seed {seed})",
+        published as f64 / image_bytes
+    );
     // The publisher sends each chunk at Demand to at most `demand_fanout` = 2 peers at once; the
-    // six others are refused (`Reject { Fanout }`) and take it from a receiver, which announces it
-    // as soon as it holds it. Without the limit the eight lockstep readers would each take most of
-    // the image from the first holder (up to 8 images). A request the publisher may still answer
-    // after its first two copies (one that arrives once a copy has been announced, or after
-    // `fanout_hold`, or an endgame duplicate) costs a chunk more now and then, never a copy per
-    // reader: 3 images leave a whole image of slack over the two-copy ideal and still fail if the
-    // limit stops working.
+    // six other readers are refused (`Reject { Fanout }`) and take it from a receiver, which
+    // announces it as soon as it holds it. A copy stops counting once its receiver announces the
+    // chunk, so a requester whose refusal has expired (`relay_retry`) may still get it from the
+    // publisher, and hedged and endgame duplicates add some more: measured 2.55 to 2.8 copies over
+    // five seeds (2.2 to 2.4 images of 32 MiB), against 7.0 copies (nearly one per reader) with
+    // no limit and 4.0 with `demand_fanout = 4`. 3.5 copies leave a quarter of slack
+    // over the worst run and still fail without the limit.
     if fanout == 2 {
         assert!(
-            images <= 3.0,
-            "the publisher uploaded {images:.2} images for 8 lockstep readers (seed {seed})"
+            copies <= 3.5,
+            "the publisher sent each chunk {copies:.2} times on average to 8 lockstep readers (seed {seed})"
         );
     }
 }
