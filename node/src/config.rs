@@ -163,10 +163,18 @@ mod tests {
         let mut f = vmswarm_protocol::fetch::Config::default();
         c.apply(&mut f);
         assert_eq!(f.request_timeout.as_millis(), 900);
-        std::fs::write(&p, "[serve]\ndemand_fanout = 1\n").unwrap();
+        std::fs::write(
+            &p,
+            "[serve]\ndemand_fanout = 1\nfanout_from_rates = false\norigin_demand_fanout = 6\nmax_active_uploads = 3\n",
+        )
+        .unwrap();
         let mut s = vmswarm_protocol::serve::Config::default();
         FileConfig::load(&p).unwrap().apply_serve(&mut s);
         assert_eq!(s.demand_fanout, 1);
+        assert!(!s.fanout_from_rates);
+        assert_eq!(s.origin_demand_fanout, 6);
+        assert_eq!(s.for_origin().demand_fanout, 6);
+        assert_eq!(s.max_active_uploads, 3);
         std::fs::write(&p, "sitee = \"dc1\"\n").unwrap();
         let err = FileConfig::load(&p).unwrap_err().to_string();
         assert!(err.contains("sitee"), "{err}");
