@@ -801,7 +801,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             self.peer_lost_chunk(now, peer, index);
         }
         for index in have.iter().filter(|&i| !old.contains(i)) {
-            self.peer_gained_chunk(peer, index);
+            self.peer_gained_chunk(now, peer, index);
         }
         self.schedule(now);
     }
@@ -813,7 +813,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
         for &index in indices {
             if index < self.chunks {
-                self.peer_gained_chunk(peer, index);
+                self.peer_gained_chunk(now, peer, index);
             }
         }
         self.schedule(now);
@@ -893,7 +893,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         };
         // A peer that sent the chunk holds it.
         if self.peers.contains_key(peer) {
-            self.peer_gained_chunk(peer, index);
+            self.peer_gained_chunk(now, peer, index);
         }
         self.schedule(now);
         delivery
@@ -1334,7 +1334,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
     }
 
-    fn peer_gained_chunk(&mut self, peer: &P, index: u32) {
+    fn peer_gained_chunk(&mut self, now: Instant, peer: &P, index: u32) {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
@@ -1358,7 +1358,12 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if let Some(w) = &self.wants[i] {
             if w.priority == Priority::Demand {
                 if w.requested_from.is_empty() {
-                    self.demand_fresh.insert(index);
+                    // A holder below the relay bar changes nothing for a waiting want: in a
+                    // flash crowd most announcements are such, and looking for a source for
+                    // each would cost a scan of all peers.
+                    if !self.relay_excluded(now, peer, index) {
+                        self.demand_fresh.insert(index);
+                    }
                 } else if w.requested_from.len() == 1 {
                     self.hedge_candidates.insert(index);
                 }
