@@ -1057,40 +1057,13 @@ fn a_demand_crowd_is_relayed_between_mounts_and_every_copy_is_exact() {
     // (`Reject { Fanout }`, then the relays' Have updates) and still read it byte for byte.
     let seed = seed();
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("fanout.toml");
-    std::fs::write(&config, "[serve]\ndemand_fanout = 1\n").unwrap();
-    let config = config.to_str().unwrap().to_owned();
-    let a = Node::start(
-        &tmp.path().join("a"),
-        "dc1",
-        None,
-        &["--config", config.as_str()],
-    );
-    let file = tmp.path().join("disk.raw");
-    let data = common::make_image(&file, 16 * MIB, seed);
-    let image = publish(&a, &file);
     let names = ["b", "c", "d", "e"];
-    let nodes: Vec<Node> = names
-        .iter()
-        .map(|n| {
-            Node::start(
-                &tmp.path().join(n),
-                "dc1",
-                Some(&a.addr),
-                &["--config", config.as_str()],
-            )
-        })
-        .collect();
-    for n in &nodes {
-        wait_for_peers(n, 1);
-    }
-    let mut socks = Vec::new();
-    for (n, name) in nodes.iter().zip(names) {
-        let sock = tmp.path().join(format!("{name}.sock"));
-        let arg = format!("unix:{}", sock.display());
-        cli_ok(n, &["mount", &image, "--nbd", &arg, "--name", "disk"]);
-        socks.push(sock);
-    }
+    let Crowd {
+        a,
+        nodes,
+        data,
+        socks,
+    } = Crowd::start(tmp.path(), 1, &names, 16 * MIB, seed, 1);
     // All four copies at once, each through its own node's export.
     let copies: Vec<PathBuf> = names
         .iter()
@@ -1141,6 +1114,56 @@ fn a_demand_crowd_is_relayed_between_mounts_and_every_copy_is_exact() {
     );
 }
 
+/// A publisher `a` holding one image and nodes that lazily mount it through NBD exports, every
+/// node with `[serve] demand_fanout = fanout`: the set-up of the flash-crowd tests.
+struct Crowd {
+    a: Node,
+    nodes: Vec<Node>,
+    data: Vec<u8>,
+    socks: Vec<PathBuf>,
+}
+
+impl Crowd {
+    /// Starts it in `dir`: `names` are the mounting nodes, each waits until it sees `peers` peers.
+    fn start(
+        dir: &Path,
+        fanout: usize,
+        names: &[&str],
+        size: usize,
+        seed: u64,
+        peers: usize,
+    ) -> Crowd {
+        let config = dir.join("fanout.toml");
+        std::fs::write(&config, format!("[serve]\ndemand_fanout = {fanout}\n")).unwrap();
+        let config = config.to_str().unwrap().to_owned();
+        let extra = ["--config", config.as_str()];
+        let a = Node::start(&dir.join("a"), "dc1", None, &extra);
+        let file = dir.join("disk.raw");
+        let data = common::make_image(&file, size, seed);
+        let image = publish(&a, &file);
+        let nodes: Vec<Node> = names
+            .iter()
+            .map(|n| Node::start(&dir.join(n), "dc1", Some(&a.addr), &extra))
+            .collect();
+        for n in &nodes {
+            wait_for_peers(n, peers);
+        }
+        let mut socks = Vec::new();
+        for (n, name) in nodes.iter().zip(names) {
+            let sock = dir.join(format!("{name}.sock"));
+            let arg = format!("unix:{}", sock.display());
+            cli_ok(n, &["mount", &image, "--nbd", &arg, "--name", "disk"]);
+            socks.push(sock);
+        }
+        Crowd {
+            a,
+            nodes,
+            data,
+            socks,
+        }
+    }
+}
+
 /// Children that are killed and reaped when dropped, so a failing assertion leaves none behind.
 struct Children(Vec<(String, std::process::Child)>);
 
@@ -1177,41 +1200,14 @@ fn lockstep_lazy_readers_on_8_nodes_where_the_first_holders_upload_stays_bounded
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("fanout.toml");
-    std::fs::write(&config, format!("[serve]\ndemand_fanout = {fanout}\n")).unwrap();
-    let config = config.to_str().unwrap().to_owned();
-    let a = Node::start(
-        &tmp.path().join("a"),
-        "dc1",
-        None,
-        &["--config", config.as_str()],
-    );
-    let file = tmp.path().join("disk.raw");
-    let data = common::make_image(&file, 32 * MIB, seed);
-    let image = publish(&a, &file);
     let names = ["b", "c", "d", "e", "f", "g", "h", "i"];
-    let nodes: Vec<Node> = names
-        .iter()
-        .map(|n| {
-            Node::start(
-                &tmp.path().join(n),
-                "dc1",
-                Some(&a.addr),
-                &["--config", config.as_str()],
-            )
-        })
-        .collect();
     // A full mesh: each node sees the publisher and the seven others.
-    for n in &nodes {
-        wait_for_peers(n, names.len());
-    }
-    let mut socks = Vec::new();
-    for (n, name) in nodes.iter().zip(names) {
-        let sock = tmp.path().join(format!("{name}.sock"));
-        let arg = format!("unix:{}", sock.display());
-        cli_ok(n, &["mount", &image, "--nbd", &arg, "--name", "disk"]);
-        socks.push(sock);
-    }
+    let Crowd {
+        a,
+        nodes,
+        data,
+        socks,
+    } = Crowd::start(tmp.path(), fanout, &names, 32 * MIB, seed, names.len());
     let copies: Vec<PathBuf> = names
         .iter()
         .map(|n| tmp.path().join(format!("{n}.copy")))
