@@ -32,6 +32,8 @@ pub struct Metrics {
     pub chunks_served: AtomicU64,
     /// Demand requests refused because the chunk was on its way to `demand_fanout` other peers.
     pub fanout_refusals: AtomicU64,
+    /// The relay fan-out in use (a gauge; 0: no limit), set by the daemon as it changes.
+    pub demand_fanout: AtomicU64,
     /// Chunks that failed verification.
     pub chunks_corrupt: AtomicU64,
     /// Chunks the local store dropped after start (found rotten and quarantined, or vanished).
@@ -187,6 +189,9 @@ pub struct Snapshot {
     /// Demand requests refused with `Fanout` (the chunk was on its way to enough peers).
     #[serde(default)]
     pub fanout_refusals: u64,
+    /// The relay fan-out in use (0: no limit).
+    #[serde(default)]
+    pub demand_fanout: u64,
     /// Corrupt chunks received.
     pub chunks_corrupt: u64,
     /// Chunks the local store dropped after start (rotten or vanished).
@@ -261,6 +266,7 @@ impl Metrics {
             chunks_fetched: self.chunks_fetched.load(Ordering::Relaxed),
             chunks_served: self.chunks_served.load(Ordering::Relaxed),
             fanout_refusals: self.fanout_refusals.load(Ordering::Relaxed),
+            demand_fanout: self.demand_fanout.load(Ordering::Relaxed),
             chunks_corrupt: self.chunks_corrupt.load(Ordering::Relaxed),
             store_chunks_dropped: self.store_chunks_dropped.load(Ordering::Relaxed),
             bans: self.bans.load(Ordering::Relaxed),
@@ -333,6 +339,11 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP vmswarm_demand_fanout Peers one chunk VMs wait for is sent to at once (chosen from measured rates; 0: no limit).\n# TYPE vmswarm_demand_fanout gauge\nvmswarm_demand_fanout {}",
+            s.demand_fanout
+        );
         let _ = writeln!(
             out,
             "# HELP vmswarm_fetch_latency_seconds Chunk request to verified chunk.\n# TYPE vmswarm_fetch_latency_seconds histogram"

@@ -1108,6 +1108,7 @@ fn a_demand_crowd_is_relayed_between_mounts_and_every_copy_is_exact() {
     eprintln!("publisher serving: {serving}");
     assert_eq!(serving["demand_fanout_max"], 1, "{serving}");
     assert_eq!(serving["demand_fanout"], 1, "{serving}");
+    assert_eq!(a.status()["metrics"]["demand_fanout"], 1);
     assert!(
         serving["chunk_upload_ms"].as_f64().is_some(),
         "no Demand copy was measured (seed {seed}): {serving}"

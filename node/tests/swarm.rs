@@ -343,6 +343,15 @@ fn cli_errors_are_clear() {
         "{text}"
     );
     assert!(text.contains("vmswarm_bans_total 0"), "{text}");
+    // The relay fan-out gauge, at the default maximum until a Demand copy is measured.
+    assert!(text.contains("# TYPE vmswarm_demand_fanout gauge"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "vmswarm_demand_fanout {}",
+            vmswarm_protocol::serve::DEFAULT_DEMAND_FANOUT
+        )),
+        "{text}"
+    );
     assert!(http_get(&metrics_addr, "/other").starts_with("HTTP/1.1 404"));
 
     let bad = std::process::Command::new(common::BIN)

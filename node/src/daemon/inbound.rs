@@ -114,6 +114,10 @@ impl Daemon {
                             .collect();
                         let rtt = self.peers.get(&peer).and_then(|p| p.rtt);
                         self.serve.handle_peer_has(now, &peer, rtt, &ids);
+                        self.metrics.demand_fanout.store(
+                            self.serve.demand_fanout() as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                     }
                 }
                 self.respond(channel, Message::Ack);

@@ -399,6 +399,10 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         mounts: mounts::Mounts::new(demand_tx, opts_profile_window),
         dropped_rx,
     };
+    d.metrics.demand_fanout.store(
+        d.serve.demand_fanout() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     d.load_images();
 
     // Warn once about bootstrap peers still not connected after BOOTSTRAP_WARN_AFTER.
