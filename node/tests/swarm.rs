@@ -344,7 +344,10 @@ fn cli_errors_are_clear() {
     );
     assert!(text.contains("vmswarm_bans_total 0"), "{text}");
     // The relay fan-out gauge, at the default maximum until a Demand copy is measured.
-    assert!(text.contains("# TYPE vmswarm_demand_fanout gauge"), "{text}");
+    assert!(
+        text.contains("# TYPE vmswarm_demand_fanout gauge"),
+        "{text}"
+    );
     assert!(
         text.contains(&format!(
             "vmswarm_demand_fanout {}",
