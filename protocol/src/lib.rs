@@ -14,6 +14,7 @@
 //! - [`wire`] and [`codec`]: the peer-to-peer messages and their framing.
 //! - [`fetch`]: the fetch scheduler — which chunk to request from whom, and when to give up.
 //! - [`serve`]: the serving side's queue — which incoming request to answer next.
+//! - [`site`]: which few nodes of a site bring an image into it (site gateways).
 
 pub mod bitfield;
 pub mod chunker;
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod manifest;
 pub mod priority;
 pub mod serve;
+pub mod site;
 pub mod time;
 pub mod wire;
 

@@ -30,7 +30,10 @@
 //!   (waiting for a free slot there rather than crossing the WAN). Otherwise exactly one node of the
 //!   site is *assigned* the chunk's outside fetch: the one with the highest rendezvous score
 //!   (a hash of its stable peer key and the chunk index) among itself and its connected same-site
-//!   peers ([`FetchScheduler::set_local_peer`]; without it every node counts as assigned). The
+//!   peers ([`FetchScheduler::set_local_peer`]; without it every node counts as assigned), or,
+//!   once the caller names the site's gateways for the image ([`FetchScheduler::set_site_gateways`],
+//!   [`crate::site`]), among the live gateways alone, so that the site agrees on one assignee
+//!   whatever part of it each node sees. The
 //!   assigned node queues its assigned Background chunks first; the others' Background wants wait
 //!   for its copy for at most [`Config::site_assign_wait`]. A same-site peer's `Fetching`
 //!   announcement is waited for, for at most [`Config::local_pending_wait`] by a Background want
@@ -451,9 +454,19 @@ pub struct FetchScheduler<P> {
     demand_rescan: bool,
     /// Our own stable key, if the caller told us who we are (enables the per-site assignment).
     local_key: Option<u64>,
-    /// Per chunk, the highest rendezvous score among connected same-site, non-suspect peers (empty
-    /// without a local key).
+    /// Per chunk, the highest rendezvous score among the other nodes the site's outside fetches
+    /// are assigned among (empty without a local key): the live site gateways when
+    /// [`Self::via_gateways`], else the connected same-site, non-suspect peers.
     best_other: Vec<u64>,
+    /// The stable keys of our site's gateways for this image ([`crate::site`]), ours included
+    /// if we are one; empty when the caller named none.
+    gateway_keys: Vec<u64>,
+    /// Gateways whose connection was lost (they count again once they reconnect).
+    gateways_down: BTreeSet<u64>,
+    /// Outside fetches are assigned among the live gateways (we are one, or one is alive).
+    via_gateways: bool,
+    /// We are one of the site's gateways.
+    local_gateway: bool,
     /// When wants stop waiting for a same-site copy.
     wan_after_deadlines: BTreeSet<(Instant, u32)>,
     /// Demand wants in flight to one peer whose chunk a new peer obtained: hedge candidates.
@@ -516,6 +529,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             demand_rescan: false,
             local_key: None,
             best_other: Vec::new(),
+            gateway_keys: Vec::new(),
+            gateways_down: BTreeSet::new(),
+            via_gateways: false,
+            local_gateway: false,
             wan_after_deadlines: BTreeSet::new(),
             hedge_candidates: BTreeSet::new(),
             hedge_due: BTreeSet::new(),
@@ -536,6 +553,36 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.local_key = Some(stable_key(me));
         self.rebuild_site_scores();
         self.schedule(now);
+    }
+
+    /// Tells the scheduler its site's gateways for this image ([`crate::site`]), our own peer id
+    /// among them if we are one. From then on each chunk's outside fetch is assigned to the live
+    /// gateway with the highest rendezvous score for it, among the gateways alone: a node that is
+    /// not a gateway waits for their copies (for at most the assignment waits) instead of taking
+    /// the chunk from outside itself, so the site agrees on one assignee however little of it each
+    /// node sees. A gateway counts as alive until its connection is lost or it turns suspect (and
+    /// again once it reconnects), also before we first connect to it. When we are not a gateway
+    /// and none is alive (or the list is empty) the assignment returns to the connected same-site
+    /// peers. Takes effect once [`Self::set_local_peer`] was called; a new list replaces the old.
+    pub fn set_site_gateways(&mut self, now: Instant, gateways: &[P]) {
+        let mut keys: Vec<u64> = gateways.iter().map(stable_key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys == self.gateway_keys {
+            return;
+        }
+        self.gateway_keys = keys;
+        self.gateways_down
+            .retain(|k| self.gateway_keys.binary_search(k).is_ok());
+        self.rebuild_site_scores();
+        self.bump_generation();
+        self.demand_rescan = true;
+        self.schedule(now);
+    }
+
+    /// Whether we are one of our site's gateways for this image and the assignment runs over them.
+    pub fn is_site_gateway(&self) -> bool {
+        self.via_gateways && self.local_gateway
     }
 
     /// The configuration in force.
@@ -763,7 +810,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         p.last_progress = now;
         let key = p.key;
         self.peers.insert(peer, p);
-        if same_site {
+        if self.gateways_down.remove(&key) {
+            self.rebuild_site_scores();
+        } else if same_site {
             self.site_member_added(key);
         }
         self.schedule(now);
@@ -1447,6 +1496,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let pending: Vec<(u32, Instant)> = p.pending.iter().map(|(&i, &t)| (i, t)).collect();
         let local = p.counts_as_local();
         let cooldown = p.cooldown_until;
+        let key = p.key;
         let requests: Vec<u32> = self
             .in_flight
             .range((peer.clone(), 0)..=(peer.clone(), u32::MAX))
@@ -1465,7 +1515,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         for index in have {
             self.chunk_unavailable(now, index, local);
         }
-        if local {
+        let gateway_lost =
+            self.gateway_keys.binary_search(&key).is_ok() && self.gateways_down.insert(key);
+        if local || gateway_lost {
             self.rebuild_site_scores();
         }
         self.bump_generation();
@@ -1530,7 +1582,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     fn site_assigned_to_us(&self, index: u32) -> bool {
         match self.local_key {
             None => true,
-            Some(key) => site_score(key, index) > self.best_other[index as usize],
+            Some(key) => {
+                (!self.via_gateways || self.local_gateway)
+                    && site_score(key, index) > self.best_other[index as usize]
+            }
         }
     }
 
@@ -1540,6 +1595,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let Some(mine) = self.local_key else {
             return;
         };
+        if self.via_gateways {
+            // Only the gateways count; a reconnecting one is handled by the caller.
+            return;
+        }
         for index in 0..self.chunks {
             let i = index as usize;
             let score = site_score(key, index);
@@ -1555,15 +1614,35 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 
     /// Recomputes the best same-site scores from scratch (after a member left or turned suspect).
     fn rebuild_site_scores(&mut self) {
-        if self.local_key.is_none() {
+        let Some(mine) = self.local_key else {
             return;
-        }
-        let keys: Vec<u64> = self
-            .peers
-            .values()
-            .filter(|p| p.counts_as_local())
-            .map(|p| p.key)
+        };
+        self.local_gateway = self.gateway_keys.binary_search(&mine).is_ok();
+        let suspect: BTreeSet<u64> = if self.gateway_keys.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.peers
+                .values()
+                .filter(|p| p.suspect)
+                .map(|p| p.key)
+                .collect()
+        };
+        let live: Vec<u64> = self
+            .gateway_keys
+            .iter()
+            .copied()
+            .filter(|k| *k != mine && !self.gateways_down.contains(k) && !suspect.contains(k))
             .collect();
+        self.via_gateways = self.local_gateway || !live.is_empty();
+        let keys: Vec<u64> = if self.via_gateways {
+            live
+        } else {
+            self.peers
+                .values()
+                .filter(|p| p.counts_as_local())
+                .map(|p| p.key)
+                .collect()
+        };
         self.best_other = (0..self.chunks)
             .map(|index| {
                 keys.iter()

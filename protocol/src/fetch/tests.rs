@@ -1678,3 +1678,162 @@ proptest! {
         prop_assert!(first == second, "same seed, different run (seed {})", sc.seed);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Site gateways
+// ------------------------------------------------------------------------------------------------
+
+/// Chunks of `0..n` requested from remote peer 9 by `s` until `until`, each delivered at once.
+fn outside_fetches(s: &mut FetchScheduler<u32>, from: Instant, until: Instant) -> BTreeSet<u32> {
+    let mut got = BTreeSet::new();
+    let mut now = from;
+    loop {
+        let fresh: Vec<u32> = requests(&advance(s, now))
+            .into_iter()
+            .filter(|r| r.0 == 9)
+            .map(|r| r.2)
+            .collect();
+        for &i in &fresh {
+            got.insert(i);
+            s.handle_chunk(now, &9, i, ChunkOutcome::Valid);
+        }
+        if fresh.is_empty() {
+            match s.poll_timeout() {
+                Some(at) if at <= until => now = at,
+                _ => return got,
+            }
+        }
+    }
+}
+
+#[test]
+fn only_the_site_gateways_fetch_from_outside() {
+    let n = 60;
+    // We (100) are not a gateway; our connected same-site peers are not either.
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    for p in [1, 2, 3] {
+        s.handle_peer_connected(t(0), p, info("dc1", 1));
+    }
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[50, 51]);
+    assert!(!s.is_site_gateway());
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    assert!(
+        outside_fetches(&mut s, t(0), t(9_000)).is_empty(),
+        "a node that is not a gateway waits for the gateways' copies, connected or not"
+    );
+    // A gateway's chunk arrives at it: fetched inside the site.
+    s.handle_peer_connected(t(9_000), 50, info("dc1", 1));
+    let theirs = (0..n).find(|&i| site_owner(50, &[51], i) == 50).unwrap();
+    s.handle_peer_have_update(t(9_000), &50, &[theirs]);
+    assert!(requests(&drain_actions(&mut s)).contains(&(50, Priority::Background, theirs)));
+    // The wait is still bounded: after `site_assign_wait` we fetch the rest ourselves.
+    assert!(!outside_fetches(&mut s, t(9_001), t(10_001)).is_empty());
+}
+
+#[test]
+fn a_gateway_fetches_its_share_whoever_else_it_sees() {
+    let n = 60;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    // Many connected same-site peers that would win the plain rendezvous for most chunks.
+    for p in 1..30 {
+        s.handle_peer_connected(t(0), p, info("dc1", 1));
+    }
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[100, 50]);
+    assert!(s.is_site_gateway());
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    let ours: BTreeSet<u32> = (0..n)
+        .filter(|&i| site_owner(100, &[50], i) == 100)
+        .collect();
+    assert!(ours.len() > 10, "{ours:?}");
+    assert_eq!(outside_fetches(&mut s, t(0), t(9_000)), ours);
+    // Gateway 50 connects, then its connection is lost: its chunks become ours (the only live
+    // gateway left), long before the assignment wait would have run out.
+    s.handle_peer_connected(t(9_000), 50, info("dc1", 1));
+    s.handle_peer_disconnected(t(9_001), &50);
+    let rest = outside_fetches(&mut s, t(9_001), t(9_002));
+    assert_eq!(rest.len(), n as usize - ours.len(), "{rest:?}");
+}
+
+#[test]
+fn a_suspect_or_lost_gateway_hands_its_chunks_on_and_none_left_falls_back() {
+    let n = 60;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_connected(t(0), 50, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[50]);
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    assert!(outside_fetches(&mut s, t(0), t(100)).is_empty());
+    // The only gateway goes: the plain rendezvous over connected same-site peers (us and 1) again.
+    s.handle_peer_disconnected(t(100), &50);
+    let ours: BTreeSet<u32> = (0..n)
+        .filter(|&i| site_owner(100, &[1], i) == 100)
+        .collect();
+    assert_eq!(outside_fetches(&mut s, t(100), t(101)), ours);
+    // An empty list also returns to it (nothing more to fetch now: ours are all here).
+    s.set_site_gateways(t(200), &[]);
+    assert!(!s.is_site_gateway());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::SourceParallel("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    })]
+
+    /// A site whose nodes each see a random part of it, and all know the site's full membership's
+    /// best gateways (what the per-site DHT key answers): before the assignment waits run out, each
+    /// chunk is fetched from outside the site exactly once, by one gateway, and every chunk is.
+    #[test]
+    fn with_gateways_each_chunk_enters_the_site_once(
+        members in 2u32..40,
+        k in 1usize..6,
+        chunks in 1u32..80,
+        seed in any::<u64>(),
+    ) {
+        let ids: Vec<u32> = (1000..1000 + members).collect();
+        let scope = seed.to_le_bytes();
+        let gateways = crate::site::top_gateways(
+            ids.iter().map(|&m| (crate::site::gateway_rank(&scope, &m.to_le_bytes()), m)),
+            k,
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut entered: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for &me in &ids {
+            let mut s = FetchScheduler::new(cfg(), chunks, seed ^ u64::from(me)).unwrap();
+            s.set_local_peer(t(0), &me);
+            // A partial view: each other member is connected with probability 1/4.
+            for &other in &ids {
+                if other != me && rng.random_range(0..4) == 0 {
+                    s.handle_peer_connected(t(0), other, info("dc1", 1));
+                }
+            }
+            s.handle_peer_connected(t(0), 9, info("dc2", 30));
+            s.handle_peer_have(t(0), &9, &full(chunks));
+            s.set_site_gateways(t(0), &gateways);
+            s.handle_want_many(t(0), 0..chunks, Priority::Background).unwrap();
+            for i in outside_fetches(&mut s, t(0), t(9_000)) {
+                entered.entry(i).or_default().push(me);
+            }
+        }
+        prop_assert_eq!(entered.len(), chunks as usize, "every chunk enters (seed {})", seed);
+        for (i, by) in &entered {
+            prop_assert!(by.len() == 1 && gateways.contains(&by[0]),
+                "chunk {} entered via {:?}, gateways {:?} (seed {})", i, by, gateways, seed);
+        }
+    }
+}
