@@ -147,6 +147,11 @@ pub struct Config {
     /// became Demand. It covers a flash crowd of VMs reading the same block at nearly the same
     /// moment, which would otherwise all cross the WAN before any of them has announced.
     pub demand_assign_wait: Duration,
+    /// How many site gateways the caller chooses for [`FetchScheduler::set_site_gateways`] (the
+    /// best ranked by [`crate::site::gateway_rank`] among the site's providers it knows, itself
+    /// included); 0 turns gateways off. Every node of a site must use the same number. At most
+    /// [`crate::site::SITE_GATEWAYS`], the providers one per-site lookup returns.
+    pub site_gateways: usize,
     /// A Demand want whose only request is this old is also requested from a better-ranked peer
     /// that obtains the chunk.
     pub hedge_delay: Duration,
@@ -192,6 +197,7 @@ impl Default for Config {
             site_assign_wait: Duration::from_secs(10),
             demand_local_wait: Duration::from_millis(500),
             demand_assign_wait: Duration::from_millis(5),
+            site_gateways: crate::site::SITE_GATEWAYS,
             hedge_delay: Duration::from_millis(200),
             relay_retry: Duration::from_millis(100),
             chunk_bytes: 0,
@@ -491,6 +497,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if config.demand_reserved_slots >= config.max_in_flight_per_peer {
             return Err(FetchError::InvalidConfig(
                 "demand_reserved_slots must leave Background at least one slot",
+            ));
+        }
+        if config.site_gateways > crate::site::SITE_GATEWAYS {
+            return Err(FetchError::InvalidConfig(
+                "site_gateways must be at most site::SITE_GATEWAYS (one lookup's answer)",
             ));
         }
         if config.endgame_max_requests == 0 {
