@@ -4,6 +4,17 @@
 use super::*;
 use proptest::prelude::*;
 
+/// Property-test settings: `cases` cases, failures kept in `proptest-regressions`.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::SourceParallel("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    }
+}
+
 fn t(ms: u64) -> Instant {
     Instant::from_nanos(ms * 1_000_000)
 }
@@ -1663,13 +1674,7 @@ fn check_invariants(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 256,
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::SourceParallel("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config(256))]
 
     #[test]
     fn scheduler_delivers_safely_and_deterministically(sc in scenario()) {
@@ -1787,13 +1792,7 @@ fn a_suspect_or_lost_gateway_hands_its_chunks_on_and_none_left_falls_back() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 48,
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::SourceParallel("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config(48))]
 
     /// A site whose nodes each see a random part of it, and all know the site's full membership's
     /// best gateways (what the per-site DHT key answers): before the assignment waits run out, each
