@@ -189,6 +189,7 @@ mod tests {
             extent_mean: 512 * 1024,
             read_size: 128 * 1024,
             think_mean: Duration::from_millis(1),
+            read_service: Duration::ZERO,
             shared: 1.0,
             trace: None,
         }

@@ -523,3 +523,28 @@ fn site_peers_connect_hosts_within_their_site() {
         total(&none)
     );
 }
+
+#[test]
+fn every_read_pays_the_block_export_cost() {
+    let cost = 0.05;
+    let free = run(scenario(ONE_SITE), 5);
+    let mut sc = scenario(ONE_SITE);
+    sc.boot.read_service = std::time::Duration::from_secs_f64(cost);
+    let paid = run(sc, 5);
+    // Without the cost some VM boots sooner than its reads alone would take with it.
+    assert!(
+        free.vms
+            .iter()
+            .any(|v| v.boot_s().unwrap() < v.reads as f64 * cost),
+        "seed 5"
+    );
+    for v in &paid.vms {
+        let boot = v.boot_s().expect("booted");
+        assert!(
+            boot >= v.reads as f64 * cost,
+            "seed 5: vm {} booted in {boot} s with {} reads at {cost} s each",
+            v.vm,
+            v.reads
+        );
+    }
+}

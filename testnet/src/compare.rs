@@ -3,7 +3,8 @@
 //!
 //! The simulator gets the scenario file and overrides the testnet run used, with the network
 //! replaced by what the testnet really had: the RTT matrix and per-site WAN bandwidth of `up`, and
-//! the NIC shaping if `up` set one (else the scenario's NICs stay). Sites are matched by index.
+//! the NIC shaping if `up` set one (else the scenario's NICs stay), and the block export's cost
+//! per read that `run` measured (`boot.read_ms`). Sites are matched by index.
 //! Printed: p50/p99/max boot time, WAN payload bytes into each site, source egress, each with the
 //! ratio simulator / testnet; plotted: both boot CDFs in one figure.
 
@@ -114,6 +115,15 @@ pub fn scenario_for(dir: &Path, summary: &RunSummary) -> anyhow::Result<Scenario
     for s in &mut sc.sources {
         s.origin = false;
     }
+    // What a read cost the nodes' block exports when its chunks were local, as measured in this
+    // run: the simulator does not model the CPU (12 nodes and their NBD clients on a few cores),
+    // so it is given the cost, as it is given the RTTs.
+    if let Some(ms) = summary
+        .local_read_ms
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+    {
+        sc.boot.read_service = Duration::from_secs_f64(ms / 1000.0);
+    }
     Ok(sc)
 }
 
@@ -196,7 +206,7 @@ pub fn compare(dir: &Path) -> anyhow::Result<(Comparison, String)> {
     });
     let cmp = Comparison { rows };
     let mut table = format!(
-        "scenario {} (seed {}), {} VMs; testnet network: {}\n\n{:<22} {:>12} {:>12} {:>8}\n",
+        "scenario {} (seed {}), {} VMs; testnet network: {}\n{}\n\n{:<22} {:>12} {:>12} {:>8}\n",
         summary.scenario,
         summary.seed,
         summary.vms,
@@ -204,6 +214,16 @@ pub fn compare(dir: &Path) -> anyhow::Result<(Comparison, String)> {
             "namespaces + WAN emulator"
         } else {
             "LOOPBACK FALLBACK (no WAN emulation: not comparable)"
+        },
+        match summary.local_read_ms {
+            Some(ms) => format!(
+                "block export cost per read, measured (mean of {} local reads) and given to \
+                 the simulator: {ms:.2} ms",
+                summary.local_reads
+            ),
+            None => "block export cost per read: not measured (no local read); simulator: the \
+                     scenario's boot.read_ms"
+                .to_owned(),
         },
         "metric",
         "testnet",

@@ -12,6 +12,7 @@
 //! (bytes per site pair counted by the WAN emulator, on the wire), and `summary.json`.
 
 pub mod image;
+pub mod reads;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -157,6 +158,15 @@ pub struct RunSummary {
     pub source_egress: u64,
     /// Wall time of the whole run, s.
     pub wall_s: f64,
+    /// Mean time of the VMs' reads that the node served from chunks it held, ms ([`reads`]):
+    /// the block export's own cost per read under this run's load (the mean, as a boot's time is
+    /// the sum of its reads'). `None` when no read was local (and in runs recorded before it was
+    /// measured).
+    #[serde(default)]
+    pub local_read_ms: Option<f64>,
+    /// How many local reads that mean is over.
+    #[serde(default)]
+    pub local_reads: usize,
 }
 
 /// Options of `run`.
@@ -413,6 +423,7 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let mut running: Vec<VmProc> = Vec::new();
     let mut records: Vec<Option<VmRecord>> = vec![None; vms.len()];
     let mut failures = vec![0u64; vms.len()];
+    let mut local_reads: Vec<f64> = Vec::new();
     let mut next = 0;
     let deadline = t0 + opts.timeout;
     while next < pending.len() || !running.is_empty() {
@@ -447,6 +458,12 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
                 let log = std::fs::read_to_string(opts.out.join(format!("{}.log", vms[k].name)))
                     .unwrap_or_default();
                 failures[k] = log.matches("read failed").count() as u64;
+                let on_source = roles.sources.iter().any(|s| s.name == vms[k].node);
+                local_reads.extend(reads::local_read_times(
+                    &reads::parse_log(&log),
+                    u64::from(sc.chunk_size),
+                    on_source,
+                ));
                 let done = p.started.duration_since(t0) + p.started.elapsed();
                 let ok = status.success() && failures[k] == 0;
                 records[k] = Some(VmRecord {
@@ -592,6 +609,9 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         wan_in_wire,
         source_egress,
         wall_s: wall.elapsed().as_secs_f64(),
+        local_read_ms: (!local_reads.is_empty())
+            .then(|| local_reads.iter().sum::<f64>() / local_reads.len() as f64 * 1000.0),
+        local_reads: local_reads.len(),
     };
     std::fs::write(
         opts.out.join("vms.csv"),

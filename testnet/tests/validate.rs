@@ -9,8 +9,10 @@
 //! caches, the disk still busy with what earlier tests wrote and deleted). The nodes' data dirs
 //! live on tmpfs (`/dev/shm`) when there is one: the comparison is about the network, which the
 //! simulator models, not about the disk's fsync latency, which it does not. The simulator is
-//! deterministic (same seed, same traces, same image layout). Needs root (network namespaces);
-//! without it the test says so and returns.
+//! deterministic (same seed, same traces, same image layout); each run hands it the block
+//! export's cost per local read that the run measured (`boot.read_ms`: on 2 cores the nodes' CPU
+//! is part of every read), so its figures are the median of the seven too. Needs root (network
+//! namespaces); without it the test says so and returns.
 
 mod common;
 
@@ -120,10 +122,11 @@ fn simulator_matches_the_testnet_within_the_validation_bands() {
         ("WAN in site2 (MB)", 0.10),
     ] {
         let testnet = median(compares.iter().map(|c| row(c, metric).0).collect());
-        let sim = row(&compares[0], metric).1;
+        // The simulator's figure moves with the export cost each run measured: its median too.
+        let sim = median(compares.iter().map(|c| row(c, metric).1).collect());
         let ratio = sim / testnet;
         eprintln!(
-            "{metric}: testnet median {testnet:.2}, simulator {sim:.2}, ratio {ratio:.2} (band ±{band})"
+            "{metric}: testnet median {testnet:.2}, simulator median {sim:.2}, ratio {ratio:.2} (band ±{band})"
         );
         if (ratio - 1.0).abs() > band {
             failures.push(format!(

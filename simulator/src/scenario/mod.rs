@@ -145,6 +145,10 @@ pub struct BootSpec {
     pub read_size: u64,
     /// Mean think time between two reads (exponentially distributed).
     pub think_mean: Duration,
+    /// What each read costs the host's block export once its chunks are local (the NBD round
+    /// trip, the store read, the reply), added to every read; zero models a free export.
+    /// `vmswarm-testnet compare` sets it to what the testnet's VMs measured for local reads.
+    pub read_service: Duration,
     /// Fraction of the working set common to all VMs of the image; the rest is per VM.
     pub shared: f64,
     /// A recorded trace that replaces the model's shared reads.
@@ -569,6 +573,7 @@ impl Checker<'_> {
             None => 128 * 1024,
         };
         let think_mean = self.ms("boot.think_ms", b.think_ms.unwrap_or(1.0), true)?;
+        let read_service = self.ms("boot.read_ms", b.read_ms.unwrap_or(0.0), true)?;
         let trace = match &b.trace {
             None => None,
             Some(rel) => {
@@ -582,6 +587,7 @@ impl Checker<'_> {
             extent_mean,
             read_size,
             think_mean,
+            read_service,
             shared,
             trace,
         })

@@ -154,6 +154,7 @@ pub(crate) struct RawBoot {
     pub(crate) extent_mean: Option<String>,
     pub(crate) read_size: Option<String>,
     pub(crate) think_ms: Option<f64>,
+    pub(crate) read_ms: Option<f64>,
     pub(crate) shared: Option<f64>,
     pub(crate) trace: Option<String>,
 }

@@ -300,7 +300,7 @@ impl World {
                 } else {
                     std::time::Duration::ZERO
                 };
-                self.run_vm(v, now + think);
+                self.run_vm(v, now + self.sc.boot.read_service + think);
             }
         }
     }
@@ -327,8 +327,9 @@ impl World {
     }
 
     /// Continues VM `v`'s boot from read `next` at time `at` (>= now): reads whose chunks are all
-    /// local complete at once (they stay local), so they are walked without events; the first read
-    /// that needs chunks is issued when its time comes.
+    /// local complete after the export's service time (`boot.read_ms`; they stay local), so they
+    /// are walked without events; the first read that needs chunks is issued when its time comes,
+    /// and completes a service time after its last chunk arrives.
     pub(super) fn run_vm(&mut self, v: u32, mut at: Instant) {
         let now = self.now();
         let h = self.vms[v as usize].host as usize;
@@ -349,6 +350,7 @@ impl World {
                 let vm = &mut self.vms[v as usize];
                 vm.issued += 1;
                 vm.next += 1;
+                at += self.sc.boot.read_service;
                 if vm.next < vm.reads.len() {
                     at += self.think(v);
                 }
