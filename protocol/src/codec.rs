@@ -464,6 +464,10 @@ mod tests {
                 image: IMAGE,
                 indices: vec![42],
             },
+            Message::Need {
+                image: IMAGE,
+                indices: vec![7, 9],
+            },
             Message::Request {
                 priority: Priority::Demand,
                 chunks: vec![ID, ChunkId([1; 32])],

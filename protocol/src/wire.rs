@@ -449,6 +449,16 @@ pub enum Message {
         /// The image.
         image: ImageId,
     },
+    /// A VM on the sender is blocked on these chunks of `image`, which the receiver, a gateway of
+    /// the sender's site (`site`), is assigned to bring into the site and which nobody there holds
+    /// or fetches yet: the receiver fetches them from outside at Demand priority and announces it
+    /// (`Fetching`). Only sent to peers announcing [`Capabilities::MULTICAST`].
+    Need {
+        /// The image.
+        image: ImageId,
+        /// Chunk indices, at most [`MAX_UPDATE_INDICES`].
+        indices: Vec<u32>,
+    },
 }
 
 impl Message {
@@ -459,6 +469,7 @@ impl Message {
             Message::Have { .. } => "have",
             Message::HaveUpdate { .. } => "have_update",
             Message::Fetching { .. } => "fetching",
+            Message::Need { .. } => "need",
             Message::Request { .. } => "request",
             Message::Chunk { .. } => "chunk",
             Message::Cancel { .. } => "cancel",
@@ -486,6 +497,7 @@ impl Message {
             Message::Have { chunks, .. } => validate_chunk_set(chunks),
             Message::HaveUpdate { indices, .. }
             | Message::Fetching { indices, .. }
+            | Message::Need { indices, .. }
             | Message::BootProfile { order: indices, .. } => validate_indices(kind, indices),
             Message::Request { chunks, .. } | Message::Cancel { chunks } => {
                 validate_chunk_list(kind, chunks)
@@ -655,6 +667,7 @@ pub(crate) mod strategies {
                 .prop_map(|(image, indices)| Message::HaveUpdate { image, indices }),
             (image_id(), indices())
                 .prop_map(|(image, indices)| Message::Fetching { image, indices }),
+            (image_id(), indices()).prop_map(|(image, indices)| Message::Need { image, indices }),
             (priority(), chunk_list())
                 .prop_map(|(priority, chunks)| Message::Request { priority, chunks }),
             (chunk_id(), vec(any::<u8>(), 0..=max_bytes))
@@ -937,6 +950,10 @@ mod tests {
                 indices: vec![],
             },
             Message::Fetching {
+                image,
+                indices: vec![],
+            },
+            Message::Need {
                 image,
                 indices: vec![],
             },

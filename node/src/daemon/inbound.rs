@@ -128,6 +128,19 @@ impl Daemon {
                 }
                 self.respond(channel, Message::Ack);
             }
+            Message::Need { image, indices } => {
+                // Chunks we hold already are announced (the peer's want waits for them); the
+                // scheduler takes the rest if we are the site gateway assigned them.
+                if let (Some(t), Some(img)) = (self.transfers.get_mut(&image), self.images.get(&image))
+                {
+                    let missing: Vec<u32> = indices
+                        .into_iter()
+                        .filter(|&i| !img.present.contains(i))
+                        .collect();
+                    t.sched.handle_peer_need(now, &peer, &missing);
+                }
+                self.respond(channel, Message::Ack);
+            }
             Message::GetManifest { image } => {
                 let answer = match self.images.get(&image) {
                     Some(img) => Message::Manifest {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use vmswarm_protocol::fetch::{
     self, Action, ChunkOutcome, Delivery, Event, FailReason, FetchScheduler,
 };
-use vmswarm_protocol::wire::{Message, have_update_delay};
+use vmswarm_protocol::wire::{Capabilities, Message, have_update_delay};
 use vmswarm_protocol::{ChunkId, ImageId, Priority};
 
 use super::ingest::{Checked, Received};
@@ -206,6 +206,16 @@ impl Daemon {
                 Action::Cancel { peer, indices } => self.cancel_chunks(peer, image, &indices),
                 Action::AnnounceFetching { peer, indices } => {
                     self.send(peer, Message::Fetching { image, indices }, Outbound::Ack);
+                }
+                Action::Need { peer, indices } => {
+                    // A peer of protocol version 1 could not decode `Need`: it is not told.
+                    let multicast = self
+                        .peers
+                        .get(&peer)
+                        .is_some_and(|p| p.capabilities.contains(Capabilities::MULTICAST));
+                    if multicast {
+                        self.send(peer, Message::Need { image, indices }, Outbound::Ack);
+                    }
                 }
             }
         }

@@ -33,7 +33,11 @@
 //!   peers ([`FetchScheduler::set_local_peer`]; without it every node counts as assigned), or,
 //!   once the caller names the site's gateways for the image ([`FetchScheduler::set_site_gateways`],
 //!   [`crate::site`]), among the live gateways alone, so that the site agrees on one assignee
-//!   whatever part of it each node sees. The
+//!   whatever part of it each node sees. A Demand want assigned to a connected gateway that
+//!   nobody in the site holds or fetches is told to that gateway ([`Action::Need`]), which fetches
+//!   it at once at Demand priority and announces it ([`FetchScheduler::handle_peer_need`]), so a
+//!   VM blocked on a chunk its site lacks waits one intra-site round trip for the gateway's
+//!   announcement instead of crossing the WAN itself. The
 //!   assigned node queues its assigned Background chunks first; the others' Background wants wait
 //!   for its copy for at most [`Config::site_assign_wait`]. A same-site peer's `Fetching`
 //!   announcement is waited for, for at most [`Config::local_pending_wait`] by a Background want
@@ -300,6 +304,15 @@ pub enum Action<P> {
         /// Chunk indices.
         indices: Vec<u32>,
     },
+    /// Tell site gateway `peer` that a VM here is blocked on these chunks, which it is assigned to
+    /// bring into the site and nobody in the site holds or fetches (`Need`): it fetches them at
+    /// Demand priority ([`FetchScheduler::handle_peer_need`]) and announces that it does.
+    Need {
+        /// The site gateway assigned the chunks.
+        peer: P,
+        /// Chunk indices.
+        indices: Vec<u32>,
+    },
 }
 
 /// Something the caller should know.
@@ -388,6 +401,8 @@ struct Want<P> {
     /// before its instant ([`Config::relay_retry`]), with its relay score
     /// ([`peer::relay_score`]): until then only holders scoring higher are asked.
     relayed: Vec<(P, Instant, u64)>,
+    /// The site gateway (its key) told that we need this chunk ([`Action::Need`]), if any.
+    needed_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -473,6 +488,12 @@ pub struct FetchScheduler<P> {
     via_gateways: bool,
     /// We are one of the site's gateways.
     local_gateway: bool,
+    /// The gateways' ids by key (ours included if we are one).
+    gateway_ids: BTreeMap<u64, P>,
+    /// Demand wants to tell their gateway about in the next pass ([`Action::Need`]).
+    need_fresh: BTreeSet<u32>,
+    /// Look at every Demand want for [`Action::Need`] in the next pass (the gateways changed).
+    need_all: bool,
     /// When wants stop waiting for a same-site copy.
     wan_after_deadlines: BTreeSet<(Instant, u32)>,
     /// Demand wants in flight to one peer whose chunk a new peer obtained: hedge candidates.
@@ -544,6 +565,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             gateways_down: BTreeSet::new(),
             via_gateways: false,
             local_gateway: false,
+            gateway_ids: BTreeMap::new(),
+            need_fresh: BTreeSet::new(),
+            need_all: false,
             wan_after_deadlines: BTreeSet::new(),
             hedge_candidates: BTreeSet::new(),
             hedge_due: BTreeSet::new(),
@@ -576,13 +600,14 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     /// and none is alive (or the list is empty) the assignment returns to the connected same-site
     /// peers. Takes effect once [`Self::set_local_peer`] was called; a new list replaces the old.
     pub fn set_site_gateways(&mut self, now: Instant, gateways: &[P]) {
-        let mut keys: Vec<u64> = gateways.iter().map(stable_key).collect();
-        keys.sort_unstable();
-        keys.dedup();
+        let ids: BTreeMap<u64, P> = gateways.iter().map(|g| (stable_key(g), g.clone())).collect();
+        let keys: Vec<u64> = ids.keys().copied().collect();
         if keys == self.gateway_keys {
             return;
         }
         self.gateway_keys = keys;
+        self.gateway_ids = ids;
+        self.need_all = true;
         self.gateways_down
             .retain(|k| self.gateway_keys.binary_search(k).is_ok());
         self.rebuild_site_scores();
@@ -594,6 +619,38 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     /// Whether we are one of our site's gateways for this image and the assignment runs over them.
     pub fn is_site_gateway(&self) -> bool {
         self.via_gateways && self.local_gateway
+    }
+
+    /// Same-site `peer` is blocked on these chunks ([`Action::Need`]). Those we are the site
+    /// gateway assigned to become Demand wants of ours (new wants if we did not want them), so we
+    /// fetch them from outside at once and announce it; the rest, and out-of-range indices, are
+    /// ignored, as is a peer of another site. The caller leaves out chunks it holds.
+    pub fn handle_peer_need(&mut self, now: Instant, peer: &P, indices: &[u32]) {
+        if !self.is_site_gateway() || !self.peers.get(peer).is_some_and(|p| p.same_site) {
+            return;
+        }
+        for &index in indices {
+            if index < self.chunks && self.site_assigned_to_us(index) {
+                self.want(now, index, Priority::Demand);
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// The key of the live gateway assigned chunk `index`'s outside fetch (ours if it is us).
+    fn assigned_gateway(&self, index: u32) -> Option<u64> {
+        let mine = self.local_key?;
+        if !self.via_gateways {
+            return None;
+        }
+        if self.site_assigned_to_us(index) {
+            return Some(mine);
+        }
+        self.gateway_keys
+            .iter()
+            .copied()
+            .filter(|&k| k != mine && site_score(k, index) == self.best_other[index as usize])
+            .find(|k| !self.gateways_down.contains(k))
     }
 
     /// The configuration in force.
@@ -675,6 +732,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     wan_after,
                     assign_after: None,
                     relayed: Vec::new(),
+                    needed_from: None,
                 });
                 self.wanted.insert(index);
                 if self.avail[i] == 0 {
@@ -702,6 +760,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         };
         w.priority = Priority::Demand;
         w.demand_since = Some(now);
+        self.need_fresh.insert(index);
         w.demand_deadline = Some(deadline);
         let wan_after = now + self.config.demand_local_wait;
         if wan_after < w.wan_after {
@@ -821,6 +880,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         p.last_progress = now;
         let key = p.key;
         self.peers.insert(peer, p);
+        if self.gateway_ids.contains_key(&key) {
+            // A gateway (re)connected: Demand wants it is assigned can be told to it now.
+            self.need_all = true;
+        }
         if self.gateways_down.remove(&key) {
             self.rebuild_site_scores();
         } else if same_site {
@@ -1589,6 +1652,49 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.config.request_timeout + p.rtt.unwrap_or(Duration::ZERO).saturating_mul(4)
     }
 
+    /// Emits [`Action::Need`] for Demand wants assigned to a connected gateway that nobody in the
+    /// site holds or announced, each once per gateway.
+    fn ask_gateways(&mut self) {
+        let fresh = std::mem::take(&mut self.need_fresh);
+        let all = std::mem::take(&mut self.need_all);
+        if !self.via_gateways || self.local_key.is_none() {
+            return;
+        }
+        let indices: Vec<u32> = if all {
+            self.demand_queue.iter().map(|&(_, i)| i).collect()
+        } else {
+            fresh.into_iter().collect()
+        };
+        let mut asks: BTreeMap<P, Vec<u32>> = BTreeMap::new();
+        for index in indices {
+            let i = index as usize;
+            if self.local_avail[i] > 0 || self.local_pending[i] > 0 || self.site_assigned_to_us(index)
+            {
+                continue;
+            }
+            let Some(g) = self.assigned_gateway(index) else {
+                continue;
+            };
+            let Some(w) = self.wants[i].as_mut() else {
+                continue;
+            };
+            if w.priority != Priority::Demand || w.needed_from == Some(g) {
+                continue;
+            }
+            let Some(id) = self.gateway_ids.get(&g) else {
+                continue;
+            };
+            if !self.peers.get(id).is_some_and(|p| p.same_site && !p.suspect) {
+                continue;
+            }
+            w.needed_from = Some(g);
+            asks.entry(id.clone()).or_default().push(index);
+        }
+        for (peer, indices) in asks {
+            self.actions.push_back(Action::Need { peer, indices });
+        }
+    }
+
     /// Whether we are the node of our site assigned chunk `index`'s outside fetch.
     fn site_assigned_to_us(&self, index: u32) -> bool {
         match self.local_key {
@@ -1906,6 +2012,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             batches: BTreeMap::new(),
             announce: Vec::new(),
         };
+
+        // 0. Tell site gateways about Demand wants they are assigned that nobody in the site
+        //    holds or fetches, so they fetch them now instead of each blocked node crossing the WAN.
+        self.ask_gateways();
 
         // 1. Demand, oldest first. Only what may have changed is looked at: every queued want after a
         //    global change, else the new ones (best peer each) and the peers that freed a slot (the

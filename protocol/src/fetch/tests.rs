@@ -1837,3 +1837,61 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
+    let n = 60;
+    // Requester side: we (100) are not a gateway; gateway 50 is connected.
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 50, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[50, 51]);
+    let mine = (0..n).find(|&i| site_owner(50, &[51], i) == 50).unwrap();
+    let other = (0..n).find(|&i| site_owner(50, &[51], i) == 51).unwrap();
+    s.handle_want(t(1), mine, Priority::Demand).unwrap();
+    s.handle_want(t(1), other, Priority::Demand).unwrap();
+    let actions = drain_actions(&mut s);
+    assert_eq!(
+        actions,
+        vec![Action::Need {
+            peer: 50,
+            indices: vec![mine]
+        }],
+        "only the connected gateway is told, once, and nothing crosses the WAN yet"
+    );
+    // Its announcement arrives: we wait for its copy instead of fetching from outside.
+    s.handle_peer_fetching(t(2), &50, &[mine]);
+    let later = requests(&advance(&mut s, t(100)));
+    assert!(later.iter().all(|r| r.2 != mine), "{later:?}");
+    // Gateway 51 (not connected, so not told) never announced: after the assignment wait we
+    // fetch that one ourselves.
+    assert!(later.contains(&(9, Priority::Demand, other)), "{later:?}");
+
+    // Gateway side: we (100) are the gateway of `ours`; 50 is the other gateway.
+    let mut g = FetchScheduler::new(cfg(), n, 9).unwrap();
+    g.set_local_peer(t(0), &100);
+    g.handle_peer_connected(t(0), 1, info("dc1", 1));
+    g.handle_peer_connected(t(0), 7, info("dc2", 1));
+    g.handle_peer_connected(t(0), 9, info("dc2", 30));
+    g.handle_peer_have(t(0), &9, &full(n));
+    g.set_site_gateways(t(0), &[100, 50]);
+    let ours = (0..n).find(|&i| site_owner(100, &[50], i) == 100).unwrap();
+    let theirs = (0..n).find(|&i| site_owner(100, &[50], i) == 50).unwrap();
+    assert!(drain_actions(&mut g).is_empty());
+    // A peer of another site is not listened to.
+    g.handle_peer_need(t(1), &7, &[ours]);
+    assert!(drain_actions(&mut g).is_empty());
+    g.handle_peer_need(t(1), &1, &[ours, theirs, n + 5]);
+    let actions = drain_actions(&mut g);
+    assert_eq!(requests(&actions), vec![(9, Priority::Demand, ours)]);
+    assert!(actions.contains(&Action::AnnounceFetching {
+        peer: 1,
+        indices: vec![ours]
+    }));
+    // A node that is not a gateway ignores `Need`.
+    let mut plain = one_neighbour_one_remote();
+    plain.handle_peer_need(t(1), &1, &[ours]);
+    assert!(drain_actions(&mut plain).is_empty());
+}

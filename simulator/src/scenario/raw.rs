@@ -188,6 +188,7 @@ pub(crate) struct RawProtocol {
     pub(crate) site_assign_wait_ms: Option<f64>,
     pub(crate) demand_local_wait_ms: Option<f64>,
     pub(crate) demand_assign_wait_ms: Option<f64>,
+    pub(crate) site_gateways: Option<usize>,
     pub(crate) hedge_delay_ms: Option<f64>,
     pub(crate) relay_retry_ms: Option<f64>,
     pub(crate) peer_rate_target: Option<String>,
