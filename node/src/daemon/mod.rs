@@ -24,8 +24,12 @@
 //! ([`Daemon::on_hello_request`]), its older connections are closed and everything we asked of it
 //! is asked again or re-planned. A request to a peer lost with one of several connections is sent
 //! again on another ([`inbound`]).
+//!
+//! Each transfer's site gateways (the few nodes of our site that take its chunks from outside) are
+//! chosen from the answers to the image's per-site provider lookups ([`gateways`]).
 
 mod dropped;
+mod gateways;
 mod inbound;
 mod ingest;
 mod lanes;
@@ -193,6 +197,9 @@ struct Image {
     interested: HashSet<PeerId>,
     /// Indices completed since the last Have update flush.
     unannounced: Vec<u32>,
+    /// At the end of its last transfer: whether we were one of our site's gateways for the image,
+    /// and how many gateways were named ([`gateways`]).
+    last_site_gateway: (bool, usize),
 }
 
 impl Image {
@@ -207,6 +214,7 @@ impl Image {
             by_id,
             interested: HashSet::new(),
             unannounced: Vec::new(),
+            last_site_gateway: (false, 0),
         }
     }
 }
@@ -270,6 +278,8 @@ struct Daemon {
     banned: HashSet<PeerId>,
     images: HashMap<ImageId, Image>,
     transfers: HashMap<ImageId, Transfer>,
+    /// The best site providers known of each image being looked up, best first ([`gateways`]).
+    site_providers: HashMap<ImageId, Vec<PeerId>>,
     pending_manifests: HashMap<ImageId, PendingManifest>,
     /// Our requests on `/vmswarm/msg/1` awaiting an answer: whom we asked, and what for.
     outbound: HashMap<OutboundRequestId, (PeerId, Outbound)>,
@@ -383,6 +393,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         banned: HashSet::new(),
         images: HashMap::new(),
         transfers: HashMap::new(),
+        site_providers: HashMap::new(),
         pending_manifests: HashMap::new(),
         outbound: HashMap::new(),
         lane_control,
@@ -722,6 +733,10 @@ impl Daemon {
         for image in relookup {
             self.lookup_providers(image);
         }
+        let transfers = &self.transfers;
+        let pending = &self.pending_manifests;
+        self.site_providers
+            .retain(|image, _| transfers.contains_key(image) || pending.contains_key(image));
         // Ready peers whose `GetManifest` failed (it is no longer in `asked`) are asked again.
         let ready: Vec<PeerId> = self
             .peers
@@ -858,13 +873,15 @@ impl Daemon {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result:
                     kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        key,
                         providers,
-                        ..
                     })),
                 ..
             })) => {
                 let me = *self.swarm.local_peer_id();
-                for p in providers {
+                let found: Vec<PeerId> = providers.into_iter().collect();
+                self.on_site_providers(&key, &found);
+                for p in found {
                     if p != me && !self.banned.contains(&p) && !self.swarm.is_connected(&p) {
                         let _ = self.swarm.dial(p);
                     }
@@ -1354,6 +1371,10 @@ impl Daemon {
                     // While a transfer runs: chunks some connected peer holds, as far as we know
                     // from their Have sets (what a pull or a lazy mount can still get).
                     "peer_held": self.transfers.get(id).map(|t| t.sched.chunks_with_holders()),
+                    // Whether we are (while pulling; else were, at the end of the last pull) one
+                    // of our site's gateways for the image, and how many were named (0: none).
+                    "site_gateway": self.transfers.get(id).map_or(img.last_site_gateway.0, |t| t.sched.is_site_gateway()),
+                    "site_gateways": self.transfers.get(id).map_or(img.last_site_gateway.1, |t| t.site_gateways),
                 })
             })
             .collect();

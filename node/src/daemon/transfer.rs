@@ -68,6 +68,10 @@ pub(super) struct Transfer {
     /// Accepted chunks a VM was waiting for, announced as soon as they are committed
     /// (`wire::have_update_delay`).
     announce_at_once: HashSet<u32>,
+    /// When it started.
+    pub(super) started: StdInstant,
+    /// How many site gateways its scheduler was last given (0: none yet, [`super::gateways`]).
+    pub(super) site_gateways: usize,
 }
 
 impl Transfer {
@@ -168,8 +172,11 @@ impl Daemon {
                 reported: None,
                 next_lookup: StdInstant::now() + super::PROVIDER_RETRY,
                 announce_at_once: HashSet::new(),
+                started: StdInstant::now(),
+                site_gateways: 0,
             },
         );
+        self.apply_site_gateways(image);
         for (peer, _, _, _) in ready {
             let have = self.have_message(image);
             self.send(peer, have, Outbound::Have(image));
@@ -253,6 +260,9 @@ impl Daemon {
         let Some(t) = self.transfers.remove(&image) else {
             return;
         };
+        if let Some(img) = self.images.get_mut(&image) {
+            img.last_site_gateway = (t.sched.is_site_gateway(), t.site_gateways);
+        }
         if complete {
             tracing::info!(%image, "image complete");
             for w in t.waiters {
