@@ -763,9 +763,9 @@ mod tests {
 
     #[test]
     fn unknown_discriminants_are_refused() {
-        // Message has 15 variants, 0..=14 (11 is Ack, a unit variant: valid on its own).
+        // Message has 16 variants, 0..=15 (11 is Ack, a unit variant: valid on its own).
         assert_eq!(decode(&[11]), Ok(Message::Ack));
-        let err = decode(&[15]).unwrap_err();
+        let err = decode(&[16]).unwrap_err();
         assert!(
             matches!(&err, CodecError::Decode(s) if s.contains("UnexpectedVariant")),
             "{err}"

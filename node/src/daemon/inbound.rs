@@ -131,7 +131,8 @@ impl Daemon {
             Message::Need { image, indices } => {
                 // Chunks we hold already are announced (the peer's want waits for them); the
                 // scheduler takes the rest if we are the site gateway assigned them.
-                if let (Some(t), Some(img)) = (self.transfers.get_mut(&image), self.images.get(&image))
+                if let (Some(t), Some(img)) =
+                    (self.transfers.get_mut(&image), self.images.get(&image))
                 {
                     let missing: Vec<u32> = indices
                         .into_iter()

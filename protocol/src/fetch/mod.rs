@@ -600,7 +600,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     /// and none is alive (or the list is empty) the assignment returns to the connected same-site
     /// peers. Takes effect once [`Self::set_local_peer`] was called; a new list replaces the old.
     pub fn set_site_gateways(&mut self, now: Instant, gateways: &[P]) {
-        let ids: BTreeMap<u64, P> = gateways.iter().map(|g| (stable_key(g), g.clone())).collect();
+        let ids: BTreeMap<u64, P> = gateways
+            .iter()
+            .map(|g| (stable_key(g), g.clone()))
+            .collect();
         let keys: Vec<u64> = ids.keys().copied().collect();
         if keys == self.gateway_keys {
             return;
@@ -1668,7 +1671,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let mut asks: BTreeMap<P, Vec<u32>> = BTreeMap::new();
         for index in indices {
             let i = index as usize;
-            if self.local_avail[i] > 0 || self.local_pending[i] > 0 || self.site_assigned_to_us(index)
+            if self.local_avail[i] > 0
+                || self.local_pending[i] > 0
+                || self.site_assigned_to_us(index)
             {
                 continue;
             }
@@ -1684,7 +1689,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             let Some(id) = self.gateway_ids.get(&g) else {
                 continue;
             };
-            if !self.peers.get(id).is_some_and(|p| p.same_site && !p.suspect) {
+            if !self
+                .peers
+                .get(id)
+                .is_some_and(|p| p.same_site && !p.suspect)
+            {
                 continue;
             }
             w.needed_from = Some(g);

@@ -211,7 +211,10 @@ impl World {
             Msg::HaveUpdate { indices } => sched.handle_peer_have_update(now, &from, &indices),
             Msg::Fetching { indices } => sched.handle_peer_fetching(now, &from, &indices),
             Msg::Need { indices } => {
-                let missing: Vec<u32> = indices.into_iter().filter(|&i| !store.contains(i)).collect();
+                let missing: Vec<u32> = indices
+                    .into_iter()
+                    .filter(|&i| !store.contains(i))
+                    .collect();
                 sched.handle_peer_need(now, &from, &missing);
             }
             Msg::Reject { index, kind } => sched.handle_reject(now, &from, index, kind),

@@ -58,8 +58,8 @@ use rand_chacha::ChaCha8Rng;
 use vmswarm_protocol::bitfield::ChunkBitmap;
 use vmswarm_protocol::fetch::{FetchScheduler, RejectKind};
 use vmswarm_protocol::manifest::Manifest;
-use vmswarm_protocol::site::gateway_rank;
 use vmswarm_protocol::serve::ServeQueue;
+use vmswarm_protocol::site::gateway_rank;
 use vmswarm_protocol::{ChunkId, Instant, Priority};
 
 use crate::boot::{self, SharedTrace, VmReads};
