@@ -403,6 +403,10 @@ struct Want<P> {
     relayed: Vec<(P, Instant, u64)>,
     /// The site gateway (its key) told that we need this chunk ([`Action::Need`]), if any.
     needed_from: Option<u64>,
+    /// A live site gateway announced fetching this chunk, until this instant: a Demand want waits
+    /// for its copy that long, beyond [`Config::demand_local_wait`] (the gateway's copy is the
+    /// site's one; crossing the WAN beside it would only compete with it for the same links).
+    gateway_fetch_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -736,6 +740,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     assign_after: None,
                     relayed: Vec::new(),
                     needed_from: None,
+                    gateway_fetch_until: None,
                 });
                 self.wanted.insert(index);
                 if self.avail[i] == 0 {
@@ -955,9 +960,15 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if !p.same_site {
             return;
         }
+        let gateway = self.via_gateways
+            && self.gateway_ids.contains_key(&p.key)
+            && !self.gateways_down.contains(&p.key);
         for &index in indices {
             if index >= self.chunks || p.have.contains(index) {
                 continue;
+            }
+            if gateway && let Some(w) = self.wants[index as usize].as_mut() {
+                w.gateway_fetch_until = Some(until);
             }
             match p.pending.insert(index, until) {
                 Some(old) => {
@@ -1559,6 +1570,13 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 
     fn pending_gone(&mut self, index: u32) {
         let i = index as usize;
+        if self.wants[i]
+            .as_ref()
+            .is_some_and(|w| w.priority == Priority::Demand)
+        {
+            // It may have waited for this announcement beyond its own deadline.
+            self.demand_fresh.insert(index);
+        }
         self.local_pending[i] -= 1;
         if self.local_pending[i] == 0 {
             self.bump_generation();
@@ -1814,9 +1832,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             // it waits only briefly: its assignee may not be reading the chunk at all, but in a
             // flash crowd it is, and announces within an intra-site round trip.
             Priority::Demand => {
-                now < w.wan_after
-                    && (announced
-                        || (assigned_elsewhere && w.assign_after.is_some_and(|t| now < t)))
+                (announced && w.gateway_fetch_until.is_some_and(|t| now < t))
+                    || (now < w.wan_after
+                        && (announced
+                            || (assigned_elsewhere && w.assign_after.is_some_and(|t| now < t))))
             }
             Priority::Background => announced || (assigned_elsewhere && now < w.wan_after),
         };

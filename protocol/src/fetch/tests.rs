@@ -1868,6 +1868,11 @@ fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
     // Gateway 51 (not connected, so not told) never announced: after the assignment wait we
     // fetch that one ourselves.
     assert!(later.contains(&(9, Priority::Demand, other)), "{later:?}");
+    // The gateway's copy is waited for beyond `demand_local_wait`, while its announcement holds.
+    let still = requests(&advance(&mut s, t(3_000)));
+    assert!(still.iter().all(|r| r.2 != mine), "{still:?}");
+    let expired = requests(&advance(&mut s, t(4_100)));
+    assert!(expired.contains(&(9, Priority::Demand, mine)), "{expired:?}");
 
     // Gateway side: we (100) are the gateway of `ours`; 50 is the other gateway.
     let mut g = FetchScheduler::new(cfg(), n, 9).unwrap();
