@@ -889,6 +889,13 @@ impl Daemon {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
+                // A site gateway we cannot reach hands its chunks on (its record may be stale).
+                if let Some(peer) = peer_id {
+                    let now = self.now();
+                    for t in self.transfers.values_mut() {
+                        t.sched.handle_peer_unreachable(now, &peer);
+                    }
+                }
             }
             _ => {}
         }

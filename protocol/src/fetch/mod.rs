@@ -623,6 +623,22 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.schedule(now);
     }
 
+    /// Connecting to `peer` failed. A site gateway we are not connected to then counts as down
+    /// until it connects (its provider record may outlive it by hours): the chunks it was
+    /// assigned move to the next gateway at once instead of after the assignment waits.
+    pub fn handle_peer_unreachable(&mut self, now: Instant, peer: &P) {
+        if self.peers.contains_key(peer) {
+            return;
+        }
+        let key = stable_key(peer);
+        if self.gateway_ids.contains_key(&key) && self.gateways_down.insert(key) {
+            self.rebuild_site_scores();
+            self.bump_generation();
+            self.need_all = true;
+            self.schedule(now);
+        }
+    }
+
     /// Whether we are one of our site's gateways for this image and the assignment runs over them.
     pub fn is_site_gateway(&self) -> bool {
         self.via_gateways && self.local_gateway

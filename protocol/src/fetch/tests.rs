@@ -1872,7 +1872,10 @@ fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
     let still = requests(&advance(&mut s, t(3_000)));
     assert!(still.iter().all(|r| r.2 != mine), "{still:?}");
     let expired = requests(&advance(&mut s, t(4_100)));
-    assert!(expired.contains(&(9, Priority::Demand, mine)), "{expired:?}");
+    assert!(
+        expired.contains(&(9, Priority::Demand, mine)),
+        "{expired:?}"
+    );
 
     // Gateway side: we (100) are the gateway of `ours`; 50 is the other gateway.
     let mut g = FetchScheduler::new(cfg(), n, 9).unwrap();
@@ -1899,4 +1902,31 @@ fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
     let mut plain = one_neighbour_one_remote();
     plain.handle_peer_need(t(1), &1, &[ours]);
     assert!(drain_actions(&mut plain).is_empty());
+}
+
+#[test]
+fn an_unreachable_gateway_hands_its_chunks_on_at_once() {
+    let n = 60;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[100, 50]);
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    let ours: BTreeSet<u32> = (0..n)
+        .filter(|&i| site_owner(100, &[50], i) == 100)
+        .collect();
+    assert_eq!(outside_fetches(&mut s, t(0), t(1_000)), ours);
+    // Dialling gateway 50 failed: its chunks are ours now, long before `site_assign_wait`.
+    s.handle_peer_unreachable(t(1_000), &50);
+    let rest = outside_fetches(&mut s, t(1_000), t(1_001));
+    assert_eq!(rest.len(), n as usize - ours.len(), "{rest:?}");
+    // A connected peer is not marked down by a failed extra dial.
+    let mut c = FetchScheduler::new(cfg(), n, 9).unwrap();
+    c.set_local_peer(t(0), &100);
+    c.handle_peer_connected(t(0), 50, info("dc1", 1));
+    c.set_site_gateways(t(0), &[100, 50]);
+    c.handle_peer_unreachable(t(1), &50);
+    assert!(c.gateways_down.is_empty());
 }
