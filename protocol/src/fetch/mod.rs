@@ -1691,7 +1691,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 
     /// Emits [`Action::Need`] for Demand wants assigned to a connected gateway that nobody in the
     /// site holds or announced, each once per gateway.
-    fn ask_gateways(&mut self) {
+    fn ask_gateways(&mut self, now: Instant) {
         let fresh = std::mem::take(&mut self.need_fresh);
         let all = std::mem::take(&mut self.need_all);
         if !self.via_gateways || self.local_key.is_none() {
@@ -1731,6 +1731,22 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 continue;
             }
             w.needed_from = Some(g);
+            // The gateway may have had no source for it either until now (a flash crowd at
+            // start-up): the want waits for its announcement from now on, as from a promotion.
+            let until = now
+                + self
+                    .config
+                    .demand_local_wait
+                    .max(self.config.demand_assign_wait);
+            if w.wan_after < until {
+                self.wan_after_deadlines.remove(&(w.wan_after, index));
+                w.wan_after = until;
+                self.wan_after_deadlines.insert((until, index));
+            }
+            if let Some(old) = w.assign_after.replace(until) {
+                self.wan_after_deadlines.remove(&(old, index));
+            }
+            self.wan_after_deadlines.insert((until, index));
             asks.entry(id.clone()).or_default().push(index);
         }
         for (peer, indices) in asks {
@@ -2059,7 +2075,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 
         // 0. Tell site gateways about Demand wants they are assigned that nobody in the site
         //    holds or fetches, so they fetch them now instead of each blocked node crossing the WAN.
-        self.ask_gateways();
+        self.ask_gateways(now);
 
         // 1. Demand, oldest first. Only what may have changed is looked at: every queued want after a
         //    global change, else the new ones (best peer each) and the peers that freed a slot (the

@@ -1930,3 +1930,32 @@ fn an_unreachable_gateway_hands_its_chunks_on_at_once() {
     c.handle_peer_unreachable(t(1), &50);
     assert!(c.gateways_down.is_empty());
 }
+
+#[test]
+fn a_want_blocked_before_start_up_waits_for_the_gateway_it_told() {
+    // A VM reads at t = 0, before any peer is known; the gateways are named at 100 ms and the
+    // gateway connects then; the remote holder connects 30 ms later, to us and to the gateway.
+    let n = 60;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    let chunk = (0..n).find(|&i| site_owner(50, &[51], i) == 50).unwrap();
+    s.handle_want(t(0), chunk, Priority::Demand).unwrap();
+    assert!(drain_actions(&mut s).is_empty());
+    s.set_site_gateways(t(100), &[50, 51]);
+    s.handle_peer_connected(t(100), 50, info("dc1", 1));
+    assert_eq!(
+        drain_actions(&mut s),
+        vec![Action::Need {
+            peer: 50,
+            indices: vec![chunk]
+        }]
+    );
+    s.handle_peer_connected(t(130), 9, info("dc2", 30));
+    s.handle_peer_have(t(130), &9, &full(n));
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "the assignment wait runs from the Need, not from the read"
+    );
+    s.handle_peer_fetching(t(131), &50, &[chunk]);
+    assert!(requests(&advance(&mut s, t(2_000))).is_empty());
+}
