@@ -40,9 +40,11 @@ impl World {
         if self.plan.profile_order {
             sched.set_priority_order(now, &self.profile);
         }
+        let profile_left = self.profile.iter().filter(|&&c| !store.contains(c)).count() as u32;
         let host = &mut self.hosts[h as usize];
         host.started = Some(now);
         host.bg_left = background.len() as u32;
+        host.profile_left = profile_left;
         if !background.is_empty() {
             // Invariant: every index is below the chunk count.
             sched
@@ -53,6 +55,15 @@ impl World {
             self.bg_left -= 1;
         }
         self.hosts[h as usize].sched = Some(sched);
+        if self.plan.boot_after_profile && profile_left == 0 {
+            // Nothing of the boot profile to stage: VMs already waiting start now.
+            let vms = self.hosts[h as usize].vms.clone();
+            for v in vms {
+                if self.vms[v as usize].reading {
+                    self.run_vm(v, now);
+                }
+            }
+        }
         let node = self.hosts[h as usize].node;
         if self.plan.peers {
             let publish = self.lookup_delay[self.hosts[h as usize].site];
@@ -309,6 +320,19 @@ impl World {
             Background::Profile => self.profile_set.contains(index),
         };
         let host = &mut self.hosts[h as usize];
+        if self.plan.boot_after_profile && host.profile_left > 0 && self.profile_set.contains(index)
+        {
+            host.profile_left -= 1;
+            if host.profile_left == 0 {
+                let vms = host.vms.clone();
+                for v in vms {
+                    if self.vms[v as usize].reading {
+                        self.run_vm(v, now);
+                    }
+                }
+            }
+        }
+        let host = &mut self.hosts[h as usize];
         if in_target && host.bg_left > 0 {
             host.bg_left -= 1;
             if host.bg_left == 0 {
@@ -365,6 +389,11 @@ impl World {
         let h = vm.host as usize;
         if self.plan.boot_after_copy && self.hosts[h].bg_done.is_none() {
             return; // starts when the copy is complete
+        }
+        if self.plan.boot_after_profile
+            && (self.hosts[h].started.is_none() || self.hosts[h].profile_left > 0)
+        {
+            return; // starts when the boot profile is staged
         }
         self.run_vm(v, now);
     }

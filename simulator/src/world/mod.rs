@@ -217,6 +217,8 @@ struct Host {
     lookup_pending: bool,
     bg_left: u32,
     bg_done: Option<Instant>,
+    /// Boot-profile chunks not held yet (`multicast`: VMs start when it reaches 0).
+    profile_left: u32,
     fetched: u64,
     from_site: Vec<u64>,
     from_sources: u64,
@@ -470,6 +472,7 @@ impl World {
                     lookup_pending: false,
                     bg_left: 0,
                     bg_done: None,
+                    profile_left: 0,
                     fetched: 0,
                     from_site: vec![0; sc.sites.len()],
                     from_sources: 0,
