@@ -268,6 +268,15 @@ impl RejectReason {
     }
 }
 
+/// Why a node refuses a peer's [`Message::Stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum StageRefusal {
+    /// No peer handed over the image's manifest in time: the node cannot pull it.
+    NoManifest,
+    /// The node already runs as many staged pulls as it takes at once.
+    Busy,
+}
+
 /// A structural violation found by [`Message::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -459,6 +468,22 @@ pub enum Message {
         /// Chunk indices, at most [`MAX_UPDATE_INDICES`].
         indices: Vec<u32>,
     },
+    /// Asks the receiver to pull the whole of `image` now (`vmswarm stage`, a group boot): it
+    /// fetches the manifest from the swarm and pulls as `vmswarm pull` does, boot profile first.
+    /// Answered [`Message::Ack`] once the receiver holds the manifest and pulls (or holds) the
+    /// image, or [`Message::StageRefused`]. Only sent to peers announcing
+    /// [`Capabilities::MULTICAST`].
+    Stage {
+        /// The image.
+        image: ImageId,
+    },
+    /// The sender will not pull `image` for a [`Message::Stage`].
+    StageRefused {
+        /// The image.
+        image: ImageId,
+        /// Why.
+        reason: StageRefusal,
+    },
 }
 
 impl Message {
@@ -481,6 +506,8 @@ impl Message {
             Message::GetBootProfile { .. } => "get_boot_profile",
             Message::BootProfile { .. } => "boot_profile",
             Message::BootProfileNotFound { .. } => "boot_profile_not_found",
+            Message::Stage { .. } => "stage",
+            Message::StageRefused { .. } => "stage_refused",
         }
     }
 
@@ -525,7 +552,9 @@ impl Message {
             | Message::ManifestNotFound { .. }
             | Message::Ack
             | Message::GetBootProfile { .. }
-            | Message::BootProfileNotFound { .. } => Ok(()),
+            | Message::BootProfileNotFound { .. }
+            | Message::Stage { .. }
+            | Message::StageRefused { .. } => Ok(()),
         }
     }
 }
@@ -683,6 +712,12 @@ pub(crate) mod strategies {
             (image_id(), indices())
                 .prop_map(|(image, order)| Message::BootProfile { image, order }),
             image_id().prop_map(|image| Message::BootProfileNotFound { image }),
+            image_id().prop_map(|image| Message::Stage { image }),
+            (
+                image_id(),
+                prop_oneof![Just(StageRefusal::NoManifest), Just(StageRefusal::Busy)]
+            )
+                .prop_map(|(image, reason)| Message::StageRefused { image, reason }),
         ]
     }
 }
@@ -980,6 +1015,11 @@ mod tests {
                 order: vec![3, 1],
             },
             Message::BootProfileNotFound { image },
+            Message::Stage { image },
+            Message::StageRefused {
+                image,
+                reason: StageRefusal::Busy,
+            },
         ];
         let kinds: std::collections::BTreeSet<_> = all.iter().map(Message::kind).collect();
         assert_eq!(kinds.len(), all.len());
