@@ -1,7 +1,8 @@
 //! Real `vmswarm serve` processes on loopback QUIC: `vmswarm stage`. A publisher in site A stages
-//! an image to six nodes of site B; the swarm distributes it (site gateways, relaying), so the
-//! publisher uploads about one copy, not six. A target killed mid-stage is named as failed while
-//! the others complete. Bad input fails clearly.
+//! an image to six nodes of its own site, or of site B; the swarm distributes it (site gateways, relaying), so the
+//! publisher uploads about one copy per site, not six. A target killed mid-stage is named as failed
+//! while the others complete. Bad input fails clearly. A raw peer's `Stage` requests cannot make a
+//! node pull more than a few images at once, nor any image the swarm does not serve.
 
 mod common;
 
@@ -343,4 +344,236 @@ fn bad_input_fails_clearly() {
         text.contains("complete") && text.contains("staged") && text.contains("1 targets"),
         "{text}"
     );
+}
+
+/// A raw libp2p peer speaking `/vmswarm/msg/1`, to send `Stage` requests of its choosing.
+mod raw {
+    use std::collections::BTreeMap;
+    use std::io;
+    use std::time::Duration;
+
+    use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+    use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder};
+    use vmswarm_protocol::codec;
+    use vmswarm_protocol::wire::{Capabilities, Hello, Message};
+
+    const PROTOCOL: StreamProtocol = StreamProtocol::new("/vmswarm/msg/1");
+
+    /// Moves raw bytes (frames the test encodes itself).
+    #[derive(Debug, Clone, Copy, Default)]
+    pub(crate) struct RawCodec;
+
+    async fn read_all<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        io.take(4 << 20).read_to_end(&mut buf).await?;
+        Ok(buf)
+    }
+
+    async fn write_all<T: AsyncWrite + Unpin + Send>(io: &mut T, b: Vec<u8>) -> io::Result<()> {
+        io.write_all(&b).await?;
+        io.close().await
+    }
+
+    impl request_response::Codec for RawCodec {
+        type Protocol = StreamProtocol;
+        type Request = Vec<u8>;
+        type Response = Vec<u8>;
+
+        async fn read_request<T: AsyncRead + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+        ) -> io::Result<Vec<u8>> {
+            read_all(io).await
+        }
+
+        async fn read_response<T: AsyncRead + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+        ) -> io::Result<Vec<u8>> {
+            read_all(io).await
+        }
+
+        async fn write_request<T: AsyncWrite + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+            req: Vec<u8>,
+        ) -> io::Result<()> {
+            write_all(io, req).await
+        }
+
+        async fn write_response<T: AsyncWrite + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+            res: Vec<u8>,
+        ) -> io::Result<()> {
+            write_all(io, res).await
+        }
+    }
+
+    pub(crate) type Raw = request_response::Behaviour<RawCodec>;
+
+    pub(crate) fn swarm() -> Swarm<Raw> {
+        SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_quic()
+            .with_behaviour(|_| {
+                Raw::new(
+                    [(PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(60))
+                        .with_max_concurrent_streams(64),
+                )
+            })
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    }
+
+    pub(crate) fn frame(msg: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        codec::encode_frame(msg, &mut out).unwrap();
+        out
+    }
+
+    fn hello() -> Message {
+        Message::Hello(Hello::new(
+            "evil",
+            Capabilities::SERVE | Capabilities::MULTICAST,
+            "stage-test",
+        ))
+    }
+
+    /// Dials `addr` until connected.
+    pub(crate) async fn connect(swarm: &mut Swarm<Raw>, addr: &str) -> PeerId {
+        let addr: Multiaddr = addr.parse().unwrap();
+        swarm.dial(addr).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+                .await
+                .expect("no connection to the daemon within 20 s");
+            if let SwarmEvent::ConnectionEstablished { peer_id, .. } = event {
+                return peer_id;
+            }
+        }
+    }
+
+    /// Sends `messages` and returns the decoded answers in order (`None`: no answer). The
+    /// daemon's own requests are answered with our `Hello` (it then treats us as a peer) and, for
+    /// anything else, with bytes it ignores.
+    pub(crate) async fn send_all(
+        swarm: &mut Swarm<Raw>,
+        daemon: PeerId,
+        messages: &[Message],
+    ) -> Vec<Option<Message>> {
+        let ids: Vec<OutboundRequestId> = messages
+            .iter()
+            .map(|m| swarm.behaviour_mut().send_request(&daemon, frame(m)))
+            .collect();
+        let mut answers: BTreeMap<OutboundRequestId, Option<Message>> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while answers.len() < ids.len() {
+            let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+                .await
+                .expect("the daemon answered nothing within 60 s: wedged?");
+            match event {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                }) => {
+                    let msg = (response.len() > 4)
+                        .then(|| codec::decode(&response[4..]).ok())
+                        .flatten();
+                    answers.insert(request_id, msg);
+                }
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    request_id,
+                    ..
+                }) => {
+                    answers.insert(request_id, None);
+                }
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Request { channel, .. },
+                    ..
+                }) => {
+                    let _ = swarm
+                        .behaviour_mut()
+                        .send_response(channel, frame(&hello()));
+                }
+                _ => {}
+            }
+        }
+        ids.iter().map(|id| answers.remove(id).flatten()).collect()
+    }
+}
+
+/// A peer cannot make a node pull more than `MAX_STAGED_PULLS` (4) images at once, nor an image
+/// whose manifest nobody hands over: of six `Stage` requests for made-up images, two are refused
+/// `Busy` and four wait for a manifest that never comes and are refused `NoManifest`; then the
+/// slots are free again, and the node holds nothing it was pushed.
+#[test]
+fn a_peer_cannot_make_a_node_pull_without_bound() {
+    use vmswarm_protocol::ImageId;
+    use vmswarm_protocol::wire::{Message, StageRefusal};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let config = common::fast_config(tmp.path());
+    let node = Node::start(
+        &tmp.path().join("target"),
+        "siteB",
+        None,
+        &["--config", config.to_str().unwrap()],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut swarm = raw::swarm();
+        let daemon = raw::connect(&mut swarm, &node.addr).await;
+        let stages: Vec<Message> = (1..=6u8)
+            .map(|i| Message::Stage {
+                image: ImageId([i; 32]),
+            })
+            .collect();
+        let answers = raw::send_all(&mut swarm, daemon, &stages).await;
+        let refused = |why: StageRefusal| {
+            answers
+                .iter()
+                .filter(
+                    |a| matches!(a, Some(Message::StageRefused { reason, .. }) if *reason == why),
+                )
+                .count()
+        };
+        assert_eq!(refused(StageRefusal::Busy), 2, "{answers:?}");
+        assert_eq!(refused(StageRefusal::NoManifest), 4, "{answers:?}");
+        // The slots are free again.
+        let again = raw::send_all(
+            &mut swarm,
+            daemon,
+            &[Message::Stage {
+                image: ImageId([9; 32]),
+            }],
+        )
+        .await;
+        assert!(
+            matches!(
+                again[0],
+                Some(Message::StageRefused {
+                    reason: StageRefusal::NoManifest,
+                    ..
+                })
+            ),
+            "{again:?}"
+        );
+    });
+    let st = node.status();
+    assert_eq!(st["images"].as_array().map(Vec::len), Some(0), "{st}");
 }
