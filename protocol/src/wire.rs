@@ -88,7 +88,8 @@ impl Capabilities {
     pub const SERVE: Capabilities = Capabilities(1);
     /// Takes part in relay-tree distribution: understands [`RejectReason::Fanout`] (peers without
     /// it are answered `Busy` instead, which an older decoder knows) and relays what it fetches.
-    /// Staged multicast push will be announced by this bit as well.
+    /// Also takes staged pushes: understands [`Message::Stage`] and answers
+    /// [`Message::StageRefused`] (peers without it are never sent a `Stage`).
     pub const MULTICAST: Capabilities = Capabilities(2);
     /// Understands [`Message::GetBootProfile`] (peers without it are never sent one).
     pub const BOOT_PROFILES: Capabilities = Capabilities(4);
