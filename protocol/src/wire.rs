@@ -88,7 +88,8 @@ impl Capabilities {
     pub const SERVE: Capabilities = Capabilities(1);
     /// Takes part in relay-tree distribution: understands [`RejectReason::Fanout`] (peers without
     /// it are answered `Busy` instead, which an older decoder knows) and relays what it fetches.
-    /// Staged multicast push will be announced by this bit as well.
+    /// Also takes staged pushes: understands [`Message::Stage`] and answers
+    /// [`Message::StageRefused`] (peers without it are never sent a `Stage`).
     pub const MULTICAST: Capabilities = Capabilities(2);
     /// Understands [`Message::GetBootProfile`] (peers without it are never sent one).
     pub const BOOT_PROFILES: Capabilities = Capabilities(4);
@@ -266,6 +267,15 @@ impl RejectReason {
             RejectReason::Busy
         }
     }
+}
+
+/// Why a node refuses a peer's [`Message::Stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum StageRefusal {
+    /// No peer handed over the image's manifest in time: the node cannot pull it.
+    NoManifest,
+    /// The node already runs as many staged pulls as it takes at once.
+    Busy,
 }
 
 /// A structural violation found by [`Message::validate`].
@@ -459,6 +469,22 @@ pub enum Message {
         /// Chunk indices, at most [`MAX_UPDATE_INDICES`].
         indices: Vec<u32>,
     },
+    /// Asks the receiver to pull the whole of `image` now (`vmswarm stage`, a group boot): it
+    /// fetches the manifest from the swarm and pulls as `vmswarm pull` does, boot profile first.
+    /// Answered [`Message::Ack`] once the receiver holds the manifest and pulls (or holds) the
+    /// image, or [`Message::StageRefused`]. Only sent to peers announcing
+    /// [`Capabilities::MULTICAST`].
+    Stage {
+        /// The image.
+        image: ImageId,
+    },
+    /// The sender will not pull `image` for a [`Message::Stage`].
+    StageRefused {
+        /// The image.
+        image: ImageId,
+        /// Why.
+        reason: StageRefusal,
+    },
 }
 
 impl Message {
@@ -481,6 +507,8 @@ impl Message {
             Message::GetBootProfile { .. } => "get_boot_profile",
             Message::BootProfile { .. } => "boot_profile",
             Message::BootProfileNotFound { .. } => "boot_profile_not_found",
+            Message::Stage { .. } => "stage",
+            Message::StageRefused { .. } => "stage_refused",
         }
     }
 
@@ -525,7 +553,9 @@ impl Message {
             | Message::ManifestNotFound { .. }
             | Message::Ack
             | Message::GetBootProfile { .. }
-            | Message::BootProfileNotFound { .. } => Ok(()),
+            | Message::BootProfileNotFound { .. }
+            | Message::Stage { .. }
+            | Message::StageRefused { .. } => Ok(()),
         }
     }
 }
@@ -683,6 +713,12 @@ pub(crate) mod strategies {
             (image_id(), indices())
                 .prop_map(|(image, order)| Message::BootProfile { image, order }),
             image_id().prop_map(|image| Message::BootProfileNotFound { image }),
+            image_id().prop_map(|image| Message::Stage { image }),
+            (
+                image_id(),
+                prop_oneof![Just(StageRefusal::NoManifest), Just(StageRefusal::Busy)]
+            )
+                .prop_map(|(image, reason)| Message::StageRefused { image, reason }),
         ]
     }
 }
@@ -980,6 +1016,11 @@ mod tests {
                 order: vec![3, 1],
             },
             Message::BootProfileNotFound { image },
+            Message::Stage { image },
+            Message::StageRefused {
+                image,
+                reason: StageRefusal::Busy,
+            },
         ];
         let kinds: std::collections::BTreeSet<_> = all.iter().map(Message::kind).collect();
         assert_eq!(kinds.len(), all.len());

@@ -27,6 +27,9 @@
 //!
 //! Each transfer's site gateways (the few nodes of our site that take its chunks from outside) are
 //! chosen from the answers to the image's per-site provider lookups ([`gateways`]).
+//!
+//! `vmswarm stage` asks target nodes to pull an image we hold, and follows their progress; a
+//! peer's `Stage` request makes us pull one, within bounds ([`stage`]).
 
 mod dropped;
 mod gateways;
@@ -34,6 +37,7 @@ mod inbound;
 mod ingest;
 mod lanes;
 mod mounts;
+mod stage;
 mod transfer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -162,6 +166,10 @@ enum Outbound {
     Ack,
     /// A `GetBootProfile` for this image.
     BootProfile(ImageId),
+    /// Our `Have` sent to a stage target, for its set ([`stage`]).
+    StageHave(ImageId),
+    /// A `Stage` request ([`stage`]).
+    Stage(ImageId),
 }
 
 /// A connected peer.
@@ -303,6 +311,13 @@ struct Daemon {
     mounts: mounts::Mounts,
     /// Chunks the store dropped from its index (quarantined, vanished): see `on_chunk_dropped`.
     dropped_rx: mpsc::UnboundedReceiver<ChunkId>,
+    /// Running `vmswarm stage` commands, by run number ([`stage`]).
+    stages: HashMap<u64, stage::StageRun>,
+    next_stage: u64,
+    /// Images we pull because a peer's `Stage` asked us to (while their transfer runs).
+    staged: HashSet<ImageId>,
+    /// Peers' `Stage` requests waiting for the image's manifest.
+    stage_requests: HashMap<ImageId, Vec<libp2p::request_response::ResponseChannel<Message>>>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -409,6 +424,10 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         seed_counter: 0,
         mounts: mounts::Mounts::new(demand_tx, opts_profile_window),
         dropped_rx,
+        stages: HashMap::new(),
+        next_stage: 0,
+        staged: HashSet::new(),
+        stage_requests: HashMap::new(),
     };
     d.metrics.demand_fanout.store(
         d.serve.demand_fanout() as u64,
@@ -572,7 +591,7 @@ async fn accept_control(listener: UnixListener, cmds: mpsc::UnboundedSender<Comm
             }
             drop(rd);
             while let Some(reply) = reply_rx.recv().await {
-                let last = !matches!(reply, Reply::Progress { .. });
+                let last = !matches!(reply, Reply::Progress { .. } | Reply::Line { .. });
                 let Ok(mut line) = serde_json::to_string(&reply) else {
                     return;
                 };
@@ -762,6 +781,7 @@ impl Daemon {
                     m.fail(message.clone());
                 }
             }
+            self.stage_manifest_failed(image);
         }
     }
 
@@ -778,6 +798,7 @@ impl Daemon {
         for t in self.transfers.values_mut() {
             t.report_progress();
         }
+        self.stage_tick();
     }
 
     /// Sends the chunks of `image` completed since its last Have update to every interested peer.
@@ -919,6 +940,7 @@ impl Daemon {
         for p in self.pending_manifests.values_mut() {
             p.asked.remove(&peer);
         }
+        self.stage_on_peer_gone(peer);
     }
 
     /// `peer` sent its `Hello` request on `conn`. A peer sends one when its first connection to
@@ -985,6 +1007,7 @@ impl Daemon {
         if !first || self.banned.contains(&peer) {
             return;
         }
+        self.stage_on_peer_ready(peer);
         let now = self.now();
         let rtt = self.peers.get(&peer).and_then(|p| p.rtt);
         let images: Vec<ImageId> = self.transfers.keys().copied().collect();
@@ -1101,6 +1124,12 @@ impl Daemon {
                 });
             }
             Request::Pull { image, output } => self.on_pull(image, output, reply),
+            Request::Stage {
+                image,
+                peers,
+                site,
+                wait,
+            } => self.on_stage_command(image, peers, site, wait, reply),
             Request::Mount(req) => self.on_mount(req, reply),
             Request::Umount { name } => answer(&reply, self.on_umount(&name)),
             Request::Mounts => answer(&reply, Ok(self.mounts_json())),
@@ -1237,6 +1266,7 @@ impl Daemon {
                                 m.fail(format!("storing the manifest of {id}: {e}"));
                             }
                         }
+                        self.stage_manifest_failed(id);
                         return;
                     }
                 };
@@ -1257,6 +1287,7 @@ impl Daemon {
                 for m in mounts {
                     self.finish_mount(m);
                 }
+                self.stage_manifest_stored(id);
             }
             IoDone::Published { reply, result } => match result {
                 Ok((manifest, present, summary)) => {
