@@ -349,72 +349,18 @@ fn bad_input_fails_clearly() {
 /// A raw libp2p peer speaking `/vmswarm/msg/1`, to send `Stage` requests of its choosing.
 mod raw {
     use std::collections::BTreeMap;
-    use std::io;
     use std::time::Duration;
 
-    use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+    use futures::StreamExt;
     use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
     use libp2p::swarm::SwarmEvent;
     use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder};
     use vmswarm_protocol::codec;
     use vmswarm_protocol::wire::{Capabilities, Hello, Message};
 
+    use crate::common::raw_codec::RawCodec;
+
     const PROTOCOL: StreamProtocol = StreamProtocol::new("/vmswarm/msg/1");
-
-    /// Moves raw bytes (frames the test encodes itself).
-    #[derive(Debug, Clone, Copy, Default)]
-    pub(crate) struct RawCodec;
-
-    async fn read_all<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        io.take(4 << 20).read_to_end(&mut buf).await?;
-        Ok(buf)
-    }
-
-    async fn write_all<T: AsyncWrite + Unpin + Send>(io: &mut T, b: Vec<u8>) -> io::Result<()> {
-        io.write_all(&b).await?;
-        io.close().await
-    }
-
-    impl request_response::Codec for RawCodec {
-        type Protocol = StreamProtocol;
-        type Request = Vec<u8>;
-        type Response = Vec<u8>;
-
-        async fn read_request<T: AsyncRead + Unpin + Send>(
-            &mut self,
-            _: &StreamProtocol,
-            io: &mut T,
-        ) -> io::Result<Vec<u8>> {
-            read_all(io).await
-        }
-
-        async fn read_response<T: AsyncRead + Unpin + Send>(
-            &mut self,
-            _: &StreamProtocol,
-            io: &mut T,
-        ) -> io::Result<Vec<u8>> {
-            read_all(io).await
-        }
-
-        async fn write_request<T: AsyncWrite + Unpin + Send>(
-            &mut self,
-            _: &StreamProtocol,
-            io: &mut T,
-            req: Vec<u8>,
-        ) -> io::Result<()> {
-            write_all(io, req).await
-        }
-
-        async fn write_response<T: AsyncWrite + Unpin + Send>(
-            &mut self,
-            _: &StreamProtocol,
-            io: &mut T,
-            res: Vec<u8>,
-        ) -> io::Result<()> {
-            write_all(io, res).await
-        }
-    }
 
     pub(crate) type Raw = request_response::Behaviour<RawCodec>;
 
