@@ -466,6 +466,7 @@ mod tests {
             },
             Message::Need {
                 image: IMAGE,
+                priority: Priority::Demand,
                 indices: vec![7, 9],
             },
             Message::Request {

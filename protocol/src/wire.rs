@@ -459,13 +459,16 @@ pub enum Message {
         /// The image.
         image: ImageId,
     },
-    /// A VM on the sender is blocked on these chunks of `image`, which the receiver, a gateway of
-    /// the sender's site (`site`), is assigned to bring into the site and which nobody there holds
-    /// or fetches yet: the receiver fetches them from outside at Demand priority and announces it
-    /// (`Fetching`). Only sent to peers announcing [`Capabilities::MULTICAST`].
+    /// The sender wants these chunks of `image`, which the receiver, a gateway of the sender's
+    /// site (`site`), is assigned to bring into the site and which nobody there holds or fetches
+    /// yet: the receiver fetches them from outside at `priority` (Demand: a VM on the sender is
+    /// blocked on them) and announces it (`Fetching`). Only sent to peers announcing
+    /// [`Capabilities::MULTICAST`].
     Need {
         /// The image.
         image: ImageId,
+        /// How urgently the sender needs them.
+        priority: Priority,
         /// Chunk indices, at most [`MAX_UPDATE_INDICES`].
         indices: Vec<u32>,
     },
@@ -697,7 +700,13 @@ pub(crate) mod strategies {
                 .prop_map(|(image, indices)| Message::HaveUpdate { image, indices }),
             (image_id(), indices())
                 .prop_map(|(image, indices)| Message::Fetching { image, indices }),
-            (image_id(), indices()).prop_map(|(image, indices)| Message::Need { image, indices }),
+            (image_id(), priority(), indices()).prop_map(|(image, priority, indices)| {
+                Message::Need {
+                    image,
+                    priority,
+                    indices,
+                }
+            }),
             (priority(), chunk_list())
                 .prop_map(|(priority, chunks)| Message::Request { priority, chunks }),
             (chunk_id(), vec(any::<u8>(), 0..=max_bytes))
@@ -991,6 +1000,7 @@ mod tests {
             },
             Message::Need {
                 image,
+                priority: Priority::Background,
                 indices: vec![],
             },
             Message::Request {

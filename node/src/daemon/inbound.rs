@@ -134,7 +134,11 @@ impl Daemon {
                 }
                 self.respond(channel, Message::Ack);
             }
-            Message::Need { image, indices } => {
+            Message::Need {
+                image,
+                priority,
+                indices,
+            } => {
                 // Chunks we hold already are announced (the peer's want waits for them); the
                 // scheduler takes the rest if we are the site gateway assigned them.
                 if let (Some(t), Some(img)) =
@@ -144,7 +148,7 @@ impl Daemon {
                         .into_iter()
                         .filter(|&i| !img.present.contains(i))
                         .collect();
-                    t.sched.handle_peer_need(now, &peer, &missing);
+                    t.sched.handle_peer_need(now, &peer, priority, &missing);
                 }
                 self.respond(channel, Message::Ack);
             }

@@ -214,14 +214,23 @@ impl Daemon {
                 Action::AnnounceFetching { peer, indices } => {
                     self.send(peer, Message::Fetching { image, indices }, Outbound::Ack);
                 }
-                Action::Need { peer, indices } => {
+                Action::Need {
+                    peer,
+                    priority,
+                    indices,
+                } => {
                     // A peer of protocol version 1 could not decode `Need`: it is not told.
                     let multicast = self
                         .peers
                         .get(&peer)
                         .is_some_and(|p| p.capabilities.contains(Capabilities::MULTICAST));
                     if multicast {
-                        self.send(peer, Message::Need { image, indices }, Outbound::Ack);
+                        let need = Message::Need {
+                            image,
+                            priority,
+                            indices,
+                        };
+                        self.send(peer, need, Outbound::Ack);
                     }
                 }
             }

@@ -304,12 +304,15 @@ pub enum Action<P> {
         /// Chunk indices.
         indices: Vec<u32>,
     },
-    /// Tell site gateway `peer` that a VM here is blocked on these chunks, which it is assigned to
-    /// bring into the site and nobody in the site holds or fetches (`Need`): it fetches them at
-    /// Demand priority ([`FetchScheduler::handle_peer_need`]) and announces that it does.
+    /// Tell site gateway `peer` that we want these chunks, which it is assigned to bring into the
+    /// site and nobody in the site holds or fetches (`Need`): it fetches them at `priority`
+    /// ([`FetchScheduler::handle_peer_need`]; Demand: a VM here is blocked on them) and announces
+    /// that it does, and we wait for its copy.
     Need {
         /// The site gateway assigned the chunks.
         peer: P,
+        /// Demand if a VM is blocked on them, else Background.
+        priority: Priority,
         /// Chunk indices.
         indices: Vec<u32>,
     },
@@ -401,8 +404,9 @@ struct Want<P> {
     /// before its instant ([`Config::relay_retry`]), with its relay score
     /// ([`peer::relay_score`]): until then only holders scoring higher are asked.
     relayed: Vec<(P, Instant, u64)>,
-    /// The site gateway (its key) told that we need this chunk ([`Action::Need`]), if any.
-    needed_from: Option<u64>,
+    /// The site gateway (its key) told that we need this chunk ([`Action::Need`]), and at what
+    /// priority, if any.
+    needed_from: Option<(u64, Priority)>,
     /// A live site gateway announced fetching this chunk, until this instant: a Demand want waits
     /// for its copy that long, beyond [`Config::demand_local_wait`] (the gateway's copy is the
     /// site's one; crossing the WAN beside it would only compete with it for the same links).
@@ -488,15 +492,17 @@ pub struct FetchScheduler<P> {
     gateway_keys: Vec<u64>,
     /// Gateways whose connection was lost (they count again once they reconnect).
     gateways_down: BTreeSet<u64>,
+    /// The gateways that count (not down, not suspect), ours excluded.
+    gateways_live: BTreeSet<u64>,
     /// Outside fetches are assigned among the live gateways (we are one, or one is alive).
     via_gateways: bool,
     /// We are one of the site's gateways.
     local_gateway: bool,
     /// The gateways' ids by key (ours included if we are one).
     gateway_ids: BTreeMap<u64, P>,
-    /// Demand wants to tell their gateway about in the next pass ([`Action::Need`]).
+    /// Wants to tell their gateway about in the next pass ([`Action::Need`]).
     need_fresh: BTreeSet<u32>,
-    /// Look at every Demand want for [`Action::Need`] in the next pass (the gateways changed).
+    /// Look at every want for [`Action::Need`] in the next pass (the gateways changed).
     need_all: bool,
     /// When wants stop waiting for a same-site copy.
     wan_after_deadlines: BTreeSet<(Instant, u32)>,
@@ -567,6 +573,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             best_other: Vec::new(),
             gateway_keys: Vec::new(),
             gateways_down: BTreeSet::new(),
+            gateways_live: BTreeSet::new(),
             via_gateways: false,
             local_gateway: false,
             gateway_ids: BTreeMap::new(),
@@ -648,13 +655,19 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     /// gateway assigned to become Demand wants of ours (new wants if we did not want them), so we
     /// fetch them from outside at once and announce it; the rest, and out-of-range indices, are
     /// ignored, as is a peer of another site. The caller leaves out chunks it holds.
-    pub fn handle_peer_need(&mut self, now: Instant, peer: &P, indices: &[u32]) {
+    pub fn handle_peer_need(
+        &mut self,
+        now: Instant,
+        peer: &P,
+        priority: Priority,
+        indices: &[u32],
+    ) {
         if !self.is_site_gateway() || !self.peers.get(peer).is_some_and(|p| p.same_site) {
             return;
         }
         for &index in indices {
             if index < self.chunks && self.site_assigned_to_us(index) {
-                self.want(now, index, Priority::Demand);
+                self.want(now, index, priority);
             }
         }
         self.schedule(now);
@@ -765,6 +778,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 if priority == Priority::Demand {
                     self.promote(now, index);
                 } else {
+                    self.need_fresh.insert(index);
                     self.enqueue(index);
                 }
             }
@@ -1698,11 +1712,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             return;
         }
         let indices: Vec<u32> = if all {
-            self.demand_queue.iter().map(|&(_, i)| i).collect()
+            self.wanted.iter().collect()
         } else {
             fresh.into_iter().collect()
         };
-        let mut asks: BTreeMap<P, Vec<u32>> = BTreeMap::new();
+        let mut asks: BTreeMap<(P, Priority), Vec<u32>> = BTreeMap::new();
         for index in indices {
             let i = index as usize;
             if self.local_avail[i] > 0
@@ -1717,7 +1731,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             let Some(w) = self.wants[i].as_mut() else {
                 continue;
             };
-            if w.priority != Priority::Demand || w.needed_from == Some(g) {
+            let priority = w.priority;
+            if w.needed_from == Some((g, priority)) || w.needed_from == Some((g, Priority::Demand))
+            {
                 continue;
             }
             let Some(id) = self.gateway_ids.get(&g) else {
@@ -1730,7 +1746,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             {
                 continue;
             }
-            w.needed_from = Some(g);
+            w.needed_from = Some((g, priority));
+            if priority == Priority::Background {
+                asks.entry((id.clone(), priority)).or_default().push(index);
+                continue;
+            }
             // The gateway may have had no source for it either until now (a flash crowd at
             // start-up): the want waits for its announcement from now on, as from a promotion.
             let until = now
@@ -1747,10 +1767,14 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 self.wan_after_deadlines.remove(&(old, index));
             }
             self.wan_after_deadlines.insert((until, index));
-            asks.entry(id.clone()).or_default().push(index);
+            asks.entry((id.clone(), priority)).or_default().push(index);
         }
-        for (peer, indices) in asks {
-            self.actions.push_back(Action::Need { peer, indices });
+        for ((peer, priority), indices) in asks {
+            self.actions.push_back(Action::Need {
+                peer,
+                priority,
+                indices,
+            });
         }
     }
 
@@ -1810,6 +1834,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             .filter(|k| *k != mine && !self.gateways_down.contains(k) && !suspect.contains(k))
             .collect();
         self.via_gateways = self.local_gateway || !live.is_empty();
+        if self.gateways_live.iter().ne(live.iter()) {
+            // Assignments moved: wants told to a gateway that no longer counts ask the new one.
+            self.need_all = true;
+        }
+        self.gateways_live = live.iter().copied().collect();
         let keys: Vec<u64> = if self.via_gateways {
             live
         } else {
@@ -1869,7 +1898,16 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                         && (announced
                             || (assigned_elsewhere && w.assign_after.is_some_and(|t| now < t))))
             }
-            Priority::Background => announced || (assigned_elsewhere && now < w.wan_after),
+            // A Background want told to its live gateway waits for the gateway's copy however
+            // long that takes (a slow origin is then crossed once per site, not once per node).
+            Priority::Background => {
+                announced
+                    || (assigned_elsewhere
+                        && (now < w.wan_after
+                            || w.needed_from.is_some_and(|(g, _)| {
+                                self.via_gateways && self.gateways_live.contains(&g)
+                            })))
+            }
         };
         !waiting
     }

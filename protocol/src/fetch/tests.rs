@@ -1857,6 +1857,7 @@ fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
         actions,
         vec![Action::Need {
             peer: 50,
+            priority: Priority::Demand,
             indices: vec![mine]
         }],
         "only the connected gateway is told, once, and nothing crosses the WAN yet"
@@ -1889,9 +1890,9 @@ fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
     let theirs = (0..n).find(|&i| site_owner(100, &[50], i) == 50).unwrap();
     assert!(drain_actions(&mut g).is_empty());
     // A peer of another site is not listened to.
-    g.handle_peer_need(t(1), &7, &[ours]);
+    g.handle_peer_need(t(1), &7, Priority::Demand, &[ours]);
     assert!(drain_actions(&mut g).is_empty());
-    g.handle_peer_need(t(1), &1, &[ours, theirs, n + 5]);
+    g.handle_peer_need(t(1), &1, Priority::Demand, &[ours, theirs, n + 5]);
     let actions = drain_actions(&mut g);
     assert_eq!(requests(&actions), vec![(9, Priority::Demand, ours)]);
     assert!(actions.contains(&Action::AnnounceFetching {
@@ -1900,7 +1901,7 @@ fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
     }));
     // A node that is not a gateway ignores `Need`.
     let mut plain = one_neighbour_one_remote();
-    plain.handle_peer_need(t(1), &1, &[ours]);
+    plain.handle_peer_need(t(1), &1, Priority::Demand, &[ours]);
     assert!(drain_actions(&mut plain).is_empty());
 }
 
@@ -1947,6 +1948,7 @@ fn a_want_blocked_before_start_up_waits_for_the_gateway_it_told() {
         drain_actions(&mut s),
         vec![Action::Need {
             peer: 50,
+            priority: Priority::Demand,
             indices: vec![chunk]
         }]
     );
@@ -1958,4 +1960,43 @@ fn a_want_blocked_before_start_up_waits_for_the_gateway_it_told() {
     );
     s.handle_peer_fetching(t(131), &50, &[chunk]);
     assert!(requests(&advance(&mut s, t(2_000))).is_empty());
+}
+
+#[test]
+fn a_background_want_told_to_its_live_gateway_waits_for_its_copy_however_long() {
+    let n = 60;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 50, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[50]);
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    let actions = drain_actions(&mut s);
+    let told: Vec<u32> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Need {
+                peer: 50,
+                priority: Priority::Background,
+                indices,
+            } => Some(indices.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        told.len(),
+        n as usize,
+        "every want is told to the one gateway"
+    );
+    // Far past `site_assign_wait` (a slow origin): still nothing crosses the WAN from here.
+    assert!(outside_fetches(&mut s, t(0), t(60_000)).is_empty());
+    // The gateway goes: the wants are ours to fetch at once.
+    s.handle_peer_disconnected(t(60_000), &50);
+    assert_eq!(
+        outside_fetches(&mut s, t(60_000), t(60_001)).len(),
+        n as usize
+    );
 }

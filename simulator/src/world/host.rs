@@ -221,12 +221,12 @@ impl World {
             }
             Msg::HaveUpdate { indices } => sched.handle_peer_have_update(now, &from, &indices),
             Msg::Fetching { indices } => sched.handle_peer_fetching(now, &from, &indices),
-            Msg::Need { indices } => {
+            Msg::Need { priority, indices } => {
                 let missing: Vec<u32> = indices
                     .into_iter()
                     .filter(|&i| !store.contains(i))
                     .collect();
-                sched.handle_peer_need(now, &from, &missing);
+                sched.handle_peer_need(now, &from, priority, &missing);
             }
             Msg::Reject { index, kind } => sched.handle_reject(now, &from, index, kind),
             Msg::ChunkArriving { index } => sched.handle_chunk_arriving(now, &from, index),
@@ -485,9 +485,13 @@ impl World {
                 Action::AnnounceFetching { peer, indices } => {
                     self.send(node, peer, Msg::Fetching { indices });
                 }
-                Action::Need { peer, indices } => {
+                Action::Need {
+                    peer,
+                    priority,
+                    indices,
+                } => {
                     self.counters.needs += 1;
-                    self.send(node, peer, Msg::Need { indices });
+                    self.send(node, peer, Msg::Need { priority, indices });
                 }
             }
         }

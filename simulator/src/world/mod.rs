@@ -118,8 +118,9 @@ enum Msg {
     Fetching {
         indices: Vec<u32>,
     },
-    /// `Need`: a same-site host is blocked on chunks we are the gateway for.
+    /// `Need`: a same-site host wants chunks we are the gateway for.
     Need {
+        priority: Priority,
         indices: Vec<u32>,
     },
     HaveUpdate {
