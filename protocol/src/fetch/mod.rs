@@ -1600,13 +1600,6 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 
     fn pending_gone(&mut self, index: u32) {
         let i = index as usize;
-        if self.wants[i]
-            .as_ref()
-            .is_some_and(|w| w.priority == Priority::Demand)
-        {
-            // It may have waited for this announcement beyond its own deadline.
-            self.demand_fresh.insert(index);
-        }
         self.local_pending[i] -= 1;
         if self.local_pending[i] == 0 {
             self.bump_generation();
