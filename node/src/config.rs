@@ -67,6 +67,10 @@ pub struct FetchTuning {
     pub unavailable_deadline_ms: Option<u64>,
     /// How long a pull waits for any peer to provide the image's manifest.
     pub manifest_timeout_ms: Option<u64>,
+    /// How many site gateways (the best-ranked site providers of an image, which alone fetch its
+    /// chunks from outside the site) each node names; 0 turns gateways off. Every node of a site
+    /// must use the same number. At most `vmswarm_protocol::site::SITE_GATEWAYS` (the default).
+    pub site_gateways: Option<usize>,
 }
 
 /// Errors reading the configuration file.
@@ -88,6 +92,14 @@ pub enum ConfigError {
         /// What is wrong, with line and column.
         source: toml::de::Error,
     },
+    /// A value is out of range.
+    #[error("config file {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl FileConfig {
@@ -97,10 +109,20 @@ impl FileConfig {
             path: path.display().to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let config: FileConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.display().to_string(),
             source,
-        })
+        })?;
+        let max = vmswarm_protocol::site::SITE_GATEWAYS;
+        if let Some(n) = config.fetch.site_gateways.filter(|&n| n > max) {
+            return Err(ConfigError::Invalid {
+                path: path.display().to_string(),
+                message: format!(
+                    "[fetch] site_gateways = {n}: at most {max} (the providers one site lookup returns); 0 turns gateways off"
+                ),
+            });
+        }
+        Ok(config)
     }
 
     /// The manifest lookup timeout (default 30 s).
@@ -140,6 +162,9 @@ impl FileConfig {
         if let Some(v) = f.unavailable_deadline_ms {
             c.unavailable_deadline = Duration::from_millis(v);
         }
+        if let Some(v) = f.site_gateways {
+            c.site_gateways = v;
+        }
     }
 }
 
@@ -175,6 +200,20 @@ mod tests {
         assert_eq!(s.origin_demand_fanout, 6);
         assert_eq!(s.for_origin().demand_fanout, 6);
         assert_eq!(s.max_active_uploads, 3);
+        std::fs::write(&p, "[fetch]\nsite_gateways = 2\n").unwrap();
+        let mut f = vmswarm_protocol::fetch::Config::default();
+        FileConfig::load(&p).unwrap().apply(&mut f);
+        assert_eq!(f.site_gateways, 2);
+        std::fs::write(&p, "[fetch]\nsite_gateways = 0\n").unwrap();
+        FileConfig::load(&p).unwrap().apply(&mut f);
+        assert_eq!(f.site_gateways, 0, "0 turns gateways off");
+        let max = vmswarm_protocol::site::SITE_GATEWAYS;
+        std::fs::write(&p, format!("[fetch]\nsite_gateways = {}\n", max + 1)).unwrap();
+        let err = FileConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("site_gateways") && err.contains(&format!("at most {max}")),
+            "{err}"
+        );
         std::fs::write(&p, "sitee = \"dc1\"\n").unwrap();
         let err = FileConfig::load(&p).unwrap_err().to_string();
         assert!(err.contains("sitee"), "{err}");

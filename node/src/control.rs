@@ -1,9 +1,9 @@
-//! The control socket: how `vmswarm publish | pull | images | peers | status | verify | mount |
-//! umount | mounts | clone | clones` talk to the daemon that owns a data dir.
+//! The control socket: how `vmswarm publish | pull | stage | images | peers | status | verify |
+//! mount | umount | mounts | clone | clones` talk to the daemon that owns a data dir.
 //!
 //! A unix stream socket at `DATA/control.sock`, mode 0600 (only the daemon's user may drive it).
 //! Each connection carries one request as a JSON line; the daemon answers with zero or more
-//! `progress` lines and then exactly one `done` or `error` line. This module defines the messages,
+//! `progress` (or, for `stage`, `line`) lines and then exactly one `done` or `error` line. This module defines the messages,
 //! the client, and how the daemon reads a request line: at most [`MAX_REQUEST_LINE`] bytes are
 //! buffered; a longer line is answered with an `error` and the connection is closed, so a client
 //! cannot make the daemon hold an unbounded line in memory. The daemon implements the commands.
@@ -128,6 +128,17 @@ pub enum Request {
     },
     /// Clones in the data dir.
     Clones,
+    /// Have target nodes pull an image this node holds in full (`vmswarm stage`).
+    Stage {
+        /// Image id, 64 hex digits.
+        image: String,
+        /// Targets: peer ids or multiaddrs with `/p2p/<peer id>` (empty with `site`).
+        peers: Vec<String>,
+        /// Stage to every connected peer announcing this site.
+        site: Option<String>,
+        /// Answer once every target holds the image (or failed), not once they accepted.
+        wait: bool,
+    },
 }
 
 /// One line of the daemon's answer.
@@ -142,6 +153,11 @@ pub enum Reply {
         total: u64,
         /// Bytes fetched so far by this command.
         bytes: u64,
+    },
+    /// A progress line for a person (`stage`).
+    Line {
+        /// The text, without a newline.
+        text: String,
     },
     /// The command succeeded.
     Done {
@@ -197,7 +213,17 @@ pub enum ControlError {
 pub async fn call(
     data_dir: &Path,
     request: &Request,
+    on_progress: impl FnMut(u64, u64, u64),
+) -> Result<serde_json::Value, ControlError> {
+    call_with_lines(data_dir, request, on_progress, |_| {}).await
+}
+
+/// [`call`], also handing each progress `line` to `on_line`.
+pub async fn call_with_lines(
+    data_dir: &Path,
+    request: &Request,
     mut on_progress: impl FnMut(u64, u64, u64),
+    mut on_line: impl FnMut(&str),
 ) -> Result<serde_json::Value, ControlError> {
     let path = data_dir.join(SOCKET_NAME);
     let io = |source| ControlError::Io {
@@ -235,6 +261,7 @@ pub async fn call(
         })?;
         match reply {
             Reply::Progress { done, total, bytes } => on_progress(done, total, bytes),
+            Reply::Line { text } => on_line(&text),
             Reply::Done { result } => return Ok(result),
             Reply::Error { message } => return Err(ControlError::Remote(message)),
         }

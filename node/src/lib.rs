@@ -13,6 +13,7 @@
 //! - [`nbd`]: NBD exports of images and clones (on-demand fetch through the daemon).
 //! - [`overlay`]: copy-on-write overlays of writable clones.
 //! - [`profile`]: boot profiles (first-touch chunk order) recorded by mounts, replayed by prefetch.
+//! - [`stage`]: the target list of `vmswarm stage` (peers files).
 //!
 //! Scheduling decisions (which chunk, from whom, when to give up, whom to ban, what to serve next)
 //! are made by `vmswarm-protocol`, never here.
@@ -28,4 +29,5 @@ pub mod net;
 pub mod output;
 pub mod overlay;
 pub mod profile;
+pub mod stage;
 pub mod store;

@@ -82,6 +82,27 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Have a group of nodes pull an image this node holds in full (a group boot): the swarm
+    /// distributes it (one WAN copy per site, targets relay to each other). Re-running it only
+    /// asks targets that do not hold the whole image yet.
+    Stage {
+        /// Image id (64 hex digits).
+        image: String,
+        /// File naming the target nodes: one peer id or multiaddr (with /p2p/<peer id>) per line;
+        /// `#` starts a comment.
+        #[arg(long, required_unless_present = "site", conflicts_with = "site")]
+        peers: Option<PathBuf>,
+        /// Stage to every connected node announcing this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Print one JSON result object.
+        #[arg(long)]
+        json: bool,
+        /// Return once every target answered (accepted or refused), without waiting for them to
+        /// hold the image.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Images held, fully or partly.
     Images {
         /// Print JSON.
@@ -432,6 +453,13 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
             );
             Ok(())
         }
+        Command::Stage {
+            image,
+            peers,
+            site,
+            json,
+            no_wait,
+        } => stage(&cli.data, out, image, peers, site, json, no_wait).await,
         Command::Images { json } => {
             let v =
                 control::call(&data_dir(&cli.data, None)?, &Request::Images, |_, _, _| {}).await?;
@@ -638,6 +666,85 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `vmswarm stage`: prints the result; fails (after printing it) when a target failed.
+async fn stage(
+    data: &Option<PathBuf>,
+    out: &mut String,
+    image: String,
+    peers: Option<PathBuf>,
+    site: Option<String>,
+    json: bool,
+    no_wait: bool,
+) -> Result<()> {
+    let image_id: vmswarm_protocol::ImageId = image
+        .parse()
+        .with_context(|| format!("bad image id {image:?}"))?;
+    let targets = match &peers {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read peers file {}", file.display()))?;
+            vmswarm_node::stage::parse_targets(&file.display().to_string(), &text)?
+                .iter()
+                .map(vmswarm_node::stage::Target::to_wire_string)
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let data = data_dir(data, None)?;
+    let result = control::call_with_lines(
+        &data,
+        &Request::Stage {
+            image: image_id.to_string(),
+            peers: targets,
+            site,
+            wait: !no_wait,
+        },
+        |_, _, _| {},
+        |line| {
+            if !json {
+                eprintln!("{line}");
+            }
+        },
+    )
+    .await?;
+    if json {
+        outln!(out, "{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        for t in result["targets"].as_array().into_iter().flatten() {
+            outln!(
+                out,
+                "{}  {:<9} {:>6}/{:<6} chunks{}",
+                t["peer_id"].as_str().unwrap_or_default(),
+                t["state"].as_str().unwrap_or_default(),
+                t["chunks_held"],
+                t["chunks"],
+                t["reason"]
+                    .as_str()
+                    .map(|r| format!("  ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+        outln!(
+            out,
+            "staged {} to {} targets in {:.1}s; this node uploaded {} bytes",
+            result["image"].as_str().unwrap_or_default(),
+            result["targets"].as_array().map_or(0, |a| a.len()),
+            result["seconds"].as_f64().unwrap_or(0.0),
+            result["publisher_upload_bytes"]
+        );
+    }
+    let failed = result["failed"].as_u64().unwrap_or(0);
+    if failed > 0 {
+        // The result is the operator's record of what failed: print it before failing.
+        write_stdout(&std::mem::take(out))?;
+        bail!(
+            "stage incomplete: {failed} of {} targets failed (see above)",
+            result["targets"].as_array().map_or(0, |a| a.len())
+        );
+    }
+    Ok(())
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

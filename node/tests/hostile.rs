@@ -19,8 +19,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::time::{Duration, Instant};
 
+use common::raw_codec::RawCodec;
 use common::{Node, make_image, publish};
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder};
@@ -35,64 +36,6 @@ use vmswarm_protocol::{ChunkId, Priority};
 
 const PROTOCOL: StreamProtocol = StreamProtocol::new("/vmswarm/msg/1");
 const LANE: StreamProtocol = StreamProtocol::new("/vmswarm/chunks/1");
-/// Largest answer the test reads.
-const READ_LIMIT: u64 = 4 << 20;
-
-/// Request-response codec that moves raw bytes: what the test writes is exactly what goes out.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-
-async fn read_all<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    io.take(READ_LIMIT).read_to_end(&mut buf).await?;
-    Ok(buf)
-}
-
-async fn write_all<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: Vec<u8>) -> io::Result<()> {
-    io.write_all(&bytes).await?;
-    io.close().await
-}
-
-impl request_response::Codec for RawCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        read_all(io).await
-    }
-
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        read_all(io).await
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()> {
-        write_all(io, req).await
-    }
-
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()> {
-        write_all(io, res).await
-    }
-}
-
 type Raw = request_response::Behaviour<RawCodec>;
 
 #[derive(NetworkBehaviour)]

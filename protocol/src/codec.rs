@@ -430,7 +430,7 @@ mod tests {
     use crate::bitfield::{ChunkBitmap, ChunkSet};
     use crate::wire::{
         Capabilities, Hello, MAX_HAVE_RUNS, MAX_IMAGE_CHUNKS, MAX_MANIFEST_BYTES,
-        MAX_REQUEST_CHUNKS, MAX_UPDATE_INDICES, RejectReason, strategies,
+        MAX_REQUEST_CHUNKS, MAX_UPDATE_INDICES, RejectReason, StageRefusal, strategies,
     };
     use crate::{ChunkId, ImageId, Priority};
 
@@ -464,6 +464,11 @@ mod tests {
                 image: IMAGE,
                 indices: vec![42],
             },
+            Message::Need {
+                image: IMAGE,
+                priority: Priority::Demand,
+                indices: vec![7, 9],
+            },
             Message::Request {
                 priority: Priority::Demand,
                 chunks: vec![ID, ChunkId([1; 32])],
@@ -489,6 +494,11 @@ mod tests {
                 order: vec![9, 0, 4],
             },
             Message::BootProfileNotFound { image: IMAGE },
+            Message::Stage { image: IMAGE },
+            Message::StageRefused {
+                image: IMAGE,
+                reason: StageRefusal::NoManifest,
+            },
         ]
     }
 
@@ -759,9 +769,9 @@ mod tests {
 
     #[test]
     fn unknown_discriminants_are_refused() {
-        // Message has 15 variants, 0..=14 (11 is Ack, a unit variant: valid on its own).
+        // Message has 18 variants, 0..=17 (11 is Ack, a unit variant: valid on its own).
         assert_eq!(decode(&[11]), Ok(Message::Ack));
-        let err = decode(&[15]).unwrap_err();
+        let err = decode(&[18]).unwrap_err();
         assert!(
             matches!(&err, CodecError::Decode(s) if s.contains("UnexpectedVariant")),
             "{err}"

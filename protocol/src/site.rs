@@ -19,8 +19,10 @@
 //!   the site's providers of the image by [`gateway_rank`] and takes the best [`SITE_GATEWAYS`]:
 //!   the same set on every node that knows the same best providers. Each node connects to them,
 //!   and the chunk's outside fetch goes to the gateway scoring highest for the chunk
-//!   ([`crate::fetch::FetchScheduler::set_site_gateways`]); other nodes never fetch from outside
-//!   while a gateway is alive for the chunk, for at most the scheduler's assignment waits.
+//!   ([`crate::fetch::FetchScheduler::set_site_gateways`]). Other nodes tell the chunk's gateway
+//!   that they want it (`Need`, at the want's priority), and wait for its copy instead of fetching
+//!   from outside: a Background want as long as the gateway is alive, a Demand want while the
+//!   gateway's announcement of its fetch holds.
 //!
 //! Agreement needs only the best few providers to be known everywhere, not the whole membership,
 //! and that is what a DHT can answer: the node's record holders keep, for a per-site key, the

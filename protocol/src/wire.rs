@@ -88,7 +88,8 @@ impl Capabilities {
     pub const SERVE: Capabilities = Capabilities(1);
     /// Takes part in relay-tree distribution: understands [`RejectReason::Fanout`] (peers without
     /// it are answered `Busy` instead, which an older decoder knows) and relays what it fetches.
-    /// Staged multicast push will be announced by this bit as well.
+    /// Also takes staged pushes: understands [`Message::Stage`] and answers
+    /// [`Message::StageRefused`] (peers without it are never sent a `Stage`).
     pub const MULTICAST: Capabilities = Capabilities(2);
     /// Understands [`Message::GetBootProfile`] (peers without it are never sent one).
     pub const BOOT_PROFILES: Capabilities = Capabilities(4);
@@ -266,6 +267,15 @@ impl RejectReason {
             RejectReason::Busy
         }
     }
+}
+
+/// Why a node refuses a peer's [`Message::Stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum StageRefusal {
+    /// No peer handed over the image's manifest in time: the node cannot pull it.
+    NoManifest,
+    /// The node already runs as many staged pulls as it takes at once.
+    Busy,
 }
 
 /// A structural violation found by [`Message::validate`].
@@ -449,6 +459,35 @@ pub enum Message {
         /// The image.
         image: ImageId,
     },
+    /// The sender wants these chunks of `image`, which the receiver, a gateway of the sender's
+    /// site (`site`), is assigned to bring into the site and which nobody there holds or fetches
+    /// yet: the receiver fetches them from outside at `priority` (Demand: a VM on the sender is
+    /// blocked on them) and announces it (`Fetching`). Only sent to peers announcing
+    /// [`Capabilities::MULTICAST`].
+    Need {
+        /// The image.
+        image: ImageId,
+        /// How urgently the sender needs them.
+        priority: Priority,
+        /// Chunk indices, at most [`MAX_UPDATE_INDICES`].
+        indices: Vec<u32>,
+    },
+    /// Asks the receiver to pull the whole of `image` now (`vmswarm stage`, a group boot): it
+    /// fetches the manifest from the swarm and pulls as `vmswarm pull` does, boot profile first.
+    /// Answered [`Message::Ack`] once the receiver holds the manifest and pulls (or holds) the
+    /// image, or [`Message::StageRefused`]. Only sent to peers announcing
+    /// [`Capabilities::MULTICAST`].
+    Stage {
+        /// The image.
+        image: ImageId,
+    },
+    /// The sender will not pull `image` for a [`Message::Stage`].
+    StageRefused {
+        /// The image.
+        image: ImageId,
+        /// Why.
+        reason: StageRefusal,
+    },
 }
 
 impl Message {
@@ -459,6 +498,7 @@ impl Message {
             Message::Have { .. } => "have",
             Message::HaveUpdate { .. } => "have_update",
             Message::Fetching { .. } => "fetching",
+            Message::Need { .. } => "need",
             Message::Request { .. } => "request",
             Message::Chunk { .. } => "chunk",
             Message::Cancel { .. } => "cancel",
@@ -470,6 +510,8 @@ impl Message {
             Message::GetBootProfile { .. } => "get_boot_profile",
             Message::BootProfile { .. } => "boot_profile",
             Message::BootProfileNotFound { .. } => "boot_profile_not_found",
+            Message::Stage { .. } => "stage",
+            Message::StageRefused { .. } => "stage_refused",
         }
     }
 
@@ -486,6 +528,7 @@ impl Message {
             Message::Have { chunks, .. } => validate_chunk_set(chunks),
             Message::HaveUpdate { indices, .. }
             | Message::Fetching { indices, .. }
+            | Message::Need { indices, .. }
             | Message::BootProfile { order: indices, .. } => validate_indices(kind, indices),
             Message::Request { chunks, .. } | Message::Cancel { chunks } => {
                 validate_chunk_list(kind, chunks)
@@ -513,7 +556,9 @@ impl Message {
             | Message::ManifestNotFound { .. }
             | Message::Ack
             | Message::GetBootProfile { .. }
-            | Message::BootProfileNotFound { .. } => Ok(()),
+            | Message::BootProfileNotFound { .. }
+            | Message::Stage { .. }
+            | Message::StageRefused { .. } => Ok(()),
         }
     }
 }
@@ -655,6 +700,13 @@ pub(crate) mod strategies {
                 .prop_map(|(image, indices)| Message::HaveUpdate { image, indices }),
             (image_id(), indices())
                 .prop_map(|(image, indices)| Message::Fetching { image, indices }),
+            (image_id(), priority(), indices()).prop_map(|(image, priority, indices)| {
+                Message::Need {
+                    image,
+                    priority,
+                    indices,
+                }
+            }),
             (priority(), chunk_list())
                 .prop_map(|(priority, chunks)| Message::Request { priority, chunks }),
             (chunk_id(), vec(any::<u8>(), 0..=max_bytes))
@@ -670,6 +722,12 @@ pub(crate) mod strategies {
             (image_id(), indices())
                 .prop_map(|(image, order)| Message::BootProfile { image, order }),
             image_id().prop_map(|image| Message::BootProfileNotFound { image }),
+            image_id().prop_map(|image| Message::Stage { image }),
+            (
+                image_id(),
+                prop_oneof![Just(StageRefusal::NoManifest), Just(StageRefusal::Busy)]
+            )
+                .prop_map(|(image, reason)| Message::StageRefused { image, reason }),
         ]
     }
 }
@@ -940,6 +998,11 @@ mod tests {
                 image,
                 indices: vec![],
             },
+            Message::Need {
+                image,
+                priority: Priority::Background,
+                indices: vec![],
+            },
             Message::Request {
                 priority: Priority::Background,
                 chunks: vec![id],
@@ -963,6 +1026,11 @@ mod tests {
                 order: vec![3, 1],
             },
             Message::BootProfileNotFound { image },
+            Message::Stage { image },
+            Message::StageRefused {
+                image,
+                reason: StageRefusal::Busy,
+            },
         ];
         let kinds: std::collections::BTreeSet<_> = all.iter().map(Message::kind).collect();
         assert_eq!(kinds.len(), all.len());

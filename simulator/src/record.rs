@@ -108,6 +108,12 @@ pub struct Counters {
     /// `Reject { Fanout }` answers (a Demand chunk already on its way to `serve.demand_fanout`
     /// other peers).
     pub fanout_rejects: u64,
+    /// `Need` messages (a blocked host telling its site gateway, `fetch::Action::Need`).
+    pub needs: u64,
+    /// Bytes that crossed a WAN link into a site gateway (`site`), summed over sites.
+    pub wan_in_gateway_bytes: f64,
+    /// Bytes that crossed a WAN link at Demand priority into a host that is not a gateway.
+    pub wan_in_demand_bytes: f64,
     /// Nodes whose fan-out rule measured at least one Demand copy, at the end of the run.
     pub fanout_measured_nodes: u64,
     /// Their smallest fan-out in use at the end.

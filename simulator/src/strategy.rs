@@ -1,6 +1,11 @@
-//! The four strategies, as the only thing that differs between them: which wants and which peers
-//! a host's fetch scheduler is given, and when its VMs may start reading. Everything else (which
-//! chunk, from whom, in what order it is served) is the protocol's, identical for all four.
+//! The strategies, as the only thing that differs between them: which wants and which peers a
+//! host's fetch scheduler is given, and when its VMs may start reading. Everything else (which
+//! chunk, from whom, in what order it is served) is the protocol's, identical for all of them.
+//!
+//! `multicast` is the node's `vmswarm stage` followed by a group boot: every host pulls the whole
+//! image at Background priority, boot profile first (what a staged node does), and its VMs start
+//! once the boot profile's chunks are all local, reading the rest on demand meanwhile if they
+//! touch it. Its full copy is the stage's completion, held to the Kumar-Ross bound.
 
 use crate::scenario::{Prefetch, Scenario, Strategy};
 
@@ -26,6 +31,8 @@ pub struct Plan {
     pub profile_order: bool,
     /// VMs start reading only after the whole image is local (reads are then all local).
     pub boot_after_copy: bool,
+    /// VMs start reading only after every chunk of the boot profile is local.
+    pub boot_after_profile: bool,
 }
 
 impl Plan {
@@ -37,18 +44,28 @@ impl Plan {
                 background: Background::All,
                 profile_order: false,
                 boot_after_copy: true,
+                boot_after_profile: false,
             },
             Strategy::SwarmFull => Plan {
                 peers: true,
                 background: Background::All,
                 profile_order: false,
                 boot_after_copy: true,
+                boot_after_profile: false,
             },
             Strategy::LazyCentral => Plan {
                 peers: false,
                 background: Background::None,
                 profile_order: false,
                 boot_after_copy: false,
+                boot_after_profile: false,
+            },
+            Strategy::Multicast => Plan {
+                peers: true,
+                background: Background::All,
+                profile_order: true,
+                boot_after_copy: false,
+                boot_after_profile: true,
             },
             Strategy::Vmswarm => Plan {
                 peers: true,
@@ -59,12 +76,13 @@ impl Plan {
                 },
                 profile_order: sc.boot_profile || sc.prefetch == Prefetch::Profile,
                 boot_after_copy: false,
+                boot_after_profile: false,
             },
         }
     }
 
     /// Whether this is a full-copy strategy (the Kumar-Ross bound applies).
     pub fn full_copy(&self) -> bool {
-        self.boot_after_copy
+        self.boot_after_copy || self.boot_after_profile
     }
 }

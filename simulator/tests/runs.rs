@@ -152,7 +152,7 @@ fn every_strategy_boots_every_vm_and_passes_the_checks() {
         let img = r.image_size;
         let fetched: u64 = r.hosts.iter().map(|h| h.fetched_bytes).sum();
         match s {
-            Strat::Central | Strat::SwarmFull => {
+            Strat::Central | Strat::SwarmFull | Strat::Multicast => {
                 assert_eq!(fetched, 8 * img, "{s:?}: every host holds the image");
                 assert!(summary.checks.kumar_ross_ratio.unwrap() >= 1.0);
             }
@@ -165,13 +165,29 @@ fn every_strategy_boots_every_vm_and_passes_the_checks() {
                 let from_sources: u64 = r.hosts.iter().map(|h| h.fetched_from_sources).sum();
                 assert_eq!(from_sources, fetched, "{s:?}: only the source serves");
             }
-            Strat::SwarmFull => {
+            Strat::SwarmFull | Strat::Multicast => {
                 assert!(
                     r.source_egress < 3.0 * img as f64,
-                    "swarm offloads the source"
+                    "{s:?}: the swarm offloads the source"
                 );
             }
             Strat::Vmswarm => {}
+        }
+        if s == Strat::Multicast {
+            // VMs boot once the boot profile is staged, not after the whole image.
+            let last_boot = r
+                .vms
+                .iter()
+                .filter_map(|v| v.boot_done_s)
+                .fold(0.0, f64::max);
+            let staged = r
+                .hosts
+                .iter()
+                .filter_map(|h| h.background_done_s)
+                .fold(0.0, f64::max);
+            assert!(last_boot < staged, "boots {last_boot} s, stage {staged} s");
+            // Every boot read (the shared boot path, which is the profile) was local by then.
+            assert!(r.vms.iter().all(|v| v.fetched_bytes == 0));
         }
     }
 }
@@ -197,7 +213,7 @@ fn zero_and_repeated_chunks_are_never_fetched_twice() {
         let summary = report::summarise(&r);
         assert!(summary.checks.ok(), "{s:?}: {:?}", summary.checks.problems);
         assert_eq!(summary.boot.as_ref().unwrap().booted, 16, "{s:?}");
-        if matches!(s, Strat::Central | Strat::SwarmFull) {
+        if matches!(s, Strat::Central | Strat::SwarmFull | Strat::Multicast) {
             for h in &r.hosts {
                 assert_eq!(h.chunks, 128, "{s:?}: host {} holds every chunk", h.host);
                 assert_eq!(

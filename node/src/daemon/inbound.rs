@@ -15,7 +15,7 @@ use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::ConnectionId;
 use vmswarm_protocol::bitfield::{ChunkBitmap, ChunkSet};
 use vmswarm_protocol::manifest::Manifest;
-use vmswarm_protocol::wire::Message;
+use vmswarm_protocol::wire::{Message, StageRefusal};
 use vmswarm_protocol::{ChunkId, ImageId};
 
 use super::{Daemon, IoDone, Outbound};
@@ -56,6 +56,10 @@ impl Daemon {
                     return;
                 };
                 tracing::debug!(%peer, ?kind, "request failed: {error}");
+                if matches!(kind, Outbound::Stage(_) | Outbound::StageHave(_)) {
+                    self.stage_request_failed(peer, connection_id, kind, error.to_string());
+                    return;
+                }
                 if matches!(
                     &error,
                     request_response::OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData
@@ -70,7 +74,7 @@ impl Daemon {
         }
     }
 
-    fn respond(&mut self, channel: ResponseChannel<Message>, msg: Message) -> bool {
+    pub(super) fn respond(&mut self, channel: ResponseChannel<Message>, msg: Message) -> bool {
         self.swarm
             .behaviour_mut()
             .msg
@@ -94,6 +98,7 @@ impl Daemon {
             }
             Message::Have { image, chunks } => {
                 self.apply_have(peer, image, &chunks);
+                self.stage_on_have(peer, image, &chunks);
                 if let Some(img) = self.images.get_mut(&image) {
                     img.interested.insert(peer);
                 }
@@ -104,6 +109,7 @@ impl Daemon {
                 if let Some(t) = self.transfers.get_mut(&image) {
                     t.sched.handle_peer_have_update(now, &peer, &indices);
                 }
+                self.stage_on_have_update(peer, image, &indices);
                 if let Some(img) = self.images.get_mut(&image) {
                     img.interested.insert(peer);
                     // Copies we were sending the peer stop counting towards the fan-out.
@@ -128,6 +134,24 @@ impl Daemon {
                 }
                 self.respond(channel, Message::Ack);
             }
+            Message::Need {
+                image,
+                priority,
+                indices,
+            } => {
+                // Chunks we hold already are announced (the peer's want waits for them); the
+                // scheduler takes the rest if we are the site gateway assigned them.
+                if let (Some(t), Some(img)) =
+                    (self.transfers.get_mut(&image), self.images.get(&image))
+                {
+                    let missing: Vec<u32> = indices
+                        .into_iter()
+                        .filter(|&i| !img.present.contains(i))
+                        .collect();
+                    t.sched.handle_peer_need(now, &peer, priority, &missing);
+                }
+                self.respond(channel, Message::Ack);
+            }
             Message::GetManifest { image } => {
                 let answer = match self.images.get(&image) {
                     Some(img) => Message::Manifest {
@@ -142,6 +166,7 @@ impl Daemon {
                 let answer = self.boot_profile_answer(image);
                 self.respond(channel, answer);
             }
+            Message::Stage { image } => self.on_stage_request(peer, image, channel),
             other => {
                 tracing::warn!(%peer, kind = other.kind(), "protocol violation: not a request");
                 drop(channel);
@@ -209,6 +234,17 @@ impl Daemon {
                 if image == asked =>
             {
                 self.on_boot_profile(peer, image, order)
+            }
+            (Outbound::StageHave(asked), Message::Have { image, chunks }) if image == asked => {
+                self.stage_on_have(peer, image, &chunks)
+            }
+            (Outbound::Stage(asked), Message::Ack) => self.stage_on_answer(peer, asked, Ok(())),
+            (Outbound::Stage(asked), Message::StageRefused { image, reason }) if image == asked => {
+                let why = match reason {
+                    StageRefusal::NoManifest => "refused: it could not get the image's manifest",
+                    StageRefusal::Busy => "refused: it runs as many staged pulls as it takes",
+                };
+                self.stage_on_answer(peer, asked, Err(why.to_owned()))
             }
             (Outbound::BootProfile(_), Message::BootProfileNotFound { .. })
             | (Outbound::Manifest(_), Message::ManifestNotFound { .. })

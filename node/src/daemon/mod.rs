@@ -24,12 +24,20 @@
 //! ([`Daemon::on_hello_request`]), its older connections are closed and everything we asked of it
 //! is asked again or re-planned. A request to a peer lost with one of several connections is sent
 //! again on another ([`inbound`]).
+//!
+//! Each transfer's site gateways (the few nodes of our site that take its chunks from outside) are
+//! chosen from the answers to the image's per-site provider lookups ([`gateways`]).
+//!
+//! `vmswarm stage` asks target nodes to pull an image we hold, and follows their progress; a
+//! peer's `Stage` request makes us pull one, within bounds ([`stage`]).
 
 mod dropped;
+mod gateways;
 mod inbound;
 mod ingest;
 mod lanes;
 mod mounts;
+mod stage;
 mod transfer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -158,6 +166,10 @@ enum Outbound {
     Ack,
     /// A `GetBootProfile` for this image.
     BootProfile(ImageId),
+    /// Our `Have` sent to a stage target, for its set ([`stage`]).
+    StageHave(ImageId),
+    /// A `Stage` request ([`stage`]).
+    Stage(ImageId),
 }
 
 /// A connected peer.
@@ -193,6 +205,9 @@ struct Image {
     interested: HashSet<PeerId>,
     /// Indices completed since the last Have update flush.
     unannounced: Vec<u32>,
+    /// At the end of its last transfer: whether we were one of our site's gateways for the image,
+    /// and how many gateways were named ([`gateways`]).
+    last_site_gateway: (bool, usize),
 }
 
 impl Image {
@@ -207,6 +222,7 @@ impl Image {
             by_id,
             interested: HashSet::new(),
             unannounced: Vec::new(),
+            last_site_gateway: (false, 0),
         }
     }
 }
@@ -270,6 +286,8 @@ struct Daemon {
     banned: HashSet<PeerId>,
     images: HashMap<ImageId, Image>,
     transfers: HashMap<ImageId, Transfer>,
+    /// The best site providers known of each image being looked up, best first ([`gateways`]).
+    site_providers: HashMap<ImageId, Vec<PeerId>>,
     pending_manifests: HashMap<ImageId, PendingManifest>,
     /// Our requests on `/vmswarm/msg/1` awaiting an answer: whom we asked, and what for.
     outbound: HashMap<OutboundRequestId, (PeerId, Outbound)>,
@@ -293,6 +311,13 @@ struct Daemon {
     mounts: mounts::Mounts,
     /// Chunks the store dropped from its index (quarantined, vanished): see `on_chunk_dropped`.
     dropped_rx: mpsc::UnboundedReceiver<ChunkId>,
+    /// Running `vmswarm stage` commands, by run number ([`stage`]).
+    stages: HashMap<u64, stage::StageRun>,
+    next_stage: u64,
+    /// Images we pull because a peer's `Stage` asked us to (while their transfer runs).
+    staged: HashSet<ImageId>,
+    /// Peers' `Stage` requests waiting for the image's manifest.
+    stage_requests: HashMap<ImageId, Vec<libp2p::request_response::ResponseChannel<Message>>>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -383,6 +408,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         banned: HashSet::new(),
         images: HashMap::new(),
         transfers: HashMap::new(),
+        site_providers: HashMap::new(),
         pending_manifests: HashMap::new(),
         outbound: HashMap::new(),
         lane_control,
@@ -398,6 +424,10 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         seed_counter: 0,
         mounts: mounts::Mounts::new(demand_tx, opts_profile_window),
         dropped_rx,
+        stages: HashMap::new(),
+        next_stage: 0,
+        staged: HashSet::new(),
+        stage_requests: HashMap::new(),
     };
     d.metrics.demand_fanout.store(
         d.serve.demand_fanout() as u64,
@@ -561,7 +591,7 @@ async fn accept_control(listener: UnixListener, cmds: mpsc::UnboundedSender<Comm
             }
             drop(rd);
             while let Some(reply) = reply_rx.recv().await {
-                let last = !matches!(reply, Reply::Progress { .. });
+                let last = !matches!(reply, Reply::Progress { .. } | Reply::Line { .. });
                 let Ok(mut line) = serde_json::to_string(&reply) else {
                     return;
                 };
@@ -722,6 +752,10 @@ impl Daemon {
         for image in relookup {
             self.lookup_providers(image);
         }
+        let transfers = &self.transfers;
+        let pending = &self.pending_manifests;
+        self.site_providers
+            .retain(|image, _| transfers.contains_key(image) || pending.contains_key(image));
         // Ready peers whose `GetManifest` failed (it is no longer in `asked`) are asked again.
         let ready: Vec<PeerId> = self
             .peers
@@ -747,6 +781,7 @@ impl Daemon {
                     m.fail(message.clone());
                 }
             }
+            self.stage_manifest_failed(image);
         }
     }
 
@@ -763,6 +798,7 @@ impl Daemon {
         for t in self.transfers.values_mut() {
             t.report_progress();
         }
+        self.stage_tick();
     }
 
     /// Sends the chunks of `image` completed since its last Have update to every interested peer.
@@ -858,13 +894,15 @@ impl Daemon {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result:
                     kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        key,
                         providers,
-                        ..
                     })),
                 ..
             })) => {
                 let me = *self.swarm.local_peer_id();
-                for p in providers {
+                let found: Vec<PeerId> = providers.into_iter().collect();
+                self.on_site_providers(&key, &found);
+                for p in found {
                     if p != me && !self.banned.contains(&p) && !self.swarm.is_connected(&p) {
                         let _ = self.swarm.dial(p);
                     }
@@ -872,6 +910,13 @@ impl Daemon {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
+                // A site gateway we cannot reach hands its chunks on (its record may be stale).
+                if let Some(peer) = peer_id {
+                    let now = self.now();
+                    for t in self.transfers.values_mut() {
+                        t.sched.handle_peer_unreachable(now, &peer);
+                    }
+                }
             }
             _ => {}
         }
@@ -895,6 +940,7 @@ impl Daemon {
         for p in self.pending_manifests.values_mut() {
             p.asked.remove(&peer);
         }
+        self.stage_on_peer_gone(peer);
     }
 
     /// `peer` sent its `Hello` request on `conn`. A peer sends one when its first connection to
@@ -961,6 +1007,7 @@ impl Daemon {
         if !first || self.banned.contains(&peer) {
             return;
         }
+        self.stage_on_peer_ready(peer);
         let now = self.now();
         let rtt = self.peers.get(&peer).and_then(|p| p.rtt);
         let images: Vec<ImageId> = self.transfers.keys().copied().collect();
@@ -1077,6 +1124,12 @@ impl Daemon {
                 });
             }
             Request::Pull { image, output } => self.on_pull(image, output, reply),
+            Request::Stage {
+                image,
+                peers,
+                site,
+                wait,
+            } => self.on_stage_command(image, peers, site, wait, reply),
             Request::Mount(req) => self.on_mount(req, reply),
             Request::Umount { name } => answer(&reply, self.on_umount(&name)),
             Request::Mounts => answer(&reply, Ok(self.mounts_json())),
@@ -1213,6 +1266,7 @@ impl Daemon {
                                 m.fail(format!("storing the manifest of {id}: {e}"));
                             }
                         }
+                        self.stage_manifest_failed(id);
                         return;
                     }
                 };
@@ -1233,6 +1287,7 @@ impl Daemon {
                 for m in mounts {
                     self.finish_mount(m);
                 }
+                self.stage_manifest_stored(id);
             }
             IoDone::Published { reply, result } => match result {
                 Ok((manifest, present, summary)) => {
@@ -1354,6 +1409,10 @@ impl Daemon {
                     // While a transfer runs: chunks some connected peer holds, as far as we know
                     // from their Have sets (what a pull or a lazy mount can still get).
                     "peer_held": self.transfers.get(id).map(|t| t.sched.chunks_with_holders()),
+                    // Whether we are (while pulling; else were, at the end of the last pull) one
+                    // of our site's gateways for the image, and how many were named (0: none).
+                    "site_gateway": self.transfers.get(id).map_or(img.last_site_gateway.0, |t| t.sched.is_site_gateway()),
+                    "site_gateways": self.transfers.get(id).map_or(img.last_site_gateway.1, |t| t.site_gateways),
                 })
             })
             .collect();

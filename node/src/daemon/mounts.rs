@@ -525,7 +525,7 @@ impl Daemon {
 
     /// Asks every ready peer that knows boot profiles for `image`'s; the first valid answer is
     /// saved and applied ([`Daemon::on_boot_profile`]).
-    fn ask_boot_profiles(&mut self, image: ImageId) {
+    pub(super) fn ask_boot_profiles(&mut self, image: ImageId) {
         let peers: Vec<libp2p::PeerId> = self
             .peers
             .iter()
@@ -541,9 +541,10 @@ impl Daemon {
         }
     }
 
-    /// Whether a running prefetch of `image` still waits for a peer's boot profile.
+    /// Whether a running prefetch (or staged pull, [`super::stage`]) of `image` still waits for a
+    /// peer's boot profile.
     pub(super) fn wants_boot_profile(&self, image: ImageId) -> bool {
-        self.mounts.prefetching.contains_key(&image)
+        (self.mounts.prefetching.contains_key(&image) || self.staged.contains(&image))
             && self.transfers.contains_key(&image)
             && !profile::path(&self.opts.data_dir, &image).exists()
     }
@@ -554,8 +555,11 @@ impl Daemon {
         self.mounts
             .prefetching
             .keys()
+            .chain(self.staged.iter())
             .copied()
             .filter(|image| self.wants_boot_profile(*image))
+            .collect::<HashSet<ImageId>>()
+            .into_iter()
             .collect()
     }
 
@@ -613,7 +617,7 @@ impl Daemon {
             Ok(_) => {}
             Err(e) => tracing::warn!(%image, "saving a peer's boot profile: {e}"),
         }
-        if self.mounts.prefetching.contains_key(&image) {
+        if self.mounts.prefetching.contains_key(&image) || self.staged.contains(&image) {
             let now = self.now();
             if let Some(t) = self.transfers.get_mut(&image) {
                 t.sched.set_priority_order(now, &order);

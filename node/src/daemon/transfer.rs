@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use vmswarm_protocol::fetch::{
     self, Action, ChunkOutcome, Delivery, Event, FailReason, FetchScheduler,
 };
-use vmswarm_protocol::wire::{Message, have_update_delay};
+use vmswarm_protocol::wire::{Capabilities, Message, have_update_delay};
 use vmswarm_protocol::{ChunkId, ImageId, Priority};
 
 use super::ingest::{Checked, Received};
@@ -68,6 +68,10 @@ pub(super) struct Transfer {
     /// Accepted chunks a VM was waiting for, announced as soon as they are committed
     /// (`wire::have_update_delay`).
     announce_at_once: HashSet<u32>,
+    /// When it started.
+    pub(super) started: StdInstant,
+    /// How many site gateways its scheduler was last given (0: none yet, [`super::gateways`]).
+    pub(super) site_gateways: usize,
 }
 
 impl Transfer {
@@ -168,8 +172,11 @@ impl Daemon {
                 reported: None,
                 next_lookup: StdInstant::now() + super::PROVIDER_RETRY,
                 announce_at_once: HashSet::new(),
+                started: StdInstant::now(),
+                site_gateways: 0,
             },
         );
+        self.apply_site_gateways(image);
         for (peer, _, _, _) in ready {
             let have = self.have_message(image);
             self.send(peer, have, Outbound::Have(image));
@@ -207,6 +214,25 @@ impl Daemon {
                 Action::AnnounceFetching { peer, indices } => {
                     self.send(peer, Message::Fetching { image, indices }, Outbound::Ack);
                 }
+                Action::Need {
+                    peer,
+                    priority,
+                    indices,
+                } => {
+                    // A peer of protocol version 1 could not decode `Need`: it is not told.
+                    let multicast = self
+                        .peers
+                        .get(&peer)
+                        .is_some_and(|p| p.capabilities.contains(Capabilities::MULTICAST));
+                    if multicast {
+                        let need = Message::Need {
+                            image,
+                            priority,
+                            indices,
+                        };
+                        self.send(peer, need, Outbound::Ack);
+                    }
+                }
             }
         }
         for event in events {
@@ -243,6 +269,9 @@ impl Daemon {
         let Some(t) = self.transfers.remove(&image) else {
             return;
         };
+        if let Some(img) = self.images.get_mut(&image) {
+            img.last_site_gateway = (t.sched.is_site_gateway(), t.site_gateways);
+        }
         if complete {
             tracing::info!(%image, "image complete");
             for w in t.waiters {

@@ -20,9 +20,21 @@
 //! and other holders keep their own samples).
 //!
 //! **Keys.** A node provides each image it holds under two keys: the image's own id
-//! ([`image_key`]) and a per-site key ([`site_key`], a hash of the image id and the site name). A
-//! lookup asks for both, so a node finds providers in its own data center even when its site is a
-//! small part of a large fleet (a random sample of all providers would hold few of them).
+//! ([`image_key`], 32 bytes) and a per-site key ([`site_key`]: the byte [`SITE_KEY_PREFIX`] and a
+//! 32-byte hash of the image id and the site name, 33 bytes, so that any record holder recognises
+//! it, [`is_site_key`]). A lookup asks for both, so a node finds providers in its own data center
+//! even when its site is a small part of a large fleet (a random sample of all providers would
+//! hold few of them).
+//!
+//! **Site keys keep the best, not a sample.** For a site key the store keeps the
+//! [`PROVIDERS_PER_KEY`] providers ranked highest by
+//! [`vmswarm_protocol::site::gateway_rank`]`(key, provider)` (a newcomer replaces the lowest-ranked
+//! foreign record when it ranks higher), whatever order they arrive in. Every holder of the key
+//! that has heard of the best providers keeps the same ones, so every lookup of the key returns
+//! them, and every node of the site computes the same site gateways from its answer
+//! ([`vmswarm_protocol::site`]). Our own record is still always kept (it then takes the place of
+//! the lowest-ranked foreign one). The price: a holder does not spread the site's other
+//! providers; those are found through the image key's sample and the swarm itself.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -41,15 +53,34 @@ pub fn image_key(image: &[u8; 32]) -> RecordKey {
     RecordKey::new(image)
 }
 
-/// The key an image's providers in `site` are recorded under.
+/// The first byte of every [`site_key`] (an image key is 32 bytes, a site key 33).
+pub const SITE_KEY_PREFIX: u8 = b'S';
+
+/// The key an image's providers in `site` are recorded under: [`SITE_KEY_PREFIX`] and a 32-byte
+/// hash of the image id and the site name.
 pub fn site_key(image: &[u8; 32], site: &str) -> RecordKey {
-    let mut h = blake3::Hasher::new_derive_key("vmswarm 2026 site providers v1");
+    let mut h = blake3::Hasher::new_derive_key("vmswarm 2026 site providers v2");
     h.update(image);
     h.update(site.as_bytes());
-    RecordKey::new(h.finalize().as_bytes())
+    let mut key = Vec::with_capacity(33);
+    key.push(SITE_KEY_PREFIX);
+    key.extend_from_slice(h.finalize().as_bytes());
+    RecordKey::new(&key)
 }
 
-/// A `MemoryStore` whose provider lists are random samples of all providers seen.
+/// Whether `key` is a per-site key ([`site_key`]), whose providers are ranked rather than sampled.
+pub fn is_site_key(key: &RecordKey) -> bool {
+    let k = key.as_ref();
+    k.len() == 33 && k[0] == SITE_KEY_PREFIX
+}
+
+/// `provider`'s rank as a gateway for the site key `key` ([`vmswarm_protocol::site::gateway_rank`]).
+pub fn site_rank(key: &RecordKey, provider: &PeerId) -> u64 {
+    vmswarm_protocol::site::gateway_rank(key.as_ref(), &provider.to_bytes())
+}
+
+/// A `MemoryStore` whose provider lists are random samples of all providers seen (image keys) or
+/// the best-ranked ones (site keys).
 pub struct SampledStore {
     inner: MemoryStore,
     local: PeerId,
@@ -116,6 +147,9 @@ impl RecordStore for SampledStore {
             // A re-publication: refresh it in place.
             return self.inner.add_provider(record);
         }
+        if is_site_key(&record.key) {
+            return self.add_ranked(record, &current);
+        }
         if self.seen.len() >= 2 * MemoryStoreConfig::default().max_provided_keys {
             self.prune();
         }
@@ -157,6 +191,29 @@ impl RecordStore for SampledStore {
 }
 
 impl SampledStore {
+    /// Site keys: keeps the [`PROVIDERS_PER_KEY`] best-ranked providers (and our own record).
+    fn add_ranked(&mut self, record: ProviderRecord, current: &[ProviderRecord]) -> Result<()> {
+        if current.len() < PROVIDERS_PER_KEY {
+            return self.inner.add_provider(record);
+        }
+        let worst = current
+            .iter()
+            .map(|p| p.provider)
+            .filter(|p| *p != self.local)
+            .min_by_key(|p| site_rank(&record.key, p));
+        let Some(worst) = worst else {
+            // Only our own record is stored (PROVIDERS_PER_KEY is more than 1): nothing to evict.
+            return Ok(());
+        };
+        if record.provider == self.local
+            || site_rank(&record.key, &record.provider) > site_rank(&record.key, &worst)
+        {
+            self.inner.remove_provider(&record.key, &worst);
+            return self.inner.add_provider(record);
+        }
+        Ok(())
+    }
+
     /// Drops one uniformly chosen provider of `key` other than ourselves. False if there is none.
     fn evict_random_foreign(&mut self, key: &RecordKey, current: &[ProviderRecord]) -> bool {
         let foreign: Vec<&PeerId> = current
@@ -237,6 +294,106 @@ mod tests {
         assert_ne!(a, site_key(&[8u8; 32], "dc1"));
         assert_ne!(a, image_key(&image));
         assert_eq!(a, site_key(&image, "dc1"));
+    }
+
+    #[test]
+    fn site_keys_are_recognisable() {
+        let image = [7u8; 32];
+        assert!(is_site_key(&site_key(&image, "dc1")));
+        assert!(!is_site_key(&image_key(&image)));
+        assert!(!is_site_key(&image_key(&[SITE_KEY_PREFIX; 32])));
+    }
+
+    /// Whatever order providers arrive in, a site key keeps the best-ranked ones.
+    #[test]
+    fn site_keys_keep_the_best_ranked_in_any_order() {
+        use rand::seq::SliceRandom;
+        let seed = seed();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let key = site_key(&[3u8; 32], "dc1");
+        let peers: Vec<PeerId> = (0..200).map(|_| PeerId::random()).collect();
+        let mut ranked = peers.clone();
+        ranked.sort_by_key(|p| std::cmp::Reverse(site_rank(&key, p)));
+        let mut best: Vec<PeerId> = ranked[..PROVIDERS_PER_KEY].to_vec();
+        best.sort();
+        for round in 0..5 {
+            let mut order = peers.clone();
+            order.shuffle(&mut rng);
+            let mut store = SampledStore::new(PeerId::random(), seed);
+            for p in &order {
+                store.add_provider(record(&key, *p)).unwrap();
+            }
+            // Re-publications do not disturb it.
+            for p in order.iter().take(50) {
+                store.add_provider(record(&key, *p)).unwrap();
+            }
+            let mut kept: Vec<PeerId> = store.providers(&key).iter().map(|r| r.provider).collect();
+            kept.sort();
+            assert_eq!(kept, best, "seed {seed}, round {round}");
+        }
+    }
+
+    #[test]
+    fn site_keys_keep_the_own_record() {
+        let seed = seed();
+        let local = PeerId::random();
+        let key = site_key(&[4u8; 32], "dc1");
+        let mut store = SampledStore::new(local, seed);
+        store.add_provider(record(&key, local)).unwrap();
+        let peers: Vec<PeerId> = (0..100).map(|_| PeerId::random()).collect();
+        for p in &peers {
+            store.add_provider(record(&key, *p)).unwrap();
+        }
+        let kept: Vec<PeerId> = store.providers(&key).iter().map(|r| r.provider).collect();
+        assert_eq!(kept.len(), PROVIDERS_PER_KEY);
+        assert!(kept.contains(&local), "seed {seed}");
+        // The others are the best-ranked foreign providers.
+        let mut ranked = peers.clone();
+        ranked.sort_by_key(|p| std::cmp::Reverse(site_rank(&key, p)));
+        for p in &ranked[..PROVIDERS_PER_KEY - 1] {
+            assert!(kept.contains(p), "seed {seed}");
+        }
+        // Added last, when full, it still gets in.
+        let mut store = SampledStore::new(local, seed);
+        for p in &peers {
+            store.add_provider(record(&key, *p)).unwrap();
+        }
+        store.add_provider(record(&key, local)).unwrap();
+        assert!(store.providers(&key).iter().any(|r| r.provider == local));
+        assert_eq!(store.providers(&key).len(), PROVIDERS_PER_KEY);
+        assert_eq!(store.provided().count(), 1, "still re-published");
+    }
+
+    /// Image keys are still sampled: not simply the best-ranked ones.
+    #[test]
+    fn image_keys_are_still_sampled() {
+        let seed = seed();
+        let key = image_key(&[5u8; 32]);
+        let mut store = SampledStore::new(PeerId::random(), seed);
+        let peers: Vec<PeerId> = (0..1000).map(|_| PeerId::random()).collect();
+        for p in &peers {
+            store.add_provider(record(&key, *p)).unwrap();
+        }
+        let mut ranked = peers.clone();
+        ranked.sort_by_key(|p| std::cmp::Reverse(site_rank(&key, p)));
+        let kept: Vec<PeerId> = store.providers(&key).iter().map(|r| r.provider).collect();
+        assert_eq!(kept.len(), PROVIDERS_PER_KEY);
+        let in_best = kept
+            .iter()
+            .filter(|p| ranked[..PROVIDERS_PER_KEY].contains(p))
+            .count();
+        // A uniform sample of 20 out of 1000 holds about 0.4 of the best 20.
+        assert!(in_best <= 5, "seed {seed}: {in_best} of the best 20 kept");
+    }
+
+    /// The test's seed: `VMSWARM_TEST_SEED` or a fixed default, printed.
+    fn seed() -> u64 {
+        let seed = std::env::var("VMSWARM_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(7);
+        eprintln!("test seed: {seed} (set VMSWARM_TEST_SEED to replay)");
+        seed
     }
 
     #[test]

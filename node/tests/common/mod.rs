@@ -13,6 +13,7 @@ use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
 pub mod daemon;
+pub mod raw_codec;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmswarm");
 

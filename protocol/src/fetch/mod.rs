@@ -33,7 +33,11 @@
 //!   peers ([`FetchScheduler::set_local_peer`]; without it every node counts as assigned), or,
 //!   once the caller names the site's gateways for the image ([`FetchScheduler::set_site_gateways`],
 //!   [`crate::site`]), among the live gateways alone, so that the site agrees on one assignee
-//!   whatever part of it each node sees. The
+//!   whatever part of it each node sees. A Demand want assigned to a connected gateway that
+//!   nobody in the site holds or fetches is told to that gateway ([`Action::Need`]), which fetches
+//!   it at once at Demand priority and announces it ([`FetchScheduler::handle_peer_need`]), so a
+//!   VM blocked on a chunk its site lacks waits one intra-site round trip for the gateway's
+//!   announcement instead of crossing the WAN itself. The
 //!   assigned node queues its assigned Background chunks first; the others' Background wants wait
 //!   for its copy for at most [`Config::site_assign_wait`]. A same-site peer's `Fetching`
 //!   announcement is waited for, for at most [`Config::local_pending_wait`] by a Background want
@@ -300,6 +304,18 @@ pub enum Action<P> {
         /// Chunk indices.
         indices: Vec<u32>,
     },
+    /// Tell site gateway `peer` that we want these chunks, which it is assigned to bring into the
+    /// site and nobody in the site holds or fetches (`Need`): it fetches them at `priority`
+    /// ([`FetchScheduler::handle_peer_need`]; Demand: a VM here is blocked on them) and announces
+    /// that it does, and we wait for its copy.
+    Need {
+        /// The site gateway assigned the chunks.
+        peer: P,
+        /// Demand if a VM is blocked on them, else Background.
+        priority: Priority,
+        /// Chunk indices.
+        indices: Vec<u32>,
+    },
 }
 
 /// Something the caller should know.
@@ -388,6 +404,13 @@ struct Want<P> {
     /// before its instant ([`Config::relay_retry`]), with its relay score
     /// ([`peer::relay_score`]): until then only holders scoring higher are asked.
     relayed: Vec<(P, Instant, u64)>,
+    /// The site gateway (its key) told that we need this chunk ([`Action::Need`]), and at what
+    /// priority, if any.
+    needed_from: Option<(u64, Priority)>,
+    /// A live site gateway announced fetching this chunk, until this instant: a Demand want waits
+    /// for its copy that long, beyond [`Config::demand_local_wait`] (the gateway's copy is the
+    /// site's one; crossing the WAN beside it would only compete with it for the same links).
+    gateway_fetch_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -469,10 +492,18 @@ pub struct FetchScheduler<P> {
     gateway_keys: Vec<u64>,
     /// Gateways whose connection was lost (they count again once they reconnect).
     gateways_down: BTreeSet<u64>,
+    /// The gateways that count (not down, not suspect), ours excluded.
+    gateways_live: BTreeSet<u64>,
     /// Outside fetches are assigned among the live gateways (we are one, or one is alive).
     via_gateways: bool,
     /// We are one of the site's gateways.
     local_gateway: bool,
+    /// The gateways' ids by key (ours included if we are one).
+    gateway_ids: BTreeMap<u64, P>,
+    /// Wants to tell their gateway about in the next pass ([`Action::Need`]).
+    need_fresh: BTreeSet<u32>,
+    /// Look at every want for [`Action::Need`] in the next pass (the gateways changed).
+    need_all: bool,
     /// When wants stop waiting for a same-site copy.
     wan_after_deadlines: BTreeSet<(Instant, u32)>,
     /// Demand wants in flight to one peer whose chunk a new peer obtained: hedge candidates.
@@ -542,8 +573,12 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             best_other: Vec::new(),
             gateway_keys: Vec::new(),
             gateways_down: BTreeSet::new(),
+            gateways_live: BTreeSet::new(),
             via_gateways: false,
             local_gateway: false,
+            gateway_ids: BTreeMap::new(),
+            need_fresh: BTreeSet::new(),
+            need_all: false,
             wan_after_deadlines: BTreeSet::new(),
             hedge_candidates: BTreeSet::new(),
             hedge_due: BTreeSet::new(),
@@ -576,13 +611,17 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     /// and none is alive (or the list is empty) the assignment returns to the connected same-site
     /// peers. Takes effect once [`Self::set_local_peer`] was called; a new list replaces the old.
     pub fn set_site_gateways(&mut self, now: Instant, gateways: &[P]) {
-        let mut keys: Vec<u64> = gateways.iter().map(stable_key).collect();
-        keys.sort_unstable();
-        keys.dedup();
+        let ids: BTreeMap<u64, P> = gateways
+            .iter()
+            .map(|g| (stable_key(g), g.clone()))
+            .collect();
+        let keys: Vec<u64> = ids.keys().copied().collect();
         if keys == self.gateway_keys {
             return;
         }
         self.gateway_keys = keys;
+        self.gateway_ids = ids;
+        self.need_all = true;
         self.gateways_down
             .retain(|k| self.gateway_keys.binary_search(k).is_ok());
         self.rebuild_site_scores();
@@ -591,9 +630,63 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.schedule(now);
     }
 
+    /// Connecting to `peer` failed. A site gateway we are not connected to then counts as down
+    /// until it connects (its provider record may outlive it by hours): the chunks it was
+    /// assigned move to the next gateway at once instead of after the assignment waits.
+    pub fn handle_peer_unreachable(&mut self, now: Instant, peer: &P) {
+        if self.peers.contains_key(peer) {
+            return;
+        }
+        let key = stable_key(peer);
+        if self.gateway_ids.contains_key(&key) && self.gateways_down.insert(key) {
+            self.rebuild_site_scores();
+            self.bump_generation();
+            self.need_all = true;
+            self.schedule(now);
+        }
+    }
+
     /// Whether we are one of our site's gateways for this image and the assignment runs over them.
     pub fn is_site_gateway(&self) -> bool {
         self.via_gateways && self.local_gateway
+    }
+
+    /// Same-site `peer` is blocked on these chunks ([`Action::Need`]). Those we are the site
+    /// gateway assigned to become Demand wants of ours (new wants if we did not want them), so we
+    /// fetch them from outside at once and announce it; the rest, and out-of-range indices, are
+    /// ignored, as is a peer of another site. The caller leaves out chunks it holds.
+    pub fn handle_peer_need(
+        &mut self,
+        now: Instant,
+        peer: &P,
+        priority: Priority,
+        indices: &[u32],
+    ) {
+        if !self.is_site_gateway() || !self.peers.get(peer).is_some_and(|p| p.same_site) {
+            return;
+        }
+        for &index in indices {
+            if index < self.chunks && self.site_assigned_to_us(index) {
+                self.want(now, index, priority);
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// The key of the live gateway assigned chunk `index`'s outside fetch (ours if it is us).
+    fn assigned_gateway(&self, index: u32) -> Option<u64> {
+        let mine = self.local_key?;
+        if !self.via_gateways {
+            return None;
+        }
+        if self.site_assigned_to_us(index) {
+            return Some(mine);
+        }
+        self.gateway_keys
+            .iter()
+            .copied()
+            .filter(|&k| k != mine && site_score(k, index) == self.best_other[index as usize])
+            .find(|k| !self.gateways_down.contains(k))
     }
 
     /// The configuration in force.
@@ -675,6 +768,8 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     wan_after,
                     assign_after: None,
                     relayed: Vec::new(),
+                    needed_from: None,
+                    gateway_fetch_until: None,
                 });
                 self.wanted.insert(index);
                 if self.avail[i] == 0 {
@@ -683,6 +778,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 if priority == Priority::Demand {
                     self.promote(now, index);
                 } else {
+                    self.need_fresh.insert(index);
                     self.enqueue(index);
                 }
             }
@@ -702,6 +798,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         };
         w.priority = Priority::Demand;
         w.demand_since = Some(now);
+        self.need_fresh.insert(index);
         w.demand_deadline = Some(deadline);
         let wan_after = now + self.config.demand_local_wait;
         if wan_after < w.wan_after {
@@ -821,6 +918,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         p.last_progress = now;
         let key = p.key;
         self.peers.insert(peer, p);
+        if self.gateway_ids.contains_key(&key) {
+            // A gateway (re)connected: Demand wants it is assigned can be told to it now.
+            self.need_all = true;
+        }
         if self.gateways_down.remove(&key) {
             self.rebuild_site_scores();
         } else if same_site {
@@ -889,9 +990,15 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if !p.same_site {
             return;
         }
+        let gateway = self.via_gateways
+            && self.gateway_ids.contains_key(&p.key)
+            && !self.gateways_down.contains(&p.key);
         for &index in indices {
             if index >= self.chunks || p.have.contains(index) {
                 continue;
+            }
+            if gateway && let Some(w) = self.wants[index as usize].as_mut() {
+                w.gateway_fetch_until = Some(until);
             }
             match p.pending.insert(index, until) {
                 Some(old) => {
@@ -1589,6 +1696,81 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.config.request_timeout + p.rtt.unwrap_or(Duration::ZERO).saturating_mul(4)
     }
 
+    /// Emits [`Action::Need`] for Demand wants assigned to a connected gateway that nobody in the
+    /// site holds or announced, each once per gateway.
+    fn ask_gateways(&mut self, now: Instant) {
+        let fresh = std::mem::take(&mut self.need_fresh);
+        let all = std::mem::take(&mut self.need_all);
+        if !self.via_gateways || self.local_key.is_none() {
+            return;
+        }
+        let indices: Vec<u32> = if all {
+            self.wanted.iter().collect()
+        } else {
+            fresh.into_iter().collect()
+        };
+        let mut asks: BTreeMap<(P, Priority), Vec<u32>> = BTreeMap::new();
+        for index in indices {
+            let i = index as usize;
+            if self.local_avail[i] > 0
+                || self.local_pending[i] > 0
+                || self.site_assigned_to_us(index)
+            {
+                continue;
+            }
+            let Some(g) = self.assigned_gateway(index) else {
+                continue;
+            };
+            let Some(w) = self.wants[i].as_mut() else {
+                continue;
+            };
+            let priority = w.priority;
+            if w.needed_from == Some((g, priority)) || w.needed_from == Some((g, Priority::Demand))
+            {
+                continue;
+            }
+            let Some(id) = self.gateway_ids.get(&g) else {
+                continue;
+            };
+            if !self
+                .peers
+                .get(id)
+                .is_some_and(|p| p.same_site && !p.suspect)
+            {
+                continue;
+            }
+            w.needed_from = Some((g, priority));
+            if priority == Priority::Background {
+                asks.entry((id.clone(), priority)).or_default().push(index);
+                continue;
+            }
+            // The gateway may have had no source for it either until now (a flash crowd at
+            // start-up): the want waits for its announcement from now on, as from a promotion.
+            let until = now
+                + self
+                    .config
+                    .demand_local_wait
+                    .max(self.config.demand_assign_wait);
+            if w.wan_after < until {
+                self.wan_after_deadlines.remove(&(w.wan_after, index));
+                w.wan_after = until;
+                self.wan_after_deadlines.insert((until, index));
+            }
+            if let Some(old) = w.assign_after.replace(until) {
+                self.wan_after_deadlines.remove(&(old, index));
+            }
+            self.wan_after_deadlines.insert((until, index));
+            asks.entry((id.clone(), priority)).or_default().push(index);
+        }
+        for ((peer, priority), indices) in asks {
+            self.actions.push_back(Action::Need {
+                peer,
+                priority,
+                indices,
+            });
+        }
+    }
+
     /// Whether we are the node of our site assigned chunk `index`'s outside fetch.
     fn site_assigned_to_us(&self, index: u32) -> bool {
         match self.local_key {
@@ -1645,6 +1827,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             .filter(|k| *k != mine && !self.gateways_down.contains(k) && !suspect.contains(k))
             .collect();
         self.via_gateways = self.local_gateway || !live.is_empty();
+        if self.gateways_live.iter().ne(live.iter()) {
+            // Assignments moved: wants told to a gateway that no longer counts ask the new one.
+            self.need_all = true;
+        }
+        self.gateways_live = live.iter().copied().collect();
         let keys: Vec<u64> = if self.via_gateways {
             live
         } else {
@@ -1699,11 +1886,21 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             // it waits only briefly: its assignee may not be reading the chunk at all, but in a
             // flash crowd it is, and announces within an intra-site round trip.
             Priority::Demand => {
-                now < w.wan_after
-                    && (announced
-                        || (assigned_elsewhere && w.assign_after.is_some_and(|t| now < t)))
+                (announced && w.gateway_fetch_until.is_some_and(|t| now < t))
+                    || (now < w.wan_after
+                        && (announced
+                            || (assigned_elsewhere && w.assign_after.is_some_and(|t| now < t))))
             }
-            Priority::Background => announced || (assigned_elsewhere && now < w.wan_after),
+            // A Background want told to its live gateway waits for the gateway's copy however
+            // long that takes (a slow origin is then crossed once per site, not once per node).
+            Priority::Background => {
+                announced
+                    || (assigned_elsewhere
+                        && (now < w.wan_after
+                            || w.needed_from.is_some_and(|(g, _)| {
+                                self.via_gateways && self.gateways_live.contains(&g)
+                            })))
+            }
         };
         !waiting
     }
@@ -1906,6 +2103,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             batches: BTreeMap::new(),
             announce: Vec::new(),
         };
+
+        // 0. Tell site gateways about Demand wants they are assigned that nobody in the site
+        //    holds or fetches, so they fetch them now instead of each blocked node crossing the WAN.
+        self.ask_gateways(now);
 
         // 1. Demand, oldest first. Only what may have changed is looked at: every queued want after a
         //    global change, else the new ones (best peer each) and the peers that freed a slot (the

@@ -1836,3 +1836,166 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
+    let n = 60;
+    // Requester side: we (100) are not a gateway; gateway 50 is connected.
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 50, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[50, 51]);
+    let mine = (0..n).find(|&i| site_owner(50, &[51], i) == 50).unwrap();
+    let other = (0..n).find(|&i| site_owner(50, &[51], i) == 51).unwrap();
+    s.handle_want(t(1), mine, Priority::Demand).unwrap();
+    s.handle_want(t(1), other, Priority::Demand).unwrap();
+    let actions = drain_actions(&mut s);
+    assert_eq!(
+        actions,
+        vec![Action::Need {
+            peer: 50,
+            priority: Priority::Demand,
+            indices: vec![mine]
+        }],
+        "only the connected gateway is told, once, and nothing crosses the WAN yet"
+    );
+    // Its announcement arrives: we wait for its copy instead of fetching from outside.
+    s.handle_peer_fetching(t(2), &50, &[mine]);
+    let later = requests(&advance(&mut s, t(100)));
+    assert!(later.iter().all(|r| r.2 != mine), "{later:?}");
+    // Gateway 51 (not connected, so not told) never announced: after the assignment wait we
+    // fetch that one ourselves.
+    assert!(later.contains(&(9, Priority::Demand, other)), "{later:?}");
+    // The gateway's copy is waited for beyond `demand_local_wait`, while its announcement holds.
+    let still = requests(&advance(&mut s, t(3_000)));
+    assert!(still.iter().all(|r| r.2 != mine), "{still:?}");
+    let expired = requests(&advance(&mut s, t(4_100)));
+    assert!(
+        expired.contains(&(9, Priority::Demand, mine)),
+        "{expired:?}"
+    );
+
+    // Gateway side: we (100) are the gateway of `ours`; 50 is the other gateway.
+    let mut g = FetchScheduler::new(cfg(), n, 9).unwrap();
+    g.set_local_peer(t(0), &100);
+    g.handle_peer_connected(t(0), 1, info("dc1", 1));
+    g.handle_peer_connected(t(0), 7, info("dc2", 1));
+    g.handle_peer_connected(t(0), 9, info("dc2", 30));
+    g.handle_peer_have(t(0), &9, &full(n));
+    g.set_site_gateways(t(0), &[100, 50]);
+    let ours = (0..n).find(|&i| site_owner(100, &[50], i) == 100).unwrap();
+    let theirs = (0..n).find(|&i| site_owner(100, &[50], i) == 50).unwrap();
+    assert!(drain_actions(&mut g).is_empty());
+    // A peer of another site is not listened to.
+    g.handle_peer_need(t(1), &7, Priority::Demand, &[ours]);
+    assert!(drain_actions(&mut g).is_empty());
+    g.handle_peer_need(t(1), &1, Priority::Demand, &[ours, theirs, n + 5]);
+    let actions = drain_actions(&mut g);
+    assert_eq!(requests(&actions), vec![(9, Priority::Demand, ours)]);
+    assert!(actions.contains(&Action::AnnounceFetching {
+        peer: 1,
+        indices: vec![ours]
+    }));
+    // A node that is not a gateway ignores `Need`.
+    let mut plain = one_neighbour_one_remote();
+    plain.handle_peer_need(t(1), &1, Priority::Demand, &[ours]);
+    assert!(drain_actions(&mut plain).is_empty());
+}
+
+#[test]
+fn an_unreachable_gateway_hands_its_chunks_on_at_once() {
+    let n = 60;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[100, 50]);
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    let ours: BTreeSet<u32> = (0..n)
+        .filter(|&i| site_owner(100, &[50], i) == 100)
+        .collect();
+    assert_eq!(outside_fetches(&mut s, t(0), t(1_000)), ours);
+    // Dialling gateway 50 failed: its chunks are ours now, long before `site_assign_wait`.
+    s.handle_peer_unreachable(t(1_000), &50);
+    let rest = outside_fetches(&mut s, t(1_000), t(1_001));
+    assert_eq!(rest.len(), n as usize - ours.len(), "{rest:?}");
+    // A connected peer is not marked down by a failed extra dial.
+    let mut c = FetchScheduler::new(cfg(), n, 9).unwrap();
+    c.set_local_peer(t(0), &100);
+    c.handle_peer_connected(t(0), 50, info("dc1", 1));
+    c.set_site_gateways(t(0), &[100, 50]);
+    c.handle_peer_unreachable(t(1), &50);
+    assert!(c.gateways_down.is_empty());
+}
+
+#[test]
+fn a_want_blocked_before_start_up_waits_for_the_gateway_it_told() {
+    // A VM reads at t = 0, before any peer is known; the gateways are named at 100 ms and the
+    // gateway connects then; the remote holder connects 30 ms later, to us and to the gateway.
+    let n = 60;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    let chunk = (0..n).find(|&i| site_owner(50, &[51], i) == 50).unwrap();
+    s.handle_want(t(0), chunk, Priority::Demand).unwrap();
+    assert!(drain_actions(&mut s).is_empty());
+    s.set_site_gateways(t(100), &[50, 51]);
+    s.handle_peer_connected(t(100), 50, info("dc1", 1));
+    assert_eq!(
+        drain_actions(&mut s),
+        vec![Action::Need {
+            peer: 50,
+            priority: Priority::Demand,
+            indices: vec![chunk]
+        }]
+    );
+    s.handle_peer_connected(t(130), 9, info("dc2", 30));
+    s.handle_peer_have(t(130), &9, &full(n));
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "the assignment wait runs from the Need, not from the read"
+    );
+    s.handle_peer_fetching(t(131), &50, &[chunk]);
+    assert!(requests(&advance(&mut s, t(2_000))).is_empty());
+}
+
+#[test]
+fn a_background_want_told_to_its_live_gateway_waits_for_its_copy_however_long() {
+    let n = 60;
+    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 50, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    s.handle_peer_have(t(0), &9, &full(n));
+    s.set_site_gateways(t(0), &[50]);
+    s.handle_want_many(t(0), 0..n, Priority::Background)
+        .unwrap();
+    let actions = drain_actions(&mut s);
+    let told: Vec<u32> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Need {
+                peer: 50,
+                priority: Priority::Background,
+                indices,
+            } => Some(indices.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        told.len(),
+        n as usize,
+        "every want is told to the one gateway"
+    );
+    // Far past `site_assign_wait` (a slow origin): still nothing crosses the WAN from here.
+    assert!(outside_fetches(&mut s, t(0), t(60_000)).is_empty());
+    // The gateway goes: the wants are ours to fetch at once.
+    s.handle_peer_disconnected(t(60_000), &50);
+    assert_eq!(
+        outside_fetches(&mut s, t(60_000), t(60_001)).len(),
+        n as usize
+    );
+}

@@ -230,6 +230,19 @@ pub fn summary_text(s: &Summary) -> String {
             k.fanout_chunk_ms_mean
         );
     }
+    let wan_in: f64 = s.wan_in_bytes.values().sum();
+    if wan_in > 0.0 {
+        let image = img.max(1.0);
+        let _ = writeln!(
+            t,
+            "  WAN in, all sites: {:.2} images; into site gateways {:.2}, at Demand into other hosts {:.2}, the rest {:.2}; Need messages {}",
+            wan_in / image,
+            k.wan_in_gateway_bytes / image,
+            k.wan_in_demand_bytes / image,
+            (wan_in - k.wan_in_gateway_bytes - k.wan_in_demand_bytes) / image,
+            k.needs
+        );
+    }
     let _ = writeln!(
         t,
         "  events {}, simulated {:.2} s, flows {} ({} aborted), requests {}, cancels {}, busy {}, fan-out refusals {}, writes waited {}, want failures {}, no-source {}, lookups {}, connections {}, have updates {}, rate updates {}, solves {} ({:.1} flows each)",

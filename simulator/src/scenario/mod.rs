@@ -700,6 +700,18 @@ impl Checker<'_> {
             p.demand_assign_wait_ms,
             &mut f.demand_assign_wait,
         )?;
+        if let Some(v) = p.site_gateways {
+            if v > vmswarm_protocol::site::SITE_GATEWAYS {
+                return Err(self.invalid(
+                    "protocol.site_gateways",
+                    format!(
+                        "{v}: at most {} (one per-site lookup's answer)",
+                        vmswarm_protocol::site::SITE_GATEWAYS
+                    ),
+                ));
+            }
+            f.site_gateways = v;
+        }
         ms("hedge_delay_ms", p.hedge_delay_ms, &mut f.hedge_delay)?;
         ms("relay_retry_ms", p.relay_retry_ms, &mut f.relay_retry)?;
         if let Some(v) = &p.peer_rate_target {

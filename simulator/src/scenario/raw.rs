@@ -15,15 +15,19 @@ pub enum Strategy {
     LazyCentral,
     /// Read on demand from sources and peers, with locality; optional prefetch.
     Vmswarm,
+    /// Stage the whole image on every host (`vmswarm stage`: boot profile first, then the rest,
+    /// through the swarm), each host's VMs booting once its boot profile is staged.
+    Multicast,
 }
 
 impl Strategy {
     /// All strategies, in the order reports list them.
-    pub const ALL: [Strategy; 4] = [
+    pub const ALL: [Strategy; 5] = [
         Strategy::Central,
         Strategy::SwarmFull,
         Strategy::LazyCentral,
         Strategy::Vmswarm,
+        Strategy::Multicast,
     ];
 
     /// The name used in scenario files and reports.
@@ -33,6 +37,7 @@ impl Strategy {
             Strategy::SwarmFull => "swarm-full",
             Strategy::LazyCentral => "lazy-central",
             Strategy::Vmswarm => "vmswarm",
+            Strategy::Multicast => "multicast",
         }
     }
 
@@ -189,6 +194,7 @@ pub(crate) struct RawProtocol {
     pub(crate) site_assign_wait_ms: Option<f64>,
     pub(crate) demand_local_wait_ms: Option<f64>,
     pub(crate) demand_assign_wait_ms: Option<f64>,
+    pub(crate) site_gateways: Option<usize>,
     pub(crate) hedge_delay_ms: Option<f64>,
     pub(crate) relay_retry_ms: Option<f64>,
     pub(crate) peer_rate_target: Option<String>,

@@ -4,6 +4,7 @@
 use std::rc::Rc;
 
 use vmswarm_protocol::fetch::{Action, ChunkOutcome, Delivery, Event, FetchScheduler, PeerInfo};
+use vmswarm_protocol::site::top_gateways;
 use vmswarm_protocol::wire::have_update_delay;
 use vmswarm_protocol::{Instant, Priority};
 
@@ -39,9 +40,11 @@ impl World {
         if self.plan.profile_order {
             sched.set_priority_order(now, &self.profile);
         }
+        let profile_left = self.profile.iter().filter(|&&c| !store.contains(c)).count() as u32;
         let host = &mut self.hosts[h as usize];
         host.started = Some(now);
         host.bg_left = background.len() as u32;
+        host.profile_left = profile_left;
         if !background.is_empty() {
             // Invariant: every index is below the chunk count.
             sched
@@ -52,6 +55,15 @@ impl World {
             self.bg_left -= 1;
         }
         self.hosts[h as usize].sched = Some(sched);
+        if self.plan.boot_after_profile && profile_left == 0 {
+            // Nothing of the boot profile to stage: VMs already waiting start now.
+            let vms = self.hosts[h as usize].vms.clone();
+            for v in vms {
+                if self.vms[v as usize].reading {
+                    self.run_vm(v, now);
+                }
+            }
+        }
         let node = self.hosts[h as usize].node;
         if self.plan.peers {
             let publish = self.lookup_delay[self.hosts[h as usize].site];
@@ -100,21 +112,54 @@ impl World {
             |c| c == node || conns.contains(&c),
             &mut self.routing_rng,
         );
-        // The per-site key's answer: up to `site_peers` same-site providers, drawn the same way.
+        // The per-site key's answer: up to `site_peers` same-site providers. With site gateways on,
+        // the record holders keep the providers ranked highest as gateways (`site`, as the node's
+        // record store does), so every lookup gets the same best ones; without, a random draw.
         let site = self.nodes[node as usize].site;
         let nodes = &self.nodes;
         let same_site = |c: NodeId| nodes[c as usize].site == site;
-        let site_have = conns
-            .iter()
-            .filter(|&&c| c >= self.sources && same_site(c))
-            .count();
-        let site_room = (self.sc.routing.site_peers as usize).saturating_sub(site_have);
-        let local = routing::choose(
-            &candidates,
-            site_room,
-            |c| c == node || !same_site(c) || conns.contains(&c) || picked.contains(&c),
-            &mut self.routing_rng,
-        );
+        let k = self.sc.fetch.site_gateways;
+        let (local, gateways) = if k > 0 {
+            let rank = &self.gateway_rank;
+            let answer = top_gateways(
+                candidates
+                    .iter()
+                    .filter(|&&c| c != node && same_site(c))
+                    .map(|&c| (rank[c as usize], c)),
+                self.sc.routing.site_peers as usize,
+            );
+            let gateways = top_gateways(
+                answer
+                    .iter()
+                    .chain(std::iter::once(&node))
+                    .map(|&c| (rank[c as usize], c)),
+                k,
+            );
+            let fresh = answer
+                .into_iter()
+                .filter(|c| !conns.contains(c) && !picked.contains(c))
+                .collect();
+            // As the node does (`node/src/daemon/gateways.rs`), a host names gateways only once it
+            // knows `k` of its site's providers (itself included): an early or small answer would
+            // make it name itself among too few, and fetch their shares from outside.
+            (fresh, (gateways.len() >= k).then_some(gateways))
+        } else {
+            let site_have = conns
+                .iter()
+                .filter(|&&c| c >= self.sources && same_site(c))
+                .count();
+            let site_room = (self.sc.routing.site_peers as usize).saturating_sub(site_have);
+            let drawn = routing::choose(
+                &candidates,
+                site_room,
+                |c| c == node || !same_site(c) || conns.contains(&c) || picked.contains(&c),
+                &mut self.routing_rng,
+            );
+            (drawn, None)
+        };
+        if let (Some(gateways), Some(sched)) = (gateways, self.hosts[h as usize].sched.as_mut()) {
+            sched.set_site_gateways(now, &gateways);
+        }
         targets.extend(picked);
         targets.extend(local);
         for peer in targets {
@@ -157,7 +202,9 @@ impl World {
         let now = self.now();
         let host_site = self.hosts[h as usize].site;
         let full = &self.full;
-        let Some(sched) = self.hosts[h as usize].sched.as_mut() else {
+        let host = &mut self.hosts[h as usize];
+        let store = &host.store;
+        let Some(sched) = host.sched.as_mut() else {
             return;
         };
         match msg {
@@ -174,6 +221,13 @@ impl World {
             }
             Msg::HaveUpdate { indices } => sched.handle_peer_have_update(now, &from, &indices),
             Msg::Fetching { indices } => sched.handle_peer_fetching(now, &from, &indices),
+            Msg::Need { priority, indices } => {
+                let missing: Vec<u32> = indices
+                    .into_iter()
+                    .filter(|&i| !store.contains(i))
+                    .collect();
+                sched.handle_peer_need(now, &from, priority, &missing);
+            }
             Msg::Reject { index, kind } => sched.handle_reject(now, &from, index, kind),
             Msg::ChunkArriving { index } => sched.handle_chunk_arriving(now, &from, index),
             Msg::Request { .. } | Msg::Cancel { .. } | Msg::Chunk { .. } => return,
@@ -266,6 +320,19 @@ impl World {
             Background::Profile => self.profile_set.contains(index),
         };
         let host = &mut self.hosts[h as usize];
+        if self.plan.boot_after_profile && host.profile_left > 0 && self.profile_set.contains(index)
+        {
+            host.profile_left -= 1;
+            if host.profile_left == 0 {
+                let vms = host.vms.clone();
+                for v in vms {
+                    if self.vms[v as usize].reading {
+                        self.run_vm(v, now);
+                    }
+                }
+            }
+        }
+        let host = &mut self.hosts[h as usize];
         if in_target && host.bg_left > 0 {
             host.bg_left -= 1;
             if host.bg_left == 0 {
@@ -322,6 +389,11 @@ impl World {
         let h = vm.host as usize;
         if self.plan.boot_after_copy && self.hosts[h].bg_done.is_none() {
             return; // starts when the copy is complete
+        }
+        if self.plan.boot_after_profile
+            && (self.hosts[h].started.is_none() || self.hosts[h].profile_left > 0)
+        {
+            return; // starts when the boot profile is staged
         }
         self.run_vm(v, now);
     }
@@ -414,6 +486,14 @@ impl World {
                 }
                 Action::AnnounceFetching { peer, indices } => {
                     self.send(node, peer, Msg::Fetching { indices });
+                }
+                Action::Need {
+                    peer,
+                    priority,
+                    indices,
+                } => {
+                    self.counters.needs += 1;
+                    self.send(node, peer, Msg::Need { priority, indices });
                 }
             }
         }

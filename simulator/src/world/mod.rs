@@ -59,6 +59,7 @@ use vmswarm_protocol::bitfield::ChunkBitmap;
 use vmswarm_protocol::fetch::{FetchScheduler, RejectKind};
 use vmswarm_protocol::manifest::Manifest;
 use vmswarm_protocol::serve::ServeQueue;
+use vmswarm_protocol::site::gateway_rank;
 use vmswarm_protocol::{ChunkId, Instant, Priority};
 
 use crate::boot::{self, SharedTrace, VmReads};
@@ -115,6 +116,11 @@ enum Msg {
         indices: Vec<u32>,
     },
     Fetching {
+        indices: Vec<u32>,
+    },
+    /// `Need`: a same-site host wants chunks we are the gateway for.
+    Need {
+        priority: Priority,
         indices: Vec<u32>,
     },
     HaveUpdate {
@@ -181,6 +187,7 @@ struct Transfer {
     from: NodeId,
     to: NodeId,
     index: u32,
+    priority: Priority,
 }
 
 #[derive(Debug)]
@@ -211,6 +218,8 @@ struct Host {
     lookup_pending: bool,
     bg_left: u32,
     bg_done: Option<Instant>,
+    /// Boot-profile chunks not held yet (`multicast`: VMs start when it reaches 0).
+    profile_left: u32,
     fetched: u64,
     from_site: Vec<u64>,
     from_sources: u64,
@@ -319,6 +328,8 @@ pub struct World {
     conns: HashMap<(NodeId, NodeId), links::Conn>,
     providers: Vec<(Instant, u32)>,
     lookup_delay: Vec<Duration>,
+    /// Each node's rank as a gateway of its site for the image (`site::gateway_rank`).
+    gateway_rank: Vec<u64>,
     routing_rng: ChaCha8Rng,
     vms_left: u64,
     bg_left: u64,
@@ -462,6 +473,7 @@ impl World {
                     lookup_pending: false,
                     bg_left: 0,
                     bg_done: None,
+                    profile_left: 0,
                     fetched: 0,
                     from_site: vec![0; sc.sites.len()],
                     from_sources: 0,
@@ -477,6 +489,17 @@ impl World {
             _ => hosts.len() as u64,
         };
         let n_sites = sc.sites.len();
+        // A node's rank as a gateway: its site's per-image scope (the node's per-site key) and its id.
+        let image = manifest.id();
+        let gateway_rank = nodes
+            .iter()
+            .enumerate()
+            .map(|(id, n)| {
+                let mut scope = image.0.to_vec();
+                scope.extend_from_slice(sc.sites[n.site].name.as_bytes());
+                gateway_rank(&scope, &(id as u32).to_le_bytes())
+            })
+            .collect();
         Ok(World {
             plan,
             seed,
@@ -499,6 +522,7 @@ impl World {
             conns: HashMap::new(),
             providers: Vec::new(),
             lookup_delay,
+            gateway_rank,
             routing_rng: ChaCha8Rng::seed_from_u64(substream(seed, STREAM_ROUTING, 0)),
             wan_out: vec![0.0; n_sites],
             wan_in: vec![0.0; n_sites],

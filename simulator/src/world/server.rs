@@ -93,6 +93,7 @@ impl World {
                     from: server,
                     to,
                     index,
+                    priority: serve.priority,
                 },
             );
             self.nodes[server as usize]
@@ -151,6 +152,15 @@ impl World {
         if sa != sb {
             self.wan_out[sa] += bytes;
             self.wan_in[sb] += bytes;
+            let gateway = self
+                .host_of(t.to)
+                .and_then(|h| self.hosts[h as usize].sched.as_ref())
+                .is_some_and(|s| s.is_site_gateway());
+            if gateway {
+                self.counters.wan_in_gateway_bytes += bytes;
+            } else if t.priority == Priority::Demand {
+                self.counters.wan_in_demand_bytes += bytes;
+            }
         }
     }
 }
