@@ -53,19 +53,26 @@ pub fn gateway_rank(scope: &[u8], member: &[u8]) -> u64 {
 }
 
 /// The `k` candidates of highest rank (each given with its rank), best first; equal ranks keep
-/// the candidates' order, and a candidate given twice counts once.
+/// the candidates' order, and a candidate given twice counts once (at its best rank). Costs a sort
+/// of the candidates and at most `k` comparisons per candidate taken: callers pass a lookup's
+/// whole answer (thousands of providers in a large site) and a small `k`.
 pub fn top_gateways<T: PartialEq>(
     candidates: impl IntoIterator<Item = (u64, T)>,
     k: usize,
 ) -> Vec<T> {
-    let mut all: Vec<(u64, T)> = Vec::new();
-    for (rank, c) in candidates {
-        if !all.iter().any(|(_, d)| *d == c) {
-            all.push((rank, c));
+    let mut all: Vec<(u64, T)> = candidates.into_iter().collect();
+    // Stable: equal ranks keep their order.
+    all.sort_by_key(|c| std::cmp::Reverse(c.0));
+    let mut top: Vec<T> = Vec::with_capacity(k.min(all.len()));
+    for (_, c) in all {
+        if top.len() == k {
+            break;
+        }
+        if !top.contains(&c) {
+            top.push(c);
         }
     }
-    all.sort_by_key(|c| std::cmp::Reverse(c.0));
-    all.into_iter().take(k).map(|(_, c)| c).collect()
+    top
 }
 
 #[cfg(test)]
