@@ -444,7 +444,9 @@ pub struct FetchScheduler<P> {
     chunks: u32,
     rng: ChaCha8Rng,
 
-    wants: Vec<Option<Want<P>>>,
+    /// Boxed: a slot per chunk costs a pointer, not a whole `Want` (10,000 simulated nodes of a
+    /// 2,000-chunk image would otherwise hold gigabytes of empty slots).
+    wants: Vec<Option<Box<Want<P>>>>,
     wanted: ChunkBitmap,
     wanted_demand: u32,
     /// Background stays throttled until then (see [`Config::demand_backoff`]).
@@ -757,7 +759,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                         Priority::Background => self.config.site_assign_wait,
                     };
                 self.wan_after_deadlines.insert((wan_after, index));
-                self.wants[i] = Some(Want {
+                self.wants[i] = Some(Box::new(Want {
                     priority: Priority::Background,
                     demand_since: None,
                     demand_deadline: None,
@@ -770,7 +772,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     relayed: Vec::new(),
                     needed_from: None,
                     gateway_fetch_until: None,
-                });
+                }));
                 self.wanted.insert(index);
                 if self.avail[i] == 0 {
                     self.mark_sourceless(now, index);
