@@ -8,6 +8,10 @@
 //! `sleep`). The network (RTTs, WAN and NIC bandwidth) is the testnet's, set by `up`; `compare`
 //! re-runs the simulator with exactly those values.
 //!
+//! A host with several VMs (`vms = 2`) is one node with one export and one `qemu-io` per VM; the
+//! node fetches each chunk once for all of them, and `vms.csv` charges each VM an equal share of
+//! the node's fetched bytes (the first VM of the node also the remainder, so they add up).
+//!
 //! Results use the simulator's schema: `vms.csv` (same columns as `vmswarm-sim run`), `wan.csv`
 //! (bytes per site pair counted by the WAN emulator, on the wire), and `summary.json`.
 
@@ -297,6 +301,17 @@ fn site_bytes_in(status: &serde_json::Value, own_site: &str) -> Vec<(String, u64
         .unwrap_or_default()
 }
 
+/// One VM's share of what its host fetched from each site, when `vms` VMs share the host: an
+/// equal part, plus the division's remainder for the host's `first` VM, so the shares add up to
+/// the host's bytes exactly.
+fn vm_share(host_bytes: &[u64], vms: u64, first: bool) -> Vec<u64> {
+    let vms = vms.max(1);
+    host_bytes
+        .iter()
+        .map(|b| b / vms + if first { b % vms } else { 0 })
+        .collect()
+}
+
 /// Runs the scenario on the testnet in `state`.
 pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let wall = Instant::now();
@@ -543,13 +558,18 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         }
         host_in.push(per_site);
     }
-    // A host's fetches are charged to its VMs in equal parts (one VM per host: exactly).
+    // A host's fetches are charged to its VMs in equal parts, the first VM of the host taking the
+    // remainder of the division, so that the VMs of a host add up to exactly what the host
+    // fetched (several VMs per host share one node, which fetches each chunk once).
     let mut records: Vec<VmRecord> = records.into_iter().flatten().collect();
     for r in &mut records {
-        let node = &vms[r.vm as usize].node;
-        let vms_on_host = vms.iter().filter(|v| &v.node == node).count().max(1) as u64;
+        let k = r.vm as usize;
+        let node = &vms[k].node;
+        let on_host: Vec<usize> = (0..vms.len()).filter(|j| &vms[*j].node == node).collect();
+        let n = on_host.len().max(1) as u64;
+        let first = on_host.first() == Some(&k);
         if let Some(i) = state.plan.nodes.iter().position(|n| &n.name == node) {
-            r.fetched_from_site = host_in[i].iter().map(|b| b / vms_on_host).collect();
+            r.fetched_from_site = vm_share(&host_in[i], n, first);
             r.fetched_bytes = r.fetched_from_site.iter().sum();
         }
     }
@@ -630,4 +650,23 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         serde_json::to_vec_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vm_share;
+
+    #[test]
+    fn the_vms_of_a_host_share_its_fetched_bytes_exactly() {
+        let host = [0, 7, 1_048_577];
+        let first = vm_share(&host, 2, true);
+        let second = vm_share(&host, 2, false);
+        assert_eq!(first, vec![0, 4, 524_289]);
+        assert_eq!(second, vec![0, 3, 524_288]);
+        assert_eq!(vm_share(&host, 1, true), host.to_vec());
+        for n in 1..5u64 {
+            let total: u64 = (0..n).map(|k| vm_share(&host, n, k == 0)[2]).sum();
+            assert_eq!(total, host[2], "{n} VMs");
+        }
+    }
 }

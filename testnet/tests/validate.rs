@@ -21,9 +21,6 @@ use std::path::Path;
 use common::{Down, is_root, ok};
 use serde_json::Value;
 
-const RUNS: usize = 7;
-/// Runs before the counted ones.
-const WARMUP: usize = 1;
 const SEED: &str = "7";
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -45,21 +42,32 @@ fn row(compare: &Value, metric: &str) -> (f64, f64) {
     )
 }
 
-#[test]
-fn simulator_matches_the_testnet_within_the_validation_bands() {
-    if !is_root() {
-        eprintln!("SKIPPED: creating network namespaces needs root");
-        return;
-    }
-    let scenario =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../simulator/scenarios/small-3site.toml");
+/// A validation case: a scenario, the testnet it runs on, and how many runs.
+struct Case {
+    /// File name in `simulator/scenarios/`.
+    scenario: &'static str,
+    /// `up --nodes-per-site`.
+    nodes_per_site: usize,
+    /// Runs before the counted ones, not counted.
+    warmup: usize,
+    /// Counted runs, each on fresh nodes; each metric is their median.
+    runs: usize,
+}
+
+/// Runs `case` on fresh 3-site testnets and asserts the simulator's medians are within the bands
+/// of the testnet's.
+fn validate(case: &Case) {
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../simulator/scenarios")
+        .join(case.scenario);
+    let nodes = case.nodes_per_site.to_string();
     let mut compares = Vec::new();
     let base = if Path::new("/dev/shm").is_dir() {
         "/dev/shm"
     } else {
         "/tmp"
     };
-    for run in 0..WARMUP + RUNS {
+    for run in 0..case.warmup + case.runs {
         let state = tempfile::Builder::new()
             .prefix("vtv")
             .tempdir_in(base)
@@ -73,7 +81,7 @@ fn simulator_matches_the_testnet_within_the_validation_bands() {
                 "--sites",
                 "3",
                 "--nodes-per-site",
-                "4",
+                &nodes,
                 "--wan",
                 "31ms,75ms,165ms",
                 "--wan-bw",
@@ -99,9 +107,10 @@ fn simulator_matches_the_testnet_within_the_validation_bands() {
             state.path(),
             &["compare", out.path().to_str().unwrap(), "--sim"],
         );
-        let counted = run >= WARMUP;
+        let counted = run >= case.warmup;
         eprintln!(
-            "run {run} (seed {SEED}{}):\n{table}",
+            "{} run {run} (seed {SEED}{}):\n{table}",
+            case.scenario,
             if counted {
                 ""
             } else {
@@ -126,7 +135,8 @@ fn simulator_matches_the_testnet_within_the_validation_bands() {
         let sim = median(compares.iter().map(|c| row(c, metric).1).collect());
         let ratio = sim / testnet;
         eprintln!(
-            "{metric}: testnet median {testnet:.2}, simulator median {sim:.2}, ratio {ratio:.2} (band ±{band})"
+            "{}: {metric}: testnet median {testnet:.2}, simulator median {sim:.2}, ratio {ratio:.2} (band ±{band})",
+            case.scenario
         );
         if (ratio - 1.0).abs() > band {
             failures.push(format!(
@@ -136,7 +146,22 @@ fn simulator_matches_the_testnet_within_the_validation_bands() {
     }
     assert!(
         failures.is_empty(),
-        "seed {SEED}: the simulator disagrees with the testnet:\n{}",
+        "{} seed {SEED}: the simulator disagrees with the testnet:\n{}",
+        case.scenario,
         failures.join("\n")
     );
+}
+
+#[test]
+fn simulator_matches_the_testnet_within_the_validation_bands() {
+    if !is_root() {
+        eprintln!("SKIPPED: creating network namespaces needs root");
+        return;
+    }
+    validate(&Case {
+        scenario: "small-3site.toml",
+        nodes_per_site: 4,
+        warmup: 1,
+        runs: 7,
+    });
 }
