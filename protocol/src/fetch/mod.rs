@@ -1698,8 +1698,8 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.config.request_timeout + p.rtt.unwrap_or(Duration::ZERO).saturating_mul(4)
     }
 
-    /// Emits [`Action::Need`] for Demand wants assigned to a connected gateway that nobody in the
-    /// site holds or announced, each once per gateway.
+    /// Emits [`Action::Need`] for wants assigned to a connected gateway that nobody in the site
+    /// holds or announced, each once per gateway and priority (a Demand `Need` covers Background).
     fn ask_gateways(&mut self, now: Instant) {
         let fresh = std::mem::take(&mut self.need_fresh);
         let all = std::mem::take(&mut self.need_all);
@@ -1756,11 +1756,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             if w.wan_after < until {
                 self.wan_after_deadlines.remove(&(w.wan_after, index));
                 w.wan_after = until;
-                self.wan_after_deadlines.insert((until, index));
             }
             if let Some(old) = w.assign_after.replace(until) {
                 self.wan_after_deadlines.remove(&(old, index));
             }
+            // One deadline entry serves both waits (they end at the same instant).
             self.wan_after_deadlines.insert((until, index));
             asks.entry((id.clone(), priority)).or_default().push(index);
         }

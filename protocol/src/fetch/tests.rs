@@ -1711,18 +1711,25 @@ fn outside_fetches(s: &mut FetchScheduler<u32>, from: Instant, until: Instant) -
     }
 }
 
-#[test]
-fn only_the_site_gateways_fetch_from_outside() {
-    let n = 60;
-    // We (100) are not a gateway; our connected same-site peers are not either.
+/// We (100) with `same_site` peers connected in our site (dc1), peer 9 in dc2 holding all `n`
+/// chunks, and `gateways` named as the site's gateways.
+fn with_gateways(n: u32, same_site: &[u32], gateways: &[u32]) -> FetchScheduler<u32> {
     let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
     s.set_local_peer(t(0), &100);
-    for p in [1, 2, 3] {
+    for &p in same_site {
         s.handle_peer_connected(t(0), p, info("dc1", 1));
     }
     s.handle_peer_connected(t(0), 9, info("dc2", 30));
     s.handle_peer_have(t(0), &9, &full(n));
-    s.set_site_gateways(t(0), &[50, 51]);
+    s.set_site_gateways(t(0), gateways);
+    s
+}
+
+#[test]
+fn only_the_site_gateways_fetch_from_outside() {
+    let n = 60;
+    // We (100) are not a gateway; our connected same-site peers are not either.
+    let mut s = with_gateways(n, &[1, 2, 3], &[50, 51]);
     assert!(!s.is_site_gateway());
     s.handle_want_many(t(0), 0..n, Priority::Background)
         .unwrap();
@@ -1742,15 +1749,9 @@ fn only_the_site_gateways_fetch_from_outside() {
 #[test]
 fn a_gateway_fetches_its_share_whoever_else_it_sees() {
     let n = 60;
-    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
-    s.set_local_peer(t(0), &100);
     // Many connected same-site peers that would win the plain rendezvous for most chunks.
-    for p in 1..30 {
-        s.handle_peer_connected(t(0), p, info("dc1", 1));
-    }
-    s.handle_peer_connected(t(0), 9, info("dc2", 30));
-    s.handle_peer_have(t(0), &9, &full(n));
-    s.set_site_gateways(t(0), &[100, 50]);
+    let same_site: Vec<u32> = (1..30).collect();
+    let mut s = with_gateways(n, &same_site, &[100, 50]);
     assert!(s.is_site_gateway());
     s.handle_want_many(t(0), 0..n, Priority::Background)
         .unwrap();
@@ -1770,13 +1771,7 @@ fn a_gateway_fetches_its_share_whoever_else_it_sees() {
 #[test]
 fn a_suspect_or_lost_gateway_hands_its_chunks_on_and_none_left_falls_back() {
     let n = 60;
-    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
-    s.set_local_peer(t(0), &100);
-    s.handle_peer_connected(t(0), 1, info("dc1", 1));
-    s.handle_peer_connected(t(0), 50, info("dc1", 1));
-    s.handle_peer_connected(t(0), 9, info("dc2", 30));
-    s.handle_peer_have(t(0), &9, &full(n));
-    s.set_site_gateways(t(0), &[50]);
+    let mut s = with_gateways(n, &[1, 50], &[50]);
     s.handle_want_many(t(0), 0..n, Priority::Background)
         .unwrap();
     assert!(outside_fetches(&mut s, t(0), t(100)).is_empty());
@@ -1841,12 +1836,7 @@ proptest! {
 fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
     let n = 60;
     // Requester side: we (100) are not a gateway; gateway 50 is connected.
-    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
-    s.set_local_peer(t(0), &100);
-    s.handle_peer_connected(t(0), 50, info("dc1", 1));
-    s.handle_peer_connected(t(0), 9, info("dc2", 30));
-    s.handle_peer_have(t(0), &9, &full(n));
-    s.set_site_gateways(t(0), &[50, 51]);
+    let mut s = with_gateways(n, &[50], &[50, 51]);
     let mine = (0..n).find(|&i| site_owner(50, &[51], i) == 50).unwrap();
     let other = (0..n).find(|&i| site_owner(50, &[51], i) == 51).unwrap();
     s.handle_want(t(1), mine, Priority::Demand).unwrap();
@@ -1907,11 +1897,7 @@ fn a_blocked_node_tells_its_gateway_which_fetches_at_once() {
 #[test]
 fn an_unreachable_gateway_hands_its_chunks_on_at_once() {
     let n = 60;
-    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
-    s.set_local_peer(t(0), &100);
-    s.handle_peer_connected(t(0), 9, info("dc2", 30));
-    s.handle_peer_have(t(0), &9, &full(n));
-    s.set_site_gateways(t(0), &[100, 50]);
+    let mut s = with_gateways(n, &[], &[100, 50]);
     s.handle_want_many(t(0), 0..n, Priority::Background)
         .unwrap();
     let ours: BTreeSet<u32> = (0..n)
@@ -1964,12 +1950,7 @@ fn a_want_blocked_before_start_up_waits_for_the_gateway_it_told() {
 #[test]
 fn a_background_want_told_to_its_live_gateway_waits_for_its_copy_however_long() {
     let n = 60;
-    let mut s = FetchScheduler::new(cfg(), n, 9).unwrap();
-    s.set_local_peer(t(0), &100);
-    s.handle_peer_connected(t(0), 50, info("dc1", 1));
-    s.handle_peer_connected(t(0), 9, info("dc2", 30));
-    s.handle_peer_have(t(0), &9, &full(n));
-    s.set_site_gateways(t(0), &[50]);
+    let mut s = with_gateways(n, &[50], &[50]);
     s.handle_want_many(t(0), 0..n, Priority::Background)
         .unwrap();
     let actions = drain_actions(&mut s);

@@ -57,12 +57,7 @@ impl World {
         self.hosts[h as usize].sched = Some(sched);
         if self.plan.boot_after_profile && profile_left == 0 {
             // Nothing of the boot profile to stage: VMs already waiting start now.
-            let vms = self.hosts[h as usize].vms.clone();
-            for v in vms {
-                if self.vms[v as usize].reading {
-                    self.run_vm(v, now);
-                }
-            }
+            self.start_waiting_vms(h, now);
         }
         let node = self.hosts[h as usize].node;
         if self.plan.peers {
@@ -309,6 +304,17 @@ impl World {
         }
     }
 
+    /// Starts host `h`'s VMs that were waiting for the host's copy or boot profile (`reading`
+    /// but held back by the plan).
+    fn start_waiting_vms(&mut self, h: u32, now: Instant) {
+        let vms = self.hosts[h as usize].vms.clone();
+        for v in vms {
+            if self.vms[v as usize].reading {
+                self.run_vm(v, now);
+            }
+        }
+    }
+
     /// Chunk `index` is now held by host `h`: background progress, and the reads waiting for it
     /// (`fetched`: its size and the site it came from, when it was fetched rather than copied
     /// locally from a chunk with the same content).
@@ -324,12 +330,7 @@ impl World {
         {
             host.profile_left -= 1;
             if host.profile_left == 0 {
-                let vms = host.vms.clone();
-                for v in vms {
-                    if self.vms[v as usize].reading {
-                        self.run_vm(v, now);
-                    }
-                }
+                self.start_waiting_vms(h, now);
             }
         }
         let host = &mut self.hosts[h as usize];
@@ -339,12 +340,7 @@ impl World {
                 host.bg_done = Some(now);
                 self.bg_left -= 1;
                 if self.plan.boot_after_copy {
-                    let vms = self.hosts[h as usize].vms.clone();
-                    for v in vms {
-                        if self.vms[v as usize].reading {
-                            self.run_vm(v, now);
-                        }
-                    }
+                    self.start_waiting_vms(h, now);
                 }
             }
         }
