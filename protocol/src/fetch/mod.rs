@@ -90,6 +90,14 @@
 //! something that could give it work changes (a new want, a re-queue, its own Have set growing).
 
 mod peer;
+/// Removes the deadline entry `(t, index)` of a wait of `w` that changed, unless another of its
+/// waits still ends at the same instant (one entry serves every wait ending then).
+fn forget_wait<P>(deadlines: &mut BTreeSet<(Instant, u32)>, w: &Want<P>, index: u32, t: Instant) {
+    if w.wan_after != t && w.assign_after != Some(t) && w.gateway_fetch_until != Some(t) {
+        deadlines.remove(&(t, index));
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -804,12 +812,12 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         w.demand_deadline = Some(deadline);
         let wan_after = now + self.config.demand_local_wait;
         if wan_after < w.wan_after {
-            self.wan_after_deadlines.remove(&(w.wan_after, index));
+            let old = std::mem::replace(&mut w.wan_after, wan_after);
             self.wan_after_deadlines.insert((wan_after, index));
-            w.wan_after = wan_after;
+            forget_wait(&mut self.wan_after_deadlines, w, index, old);
         }
         if let Some(old) = w.assign_after.take() {
-            self.wan_after_deadlines.remove(&(old, index));
+            forget_wait(&mut self.wan_after_deadlines, w, index, old);
         }
         if !self.config.demand_assign_wait.is_zero() {
             let assign_after = now + self.config.demand_assign_wait;
@@ -1000,7 +1008,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 continue;
             }
             if gateway && let Some(w) = self.wants[index as usize].as_mut() {
-                w.gateway_fetch_until = Some(until);
+                // The wait ends at `until`: the want is looked at again then.
+                self.wan_after_deadlines.insert((until, index));
+                if let Some(old) = w.gateway_fetch_until.replace(until) {
+                    forget_wait(&mut self.wan_after_deadlines, w, index, old);
+                }
             }
             match p.pending.insert(index, until) {
                 Some(old) => {
@@ -1192,14 +1204,15 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 reason: FailReason::Unavailable,
             });
         }
-        // Wants that stop waiting for a same-site copy.
-        let mut waits_ended = false;
-        while self.wan_after_deadlines.first().is_some_and(|d| d.0 <= now) {
+        // Wants that stop waiting for a same-site copy: only they are looked at again.
+        while let Some((_, index)) = self
+            .wan_after_deadlines
+            .first()
+            .copied()
+            .filter(|d| d.0 <= now)
+        {
             self.wan_after_deadlines.pop_first();
-            waits_ended = true;
-        }
-        if waits_ended {
-            self.bump_generation();
+            self.locality_changed(index);
         }
         while let Some(&(at, index)) = self.hedge_due.first() {
             if at > now {
@@ -1368,9 +1381,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 if let Some(w) = self.wants[index as usize].as_mut() {
                     w.bg_key = Some(key);
                 }
+                self.background_changed();
             }
         }
-        self.bump_generation();
     }
 
     /// Re-queues a want whose last request ended without the chunk.
@@ -1432,7 +1445,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             self.unavailable_deadlines.remove(&(deadline, index));
         }
         self.wan_after_deadlines.remove(&(w.wan_after, index));
-        if let Some(t) = w.assign_after {
+        for t in [w.assign_after, w.gateway_fetch_until]
+            .into_iter()
+            .flatten()
+        {
             self.wan_after_deadlines.remove(&(t, index));
         }
         self.hedge_candidates.remove(&index);
@@ -1527,10 +1543,17 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if let Some(w) = &self.wants[i] {
             if w.priority == Priority::Demand {
                 if w.requested_from.is_empty() {
-                    // A holder below the relay bar changes nothing for a waiting want: in a
-                    // flash crowd most announcements are such, and looking for a source for
-                    // each would cost a scan of all peers.
-                    if !self.relay_excluded(now, peer, index) {
+                    // Only a holder the want may ask now changes anything for it: in a flash
+                    // crowd most announcements come from peers below the relay bar, outside the
+                    // site while it waits for a same-site copy, or without a free slot, and
+                    // looking for a source for each would cost a scan of all peers. Whatever
+                    // later makes such a holder usable looks at the want again itself (its wait
+                    // ending, the peer freeing a slot or ending its cool-down, the refusal ending).
+                    let usable = self.peers.get(peer).is_some_and(|p| {
+                        p.has_room(now, self.slot_limit(now, p, Priority::Demand))
+                            && self.locality_allows(now, p, index)
+                    }) && !self.relay_excluded(now, peer, index);
+                    if usable {
                         self.demand_fresh.insert(index);
                     }
                 } else if w.requested_from.len() == 1 {
@@ -1569,7 +1592,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.local_avail[i] -= 1;
         if self.local_avail[i] == 0 {
             // Other sites' peers may now be asked for it.
-            self.bump_generation();
+            self.locality_changed(index);
         }
     }
 
@@ -1604,7 +1627,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let i = index as usize;
         self.local_pending[i] -= 1;
         if self.local_pending[i] == 0 {
-            self.bump_generation();
+            self.locality_changed(index);
         }
     }
 
@@ -1643,10 +1666,29 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.bump_generation();
     }
 
-    /// Something changed that may give queued work to peers that had none they could take.
+    /// Something changed that may give queued work to peers that had none they could take, for
+    /// any want: every queued Demand want is looked at again, and every peer may pick Background.
     fn bump_generation(&mut self) {
-        self.generation += 1;
+        self.background_changed();
         self.demand_rescan = true;
+    }
+
+    /// Something changed that may give an exhausted peer Background work (not Demand work).
+    fn background_changed(&mut self) {
+        self.generation += 1;
+    }
+
+    /// The locality rules may now allow other peers for chunk `index` alone (a wait ended, the
+    /// site's last holder or announcement of it went): that want is looked at again, not every
+    /// queued one (in a flash crowd these happen per chunk, thousands of times a second).
+    fn locality_changed(&mut self, index: u32) {
+        match self.wants[index as usize].as_ref().map(|w| w.priority) {
+            Some(Priority::Demand) => {
+                self.demand_fresh.insert(index);
+            }
+            Some(Priority::Background) => self.background_changed(),
+            None => {}
+        }
     }
 
     /// Gives `peer` no new requests before `until` (extending any cool-down it already has).
@@ -1753,15 +1795,15 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     .config
                     .demand_local_wait
                     .max(self.config.demand_assign_wait);
-            if w.wan_after < until {
-                self.wan_after_deadlines.remove(&(w.wan_after, index));
-                w.wan_after = until;
-            }
-            if let Some(old) = w.assign_after.replace(until) {
-                self.wan_after_deadlines.remove(&(old, index));
-            }
             // One deadline entry serves both waits (they end at the same instant).
             self.wan_after_deadlines.insert((until, index));
+            if w.wan_after < until {
+                let old = std::mem::replace(&mut w.wan_after, until);
+                forget_wait(&mut self.wan_after_deadlines, w, index, old);
+            }
+            if let Some(old) = w.assign_after.replace(until) {
+                forget_wait(&mut self.wan_after_deadlines, w, index, old);
+            }
             asks.entry((id.clone(), priority)).or_default().push(index);
         }
         for ((peer, priority), indices) in asks {

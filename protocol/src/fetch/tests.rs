@@ -1980,3 +1980,61 @@ fn a_background_want_told_to_its_live_gateway_waits_for_its_copy_however_long() 
         n as usize
     );
 }
+
+/// A holder outside the site that appears while a blocked VM waits for its site's copy is not
+/// asked during the wait (its announcement alone changes nothing), but is the moment the wait ends.
+#[test]
+fn an_outside_holder_that_appears_during_the_wait_is_asked_when_it_ends() {
+    let mut s = FetchScheduler::new(cfg(), 40, 9).unwrap();
+    s.set_local_peer(t(0), &100);
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_connected(t(0), 9, info("dc2", 30));
+    let theirs = (0..40).find(|&i| site_owner(100, &[1], i) == 1).unwrap();
+    s.handle_peer_fetching(t(0), &1, &[theirs]);
+    s.handle_want(t(0), theirs, Priority::Demand).unwrap();
+    assert!(requests(&drain_actions(&mut s)).is_empty());
+    s.handle_peer_have_update(t(100), &9, &[theirs]);
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "still waiting for the site's copy"
+    );
+    assert!(requests(&advance(&mut s, t(499))).is_empty());
+    assert_eq!(
+        requests(&advance(&mut s, t(500))),
+        vec![(9, Priority::Demand, theirs)],
+        "the wait ended: the outside holder is asked without any further announcement"
+    );
+}
+
+/// A holder without a free slot when it announces the chunk is asked once it frees one.
+#[test]
+fn a_holder_that_was_full_when_it_announced_is_asked_when_a_slot_frees() {
+    let config = Config {
+        max_in_flight_per_peer: 1,
+        demand_reserved_slots: 0,
+        ..cfg()
+    };
+    let mut s = FetchScheduler::new(config, 8, 5).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &bitmap(8, &[0]));
+    s.handle_want(t(0), 0, Priority::Demand).unwrap();
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 0)]
+    );
+    s.handle_want(t(1), 1, Priority::Demand).unwrap();
+    assert!(requests(&drain_actions(&mut s)).is_empty(), "no holder yet");
+    s.handle_peer_have_update(t(2), &1, &[1]);
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "peer 1's only slot is taken"
+    );
+    assert_eq!(
+        s.handle_chunk(t(3), &1, 0, ChunkOutcome::Valid),
+        Delivery::Accept
+    );
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Demand, 1)]
+    );
+}
