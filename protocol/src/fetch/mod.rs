@@ -59,7 +59,8 @@
 //!   reject) for [`Config::request_timeout`] plus four RTTs since the request was sent: requests
 //!   merely queued at a busy but working server do not time out, up to
 //!   [`Config::request_max_wait`], and neither does a request whose chunk is arriving from outside
-//!   the site ([`FetchScheduler::handle_chunk_arriving`]; such a request is not hedged either). A
+//!   the site ([`FetchScheduler::handle_chunk_arriving`]; such a request is not hedged either) or
+//!   at Background priority (a gateway that serves its whole site's prefetch is slow, not gone). A
 //!   timed-out request is cancelled and re-queued, and the peer gets a cool-down that doubles with
 //!   each consecutive timeout (up to 30 s); a peer in cool-down keeps one request slot as a probe,
 //!   so the only holder of a chunk is never abandoned by everyone at once, and a delivery ends the
@@ -1147,13 +1148,17 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 let hard = req.sent + self.config.request_max_wait.max(base);
                 // A chunk arriving from outside the site (or from an origin) is being served,
                 // however slowly, across the link every copy must cross: only the hard limit (or
-                // the connection ending) stops it. Inside the site a second copy is cheap and a
-                // slow peer is better left for a faster one.
-                let alive_until = if req.arriving && !p.same_site {
-                    hard
-                } else {
-                    p.last_progress + base
-                };
+                // the connection ending) stops it. So is an arriving Background chunk: nobody
+                // waits for it, and a gateway sharing its uplink among a site's prefetching hosts
+                // is slow, not gone (timing it out would turn it suspect, and send its whole
+                // share across the WAN). Inside the site a second copy of a chunk a VM waits for
+                // is cheap, and a slow peer is better left for a faster one.
+                let alive_until =
+                    if req.arriving && (!p.same_site || req.priority == Priority::Background) {
+                        hard
+                    } else {
+                        p.last_progress + base
+                    };
                 let next = alive_until.min(hard);
                 if next > now {
                     self.request_deadlines

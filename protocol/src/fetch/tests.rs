@@ -452,6 +452,23 @@ fn a_same_site_chunk_that_is_arriving_still_times_out() {
     assert_eq!(requests(&actions), vec![(2, Priority::Demand, 0)]);
 }
 
+/// An arriving Background chunk from a same-site peer (a gateway serving its whole site's
+/// prefetch shares its uplink among hundreds) is slow, not gone: it is not timed out, and the
+/// peer does not turn suspect, until `request_max_wait`. At Demand it still times out.
+#[test]
+fn a_same_site_background_chunk_that_is_arriving_waits_for_the_hard_limit() {
+    let mut s = asked_peer_1("dc1", 1, 0, Priority::Background);
+    s.handle_chunk_arriving(t(100), &1, 0);
+    let quiet = advance(&mut s, t(59_999));
+    assert!(quiet.is_empty(), "nothing while it arrives: {quiet:?}");
+    let late = advance(&mut s, t(60_010));
+    assert_eq!(cancels(&late), vec![(1, 0)], "the hard limit still holds");
+
+    let mut d = asked_peer_1("dc1", 1, 0, Priority::Demand);
+    d.handle_chunk_arriving(t(100), &1, 0);
+    assert_eq!(cancels(&advance(&mut d, t(4_010))), vec![(1, 0)]);
+}
+
 #[test]
 fn a_dead_local_holder_does_not_keep_us_off_the_wan() {
     let mut s = FetchScheduler::new(cfg(), 4, 9).unwrap();
