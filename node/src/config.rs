@@ -49,6 +49,8 @@ pub struct ServeTuning {
     /// Whether the fan-out in use is chosen from measured rates, at most `demand_fanout`
     /// (default true); false pins it to `demand_fanout`.
     pub fanout_from_rates: Option<bool>,
+    /// Whether Background requests are held to the same fan-out (default true).
+    pub background_fanout: Option<bool>,
     /// Most chunks being sent at once.
     pub max_active_uploads: Option<usize>,
 }
@@ -141,6 +143,9 @@ impl FileConfig {
         if let Some(v) = self.serve.fanout_from_rates {
             c.fanout_from_rates = v;
         }
+        if let Some(v) = self.serve.background_fanout {
+            c.background_fanout = v;
+        }
         if let Some(v) = self.serve.max_active_uploads {
             c.max_active_uploads = v.max(1);
         }
@@ -190,7 +195,7 @@ mod tests {
         assert_eq!(f.request_timeout.as_millis(), 900);
         std::fs::write(
             &p,
-            "[serve]\ndemand_fanout = 1\nfanout_from_rates = false\norigin_demand_fanout = 6\nmax_active_uploads = 3\n",
+            "[serve]\ndemand_fanout = 1\nfanout_from_rates = false\norigin_demand_fanout = 6\nmax_active_uploads = 3\nbackground_fanout = true\n",
         )
         .unwrap();
         let mut s = vmswarm_protocol::serve::Config::default();
@@ -200,6 +205,7 @@ mod tests {
         assert_eq!(s.origin_demand_fanout, 6);
         assert_eq!(s.for_origin().demand_fanout, 6);
         assert_eq!(s.max_active_uploads, 3);
+        assert!(s.background_fanout);
         std::fs::write(&p, "[fetch]\nsite_gateways = 2\n").unwrap();
         let mut f = vmswarm_protocol::fetch::Config::default();
         FileConfig::load(&p).unwrap().apply(&mut f);

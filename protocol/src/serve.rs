@@ -26,8 +26,13 @@
 //! measurements. A copy stops counting when its peer announces holding the chunk
 //! ([`ServeQueue::handle_peer_has`]: the end-to-end signal, since a write into the connection does
 //! not say when the bytes arrived), cancels it, leaves, or after [`Config::fanout_hold`], whichever
-//! comes first. Background requests are never refused this way: a full pull spreads by
-//! rarest-first already.
+//! comes first. Background requests are not refused this way unless
+//! [`Config::background_fanout`] is set: a full pull spreads by rarest-first already. With it set
+//! they are refused and counted alike, which spreads a crowd of prefetching hosts as a tree too
+//! (a site's hosts all pulling a boot profile, in the same order, from its gateways), but the
+//! fetch scheduler's answer to a refusal (retry after `relay_retry`, another chunk meanwhile) then
+//! costs a refusal per chunk per requester every `relay_retry`; RESULTS.md section 5 has the
+//! figures, and why it is off by default.
 //!
 //! It does not read chunks or decide whether we hold them (the caller answers `NotFound` before
 //! queueing) and it has no timers: a request waits until served, cancelled, or its peer leaves.
@@ -61,6 +66,10 @@ pub struct Config {
     /// `demand_fanout` of an origin (`vmswarm serve --origin`, a simulated source with
     /// `origin = true`), see [`Config::for_origin`]. 0: no limit.
     pub origin_demand_fanout: usize,
+    /// Whether Background requests are held to the same fan-out as Demand ones, and count
+    /// towards it (a request for a chunk already on its way to that many peers, at either
+    /// priority, is refused with [`Queued::Relay`]). Default false, see the module docs.
+    pub background_fanout: bool,
 }
 
 impl Default for Config {
@@ -72,6 +81,7 @@ impl Default for Config {
             fanout_hold: Duration::from_secs(2),
             fanout_from_rates: true,
             origin_demand_fanout: DEFAULT_ORIGIN_DEMAND_FANOUT,
+            background_fanout: false,
         }
     }
 }
@@ -285,7 +295,8 @@ impl<P: Clone + Ord> ServeQueue<P> {
     ) -> Vec<Queued> {
         let max = self.config.max_queued_per_peer;
         let fanout_limit = self.fanout.rule.fanout();
-        let limit_fanout = priority == Priority::Demand && fanout_limit > 0;
+        let limit_fanout =
+            fanout_limit > 0 && (priority == Priority::Demand || self.config.background_fanout);
         if limit_fanout {
             self.fanout.expire(now, self.config.fanout_hold);
         }
@@ -557,6 +568,7 @@ mod tests {
             max_active_uploads: usize::MAX,
             demand_fanout: limit,
             fanout_from_rates: false,
+            background_fanout: true,
             ..Config::default()
         })
     }
@@ -578,17 +590,29 @@ mod tests {
                 Queued::Relay
             ]
         );
-        // Other chunks, and Background requests for this one, are not affected.
+        // Other chunks are not affected; Background requests for this one are refused alike.
         assert_eq!(
             q.handle_request(T0, &4, Priority::Demand, &[c(2)]),
             [Queued::Queued]
         );
         assert_eq!(
             q.handle_request(T0, &5, Priority::Background, &[c(1)]),
+            [Queued::Relay]
+        );
+        // Unless Background is exempt (the default).
+        let mut exempt = ServeQueue::new(Config {
+            background_fanout: false,
+            ..q.config.clone()
+        });
+        for p in 1..=3 {
+            exempt.handle_request(T0, &p, Priority::Demand, &[c(1)]);
+        }
+        assert_eq!(
+            exempt.handle_request(T0, &5, Priority::Background, &[c(1)]),
             [Queued::Queued]
         );
         // Handing the copies out does not end them: they are on their way until announced.
-        assert_eq!(drain(&mut q).len(), 5);
+        assert_eq!(drain(&mut q).len(), 4);
         assert_eq!(
             q.handle_request(T0, &6, Priority::Demand, &[c(1)]),
             [Queued::Relay]
@@ -692,9 +716,13 @@ mod tests {
     proptest! {
         /// The fan-out against a model: a Demand request is refused exactly when its chunk is on
         /// its way at Demand to `demand_fanout` other peers (accepted within `fanout_hold`, not
-        /// announced, cancelled or gone since), and never otherwise.
+        /// announced, cancelled or gone since), and never otherwise; with `background_fanout`,
+        /// requests and copies of both priorities alike.
         #[test]
-        fn fanout_matches_model(ops in proptest::collection::vec(fan_op(), 1..300)) {
+        fn fanout_matches_model(
+            ops in proptest::collection::vec(fan_op(), 1..300),
+            bg in any::<bool>(),
+        ) {
             const LIMIT: usize = 3;
             let hold = Duration::from_secs(1);
             let mut q = ServeQueue::new(Config {
@@ -702,6 +730,7 @@ mod tests {
                 demand_fanout: LIMIT,
                 fanout_hold: hold,
                 fanout_from_rates: false,
+                background_fanout: bg,
                 ..Config::default()
             });
             // (chunk, peer) -> accepted at; and what is queued, as in the queue.
@@ -719,13 +748,13 @@ mod tests {
                         let expected = match queued.get(&(p, n)).copied() {
                             Some(Priority::Background) if demand => Queued::Upgraded,
                             Some(_) => Queued::Duplicate,
-                            None if demand && !mine && others >= LIMIT => Queued::Relay,
+                            None if (demand || bg) && !mine && others >= LIMIT => Queued::Relay,
                             None => Queued::Queued,
                         };
                         prop_assert_eq!(r, expected);
                         if matches!(r, Queued::Queued | Queued::Upgraded) {
                             queued.insert((p, n), prio);
-                            if demand && !mine {
+                            if (demand || bg) && !mine {
                                 copies.insert((n, p), now);
                             }
                         }
@@ -773,6 +802,7 @@ mod tests {
                 max_active_uploads: usize::MAX,
                 demand_fanout: LIMIT,
                 fanout_hold: Duration::from_secs(1),
+                background_fanout: true,
                 ..Config::default()
             });
             let rtt = Some(Duration::from_micros(rtt_us));
@@ -786,7 +816,7 @@ mod tests {
                         q.fanout.expire(now, q.config.fanout_hold);
                         let before = q.fanout.count_without(&c(n), &u32::from(p));
                         let r = q.handle_request(now, &u32::from(p), prio, &[c(n)])[0];
-                        if demand && r == Queued::Queued && !before.1 {
+                        if r == Queued::Queued && !before.1 {
                             prop_assert!(before.0 < limit, "{} copies on their way, fan-out {}", before.0, limit);
                         }
                     }

@@ -752,6 +752,9 @@ impl Checker<'_> {
         if let Some(v) = p.fanout_from_rates {
             s.fanout_from_rates = v;
         }
+        if let Some(v) = p.background_fanout {
+            s.background_fanout = v;
+        }
         if let Some(v) = p.origin_demand_fanout {
             s.origin_demand_fanout = v as usize;
         }

@@ -207,6 +207,7 @@ pub(crate) struct RawProtocol {
     pub(crate) demand_fanout: Option<u32>,
     pub(crate) origin_demand_fanout: Option<u32>,
     pub(crate) fanout_from_rates: Option<bool>,
+    pub(crate) background_fanout: Option<bool>,
     pub(crate) fanout_hold_ms: Option<f64>,
 }
 
