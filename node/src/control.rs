@@ -60,6 +60,82 @@ pub async fn read_request_line<R: AsyncBufRead + Unpin>(
     Ok(Some(line))
 }
 
+/// What a mount fetches in the background, beyond what reads demand (`vmswarm mount --prefetch`).
+///
+/// On the control socket it is the mount request's `prefetch` field: `"none"`, `"all"` or
+/// `"profile"`. Older clients sent a boolean there, which still reads as `false` = none and
+/// `true` = all; a missing or `null` field is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefetchMode {
+    /// Nothing: every chunk is fetched when a read first needs it (a lazy mount).
+    #[default]
+    #[value(skip)]
+    None,
+    /// The whole image at Background priority, boot-profile order first.
+    All,
+    /// Only the chunks of the image's boot profile, in profile order, at Background priority;
+    /// the rest is left to on-demand reads. Without a boot profile (here or from a peer) nothing
+    /// more than the reads' chunks is fetched.
+    Profile,
+}
+
+impl PrefetchMode {
+    /// The name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefetchMode::None => "none",
+            PrefetchMode::All => "all",
+            PrefetchMode::Profile => "profile",
+        }
+    }
+
+    /// Whether the mount fetches anything in the background.
+    pub fn is_some(self) -> bool {
+        self != PrefetchMode::None
+    }
+}
+
+impl std::fmt::Display for PrefetchMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for PrefetchMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PrefetchMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#""none", "all", "profile" or a boolean"#)
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<PrefetchMode, E> {
+                Ok(if v {
+                    PrefetchMode::All
+                } else {
+                    PrefetchMode::None
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PrefetchMode, E> {
+                match v {
+                    "none" => Ok(PrefetchMode::None),
+                    "all" => Ok(PrefetchMode::All),
+                    "profile" => Ok(PrefetchMode::Profile),
+                    _ => Err(E::unknown_variant(v, &["none", "all", "profile"])),
+                }
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<PrefetchMode, E> {
+                Ok(PrefetchMode::None)
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<PrefetchMode, E> {
+                Ok(PrefetchMode::None)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// What `vmswarm mount` asks the daemon for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MountRequest {
@@ -71,8 +147,9 @@ pub struct MountRequest {
     pub nbd: String,
     /// Export name (default: the clone's name, or the image's name).
     pub name: Option<String>,
-    /// Fetch the rest of the image in the background.
-    pub prefetch: bool,
+    /// What to fetch in the background ([`PrefetchMode`]; a boolean from older clients).
+    #[serde(default)]
+    pub prefetch: PrefetchMode,
     /// Allow a TCP address outside loopback.
     pub allow_remote: bool,
 }
@@ -288,13 +365,13 @@ mod tests {
             clone: Some("vm1".into()),
             nbd: "unix:/s".into(),
             name: None,
-            prefetch: true,
+            prefetch: PrefetchMode::Profile,
             allow_remote: false,
         });
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(
             s,
-            r#"{"cmd":"mount","image":null,"clone":"vm1","nbd":"unix:/s","name":null,"prefetch":true,"allow_remote":false}"#
+            r#"{"cmd":"mount","image":null,"clone":"vm1","nbd":"unix:/s","name":null,"prefetch":"profile","allow_remote":false}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), m);
         let e: Reply = serde_json::from_str(r#"{"type":"error","message":"x"}"#).unwrap();
@@ -304,6 +381,32 @@ mod tests {
                 message: "x".into()
             }
         );
+    }
+
+    #[test]
+    fn prefetch_mode_round_trips_and_reads_old_booleans() {
+        let mount = |prefetch: &str| -> Result<PrefetchMode, serde_json::Error> {
+            let line = format!(
+                r#"{{"cmd":"mount","image":null,"clone":"vm1","nbd":"unix:/s","name":null{prefetch},"allow_remote":false}}"#
+            );
+            match serde_json::from_str::<Request>(&line)? {
+                Request::Mount(m) => Ok(m.prefetch),
+                other => panic!("{other:?}"),
+            }
+        };
+        for mode in [PrefetchMode::None, PrefetchMode::All, PrefetchMode::Profile] {
+            let json = serde_json::to_string(&mode).unwrap();
+            assert_eq!(json, format!("\"{mode}\""));
+            assert_eq!(mount(&format!(r#","prefetch":{json}"#)).unwrap(), mode);
+        }
+        // What older clients send.
+        assert_eq!(mount(r#","prefetch":true"#).unwrap(), PrefetchMode::All);
+        assert_eq!(mount(r#","prefetch":false"#).unwrap(), PrefetchMode::None);
+        assert_eq!(mount(r#","prefetch":null"#).unwrap(), PrefetchMode::None);
+        assert_eq!(mount("").unwrap(), PrefetchMode::None);
+        let e = mount(r#","prefetch":"bogus""#).unwrap_err().to_string();
+        assert!(e.contains("bogus") && e.contains("profile"), "{e}");
+        assert!(mount(r#","prefetch":3"#).is_err());
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use vmswarm_node::config::FileConfig;
-use vmswarm_node::control::{self, MountRequest, Request};
+use vmswarm_node::control::{self, MountRequest, PrefetchMode, Request};
 use vmswarm_node::daemon;
 
 /// Peer-to-peer VM image distribution node.
@@ -137,9 +137,18 @@ enum Command {
         /// Export name (default: the clone's name, or the image's name).
         #[arg(long)]
         name: Option<String>,
-        /// Fetch the rest of the image in the background (boot-profile order first).
-        #[arg(long)]
-        prefetch: bool,
+        /// Fetch in the background, beyond what reads demand: `--prefetch` or `--prefetch=all`
+        /// wants the whole image (boot-profile order first); `--prefetch=profile` wants only the
+        /// image's boot-profile chunks (in profile order) and leaves the rest to on-demand reads.
+        #[arg(
+            long,
+            value_enum,
+            value_name = "MODE",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "all"
+        )]
+        prefetch: Option<PrefetchMode>,
         /// Allow a TCP address outside loopback (NBD has no authentication).
         #[arg(long)]
         nbd_allow_remote: bool,
@@ -547,7 +556,7 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
                     clone,
                     nbd,
                     name,
-                    prefetch,
+                    prefetch: prefetch.unwrap_or_default(),
                     allow_remote: nbd_allow_remote,
                 }),
                 |_, _, _| {},
@@ -555,7 +564,7 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
             .await?;
             outln!(
                 out,
-                "exported {} ({} bytes, {}) at {}",
+                "exported {} ({} bytes, {}, prefetch {}) at {}",
                 v["name"].as_str().unwrap_or_default(),
                 v["size"],
                 if v["writable"].as_bool() == Some(true) {
@@ -563,6 +572,7 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
                 } else {
                     "read-only"
                 },
+                v["prefetch"].as_str().unwrap_or("none"),
                 v["uri"].as_str().unwrap_or_default()
             );
             Ok(())
@@ -586,13 +596,14 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
                 for m in v.as_array().into_iter().flatten() {
                     outln!(
                         out,
-                        "{:<20} {:<8} {:>6}/{:<6} chunks  read {} B ({} B local)  {}",
+                        "{:<20} {:<8} {:<16} {:>6}/{:<6} chunks  read {} B ({} B local)  {}",
                         m["name"].as_str().unwrap_or_default(),
                         if m["writable"].as_bool() == Some(true) {
                             "clone"
                         } else {
                             "ro"
                         },
+                        format!("prefetch={}", m["prefetch"].as_str().unwrap_or("none")),
                         m["chunks_present"],
                         m["chunks"],
                         m["metrics"]["bytes_read"],
@@ -779,5 +790,46 @@ mod tests {
         let err = parse_size("17592186044417MiB").unwrap_err();
         assert!(err.contains("64KiB") && err.contains("16MiB"), "{err}");
         assert_eq!(DEFAULT_CHUNK_SIZE, 262_144);
+    }
+
+    #[test]
+    fn mount_prefetch_modes() {
+        let id = "ab".repeat(32);
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["vmswarm", "mount", id.as_str(), "--nbd", "unix:/s"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|c| match c.command {
+                Command::Mount { prefetch, .. } => prefetch,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(parse(&["--prefetch"]).unwrap(), Some(PrefetchMode::All));
+        assert_eq!(parse(&["--prefetch=all"]).unwrap(), Some(PrefetchMode::All));
+        assert_eq!(
+            parse(&["--prefetch=profile"]).unwrap(),
+            Some(PrefetchMode::Profile)
+        );
+        // The bare flag before the image id still means the whole image.
+        let c = Cli::try_parse_from([
+            "vmswarm",
+            "mount",
+            "--prefetch",
+            id.as_str(),
+            "--nbd",
+            "unix:/s",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Mount { prefetch: Some(PrefetchMode::All), image: Some(ref i), .. } if *i == id
+        ));
+        let err = parse(&["--prefetch=bogus"]).unwrap_err().to_string();
+        assert!(
+            err.contains("bogus") && err.contains("all") && err.contains("profile"),
+            "{err}"
+        );
+        // `none` is the wire's "no prefetch", not a command-line value.
+        assert!(parse(&["--prefetch=none"]).is_err());
     }
 }

@@ -6,16 +6,19 @@
 //! there: the first boot of an image defines its profile. A later mount with `--prefetch` hands the
 //! order to the image's fetch scheduler ([`vmswarm_protocol::fetch::FetchScheduler::set_priority_order`]),
 //! so Background prefetch fetches chunks in the order the next boot will need them, and only then
-//! the rest (rarest first). Demand reads still go first: the order only ranks Background work.
+//! the rest (rarest first). A mount with `--prefetch=profile` wants only the profile's chunks, in
+//! this order, and leaves the rest to on-demand reads. Demand reads still go first: the order only
+//! ranks Background work.
 //!
 //! This module decides the recording rule and the file format; the daemon decides when to save and
 //! when to apply.
 //!
 //! Profiles travel with the image through the swarm: every node that holds a profile answers the
 //! wire request `GetBootProfile` (peers announce the `BOOT_PROFILES` capability in their `Hello`).
-//! A prefetching mount without a local profile asks its peers, checks the first answer against the
-//! manifest (indices in range, none repeated), saves it as its own and applies it. A profile only
-//! ranks Background work, so a peer lying about it can cost order, never correctness. The first
+//! A prefetching mount (either mode) without a local profile asks its peers, checks the first
+//! answer against the manifest (indices in range, none repeated), saves it as its own and applies
+//! it. A profile only ranks Background work (and, for a profile-only mount, picks what is
+//! prefetched), so a peer lying about it can cost order and bytes, never correctness. The first
 //! boot anywhere thus sets the order for every later boot of the image in the swarm.
 
 use std::path::{Path, PathBuf};

@@ -1288,3 +1288,174 @@ fn lockstep_lazy_readers_on_8_nodes_where_the_first_holders_upload_stays_bounded
         );
     }
 }
+
+/// The chunks of `image` in the store at `data_dir` (the daemon must be stopped: the store is
+/// locked while it runs).
+fn stored_chunks(data_dir: &Path, image: &str) -> Vec<u32> {
+    let store = common::open_store(&data_dir.join("store"));
+    let manifest = store.manifest(&image.parse().unwrap()).unwrap().unwrap();
+    (0..manifest.chunk_count())
+        .filter(|&i| store.contains(&manifest.chunks[i as usize]))
+        .collect()
+}
+
+#[test]
+fn profile_prefetch_fetches_only_the_boot_profile_and_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Node::start(&tmp.path().join("a"), "dc1", None, &[]);
+    let b_dir = tmp.path().join("b");
+    let mut b = Node::start(&b_dir, "dc2", Some(&a.addr), &[]);
+    let file = tmp.path().join("disk.raw");
+    make_pattern_image(&file, 32 * MIB); // 128 chunks of 256 KiB
+    let image = publish(&a, &file);
+    let file2 = tmp.path().join("other.raw");
+    let mut other = vec![0u8; 4 * MIB];
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed()).fill(&mut other[..]); // no zero chunks
+    std::fs::write(&file2, &other).unwrap();
+    let bare = publish(&a, &file2); // no boot profile anywhere
+    wait_for_peers(&b, 1);
+    let present = |node: &Node, image: &str| -> u64 {
+        node.status()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == image)
+            .map_or(0, |i| i["present"].as_u64().unwrap())
+    };
+    let profile: Vec<u32> = vec![100, 3, 64, 17, 120, 5];
+    let mut sorted = profile.clone();
+    sorted.sort_unstable();
+    std::fs::create_dir_all(b_dir.join("profiles")).unwrap();
+    std::fs::write(
+        b_dir.join("profiles").join(format!("{image}.json")),
+        serde_json::json!({ "image": image, "window_ms": 60000, "order": profile }).to_string(),
+    )
+    .unwrap();
+    let sock = tmp.path().join("b.sock");
+    let sock_arg = format!("unix:{}", sock.display());
+
+    // A bad mode is a usage error, before any daemon is asked.
+    let out = b.cli(&["mount", &image, "--nbd", &sock_arg, "--prefetch=bogus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bogus") && err.contains("possible values: all, profile"),
+        "{err}"
+    );
+
+    // A profile-only mount, nobody reading: exactly the profile's chunks arrive, nothing else.
+    let said = cli_ok(
+        &b,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &sock_arg,
+            "--name",
+            "prof",
+            "--prefetch=profile",
+        ],
+    );
+    assert!(said.contains("prefetch profile"), "{said}");
+    wait_until("the profile's chunks never arrived", &b, || {
+        present(&b, &image) >= profile.len() as u64
+    });
+    let m = ok(&b, &["mounts"]);
+    assert_eq!(mount_of(&m, "prof")["prefetch"], "profile", "{m}");
+    assert!(cli_ok(&b, &["mounts"]).contains("prefetch=profile"));
+    assert!(
+        b.log().contains("prefetching the boot profile only"),
+        "{}",
+        b.log()
+    );
+    // Without any profile, profile mode wants nothing (and says so).
+    cli_ok(
+        &b,
+        &[
+            "mount",
+            &bare,
+            "--nbd",
+            &sock_arg,
+            "--name",
+            "bare",
+            "--prefetch=profile",
+        ],
+    );
+    assert!(b.log().contains("no boot profile here"), "{}", b.log());
+    // Whatever could still come would have come by now (the profile took less than this).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(present(&b, &image), profile.len() as u64, "{}", b.log());
+    assert_eq!(present(&b, &bare), 0, "{}", b.log());
+
+    // Restart: the store holds the profile's chunks and no others, and the image is not resumed
+    // as a whole-image pull; mounted again, profile mode still fetches nothing more.
+    assert!(b.stop(), "{}", b.log());
+    drop(b);
+    assert_eq!(stored_chunks(&b_dir, &image), sorted);
+    let b = Node::start(&b_dir, "dc2", Some(&a.addr), &[]);
+    wait_for_peers(&b, 1);
+    cli_ok(
+        &b,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &sock_arg,
+            "--name",
+            "prof2",
+            "--prefetch=profile",
+        ],
+    );
+    let m = ok(&b, &["mounts"]);
+    assert_eq!(mount_of(&m, "prof2")["prefetch"], "profile", "{m}");
+    // `--prefetch` alone still means the whole image.
+    cli_ok(
+        &b,
+        &[
+            "mount",
+            &bare,
+            "--nbd",
+            &sock_arg,
+            "--name",
+            "all",
+            "--prefetch",
+        ],
+    );
+    let m = ok(&b, &["mounts"]);
+    assert_eq!(mount_of(&m, "all")["prefetch"], "all", "{m}");
+    wait_until("the --prefetch mount did not fill its image", &b, || {
+        let i = image_json(&b, &bare);
+        i["present"] == i["chunks"]
+    });
+    assert_eq!(present(&b, &image), profile.len() as u64, "{}", b.log());
+
+    // A node without a profile gets B's from its peer and then wants exactly its chunks.
+    let c_dir = tmp.path().join("c");
+    let mut c = Node::start(&c_dir, "dc3", Some(&b.addr), &[]);
+    wait_for_peers(&c, 1);
+    let c_sock = tmp.path().join("c.sock");
+    cli_ok(
+        &c,
+        &[
+            "mount",
+            &image,
+            "--nbd",
+            &format!("unix:{}", c_sock.display()),
+            "--name",
+            "prof",
+            "--prefetch=profile",
+        ],
+    );
+    wait_until("C never fetched the peer's profile chunks", &c, || {
+        present(&c, &image) >= profile.len() as u64
+    });
+    assert!(
+        c.log()
+            .contains("boot profile from a peer: prefetching its chunks"),
+        "{}",
+        c.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.stop(), "{}", c.log());
+    assert_eq!(stored_chunks(&c_dir, &image), sorted);
+}

@@ -17,8 +17,20 @@
 //!   request for the same chunk joins the same waiters list: one fetch, however many readers. The
 //!   waiters are answered when the chunk is stored, or with the reason when the scheduler gives up
 //!   on it (its `demand_deadline` / `unavailable_deadline`) or the store fails.
-//! - **Prefetch.** `--prefetch` wants every missing chunk at Background priority, in boot-profile
-//!   order first when the image has one ([`crate::profile`]); the scheduler keeps Demand ahead.
+//! - **Prefetch.** A mount's [`PrefetchMode`] says what it fetches beyond its reads' Demand
+//!   chunks; the scheduler keeps Demand ahead of it either way.
+//!   - `--prefetch` (`--prefetch=all`) wants every missing chunk at Background priority, in
+//!     boot-profile order first when the image has one ([`crate::profile`]).
+//!   - `--prefetch=profile` wants only the chunks of the image's boot profile, in profile order, at
+//!     Background priority, and leaves the rest to on-demand reads: what booting many clones of
+//!     one image needs, without copying whole images (the simulator's `prefetch = "profile"`).
+//!     Without a local profile it asks its peers ([`Daemon::ask_boot_profiles`]) and, once one
+//!     arrives ([`Daemon::on_boot_profile`]), wants that profile's chunks. With no profile at all
+//!     it wants nothing more than the reads do (logged), and never falls back to the whole image.
+//!
+//!   The mode is shown by `vmswarm mounts` (and in the `mount` answer). Exports are not persisted,
+//!   so neither is the mode; what a restart keeps is the image's lazy marker, so a partly fetched
+//!   image stays partial (it is not resumed as a full pull) until it is mounted again.
 //! - **Attribution.** Chunk bytes fetched are counted for the export that first demanded the chunk,
 //!   or for the prefetching export of the image.
 
@@ -33,7 +45,7 @@ use vmswarm_protocol::fetch::FailReason;
 use vmswarm_protocol::{ImageId, Priority};
 
 use super::{Daemon, PendingManifest};
-use crate::control::{MountRequest, Reply};
+use crate::control::{MountRequest, PrefetchMode, Reply};
 use crate::metrics::ExportMetrics;
 use crate::nbd::NbdAddr;
 use crate::nbd::export::{DemandRequest, ExportParts, MountExport};
@@ -48,7 +60,7 @@ pub(super) struct MountSpec {
     clone: Option<String>,
     addr: NbdAddr,
     name: Option<String>,
-    prefetch: bool,
+    prefetch: PrefetchMode,
 }
 
 /// A mount waiting for its image's manifest.
@@ -83,7 +95,7 @@ struct Mount {
     image: ImageId,
     clone: Option<String>,
     addr: NbdAddr,
-    prefetch: bool,
+    prefetch: PrefetchMode,
     export: Arc<MountExport>,
     recorder: Option<Arc<Recorder>>,
     recorder_task: Option<tokio::task::JoinHandle<()>>,
@@ -449,8 +461,8 @@ impl Daemon {
                 let _ = tokio::task::spawn_blocking(move || save_profile(&data, &image, &r)).await;
             })
         });
-        if spec.prefetch {
-            self.start_prefetch(spec.image, metrics);
+        if spec.prefetch.is_some() {
+            self.start_prefetch(spec.image, metrics, spec.prefetch);
         } else if !self.transfers.contains_key(&spec.image)
             && self
                 .images
@@ -472,7 +484,7 @@ impl Daemon {
             "writable": spec.clone.is_some(),
             "prefetch": spec.prefetch,
         });
-        tracing::info!(export = %name, image = %spec.image, addr = %spec.addr, "mounted");
+        tracing::info!(export = %name, image = %spec.image, addr = %spec.addr, prefetch = %spec.prefetch, "mounted");
         self.mounts.mounts.insert(
             name,
             Mount {
@@ -488,11 +500,12 @@ impl Daemon {
         Ok(result)
     }
 
-    fn start_prefetch(&mut self, image: ImageId, metrics: Arc<ExportMetrics>) {
+    /// Starts a mount's background fetch of `image` as `mode` says (not [`PrefetchMode::None`]).
+    fn start_prefetch(&mut self, image: ImageId, metrics: Arc<ExportMetrics>, mode: PrefetchMode) {
         let Some(img) = self.images.get(&image) else {
             return;
         };
-        if img.present.is_full() {
+        if img.present.is_full() || mode == PrefetchMode::None {
             return;
         }
         let chunks = img.manifest.chunk_count();
@@ -505,21 +518,81 @@ impl Daemon {
         };
         self.mounts.prefetching.entry(image).or_insert(metrics);
         let now = self.now();
-        if let Some(t) = self.transfers.get_mut(&image) {
-            if let Some(order) = &order {
-                t.sched.set_priority_order(now, order);
+        match mode {
+            PrefetchMode::None => {}
+            PrefetchMode::All => {
+                if let Some(t) = self.transfers.get_mut(&image) {
+                    if let Some(order) = &order {
+                        t.sched.set_priority_order(now, order);
+                    }
+                    self.want_all_missing(image);
+                } else {
+                    self.start_transfer_wanting(image, Vec::new(), true);
+                    if let (Some(order), Some(t)) = (&order, self.transfers.get_mut(&image)) {
+                        t.sched.set_priority_order(now, order);
+                    }
+                }
+                if order.is_some() {
+                    tracing::info!(%image, "prefetching in boot-profile order");
+                }
             }
-            self.want_all_missing(image);
-        } else {
-            self.start_transfer_wanting(image, Vec::new(), true);
-            if let (Some(order), Some(t)) = (&order, self.transfers.get_mut(&image)) {
-                t.sched.set_priority_order(now, order);
+            PrefetchMode::Profile => {
+                // The transfer lives as long as the mount, wanting the profile's chunks if any.
+                if !self.transfers.contains_key(&image) {
+                    self.start_transfer_wanting(image, Vec::new(), false);
+                }
+                match &order {
+                    Some(order) => self.want_profile(image, order),
+                    None => tracing::info!(
+                        %image,
+                        "profile prefetch: no boot profile here, asking peers; until one arrives only chunks that reads need are fetched (not the whole image)"
+                    ),
+                }
             }
         }
-        if order.is_some() {
-            tracing::info!(%image, "prefetching in boot-profile order");
-        } else {
+        if order.is_none() {
             self.ask_boot_profiles(image);
+        }
+    }
+
+    /// The widest background fetch that the mounts of `image` ask for.
+    fn prefetch_mode(&self, image: &ImageId) -> PrefetchMode {
+        let modes = self.mounts.mounts.values().filter(|m| m.image == *image);
+        modes.fold(PrefetchMode::None, |acc, m| match (acc, m.prefetch) {
+            (PrefetchMode::All, _) | (_, PrefetchMode::All) => PrefetchMode::All,
+            (PrefetchMode::Profile, _) | (_, PrefetchMode::Profile) => PrefetchMode::Profile,
+            _ => PrefetchMode::None,
+        })
+    }
+
+    /// A profile-only prefetch: ranks Background work by `order` and wants the missing chunks of
+    /// `order` (and only those) at Background priority in `image`'s transfer.
+    fn want_profile(&mut self, image: ImageId, order: &[u32]) {
+        let Some(img) = self.images.get(&image) else {
+            return;
+        };
+        let missing: Vec<u32> = order
+            .iter()
+            .copied()
+            .filter(|&i| {
+                i < img.manifest.chunk_count()
+                    && !img.present.contains(i)
+                    && !self.mounts.storing.contains(&(image, i))
+            })
+            .collect();
+        let now = self.now();
+        if let Some(t) = self.transfers.get_mut(&image) {
+            t.sched.set_priority_order(now, order);
+            // In range by construction; chunks already wanted keep their (higher) priority.
+            let _ = t
+                .sched
+                .handle_want_many(now, missing.iter().copied(), Priority::Background);
+            tracing::info!(
+                %image,
+                profile_chunks = order.len(),
+                missing = missing.len(),
+                "prefetching the boot profile only (the rest on demand)"
+            );
         }
     }
 
@@ -584,8 +657,10 @@ impl Daemon {
     }
 
     /// A peer sent the boot profile of `image`: if we still lack one, check it, save it and apply it
-    /// to a running prefetch. A profile only ranks Background work, so a bad one costs order, never
-    /// bytes; one with out-of-range or repeated indices is refused.
+    /// to a running prefetch: it ranks a whole-image prefetch's Background work, and it is what a
+    /// profile-only prefetch wants. A bad one thus costs order (or, for a profile-only prefetch, at
+    /// most the chunks a whole-image prefetch would fetch anyway), never correctness; one with
+    /// out-of-range or repeated indices is refused.
     pub(super) fn on_boot_profile(
         &mut self,
         peer: libp2p::PeerId,
@@ -617,12 +692,19 @@ impl Daemon {
             Ok(_) => {}
             Err(e) => tracing::warn!(%image, "saving a peer's boot profile: {e}"),
         }
-        if self.mounts.prefetching.contains_key(&image) || self.staged.contains(&image) {
-            let now = self.now();
-            if let Some(t) = self.transfers.get_mut(&image) {
-                t.sched.set_priority_order(now, &order);
-                tracing::info!(%image, %peer, "prefetching in boot-profile order (profile from a peer)");
-            }
+        if !self.mounts.prefetching.contains_key(&image) && !self.staged.contains(&image) {
+            return;
+        }
+        if !self.staged.contains(&image) && self.prefetch_mode(&image) == PrefetchMode::Profile {
+            // Profile-only mounts: the profile's chunks are what they want.
+            tracing::info!(%image, %peer, "boot profile from a peer: prefetching its chunks");
+            self.want_profile(image, &order);
+            return;
+        }
+        let now = self.now();
+        if let Some(t) = self.transfers.get_mut(&image) {
+            t.sched.set_priority_order(now, &order);
+            tracing::info!(%image, %peer, "prefetching in boot-profile order (profile from a peer)");
         }
     }
 
@@ -696,7 +778,7 @@ impl Daemon {
             }
         }
         self.metrics.unregister_export(name);
-        if m.prefetch {
+        if m.prefetch.is_some() {
             self.mounts
                 .prefetching
                 .retain(|_, e| !Arc::ptr_eq(e, m.export.metrics()));
