@@ -29,10 +29,10 @@
 //! comes first. Background requests are not refused this way unless
 //! [`Config::background_fanout`] is set: a full pull spreads by rarest-first already. With it set
 //! they are refused and counted alike, which spreads a crowd of prefetching hosts as a tree too
-//! (a site's hosts all pulling a boot profile, in the same order, from its gateways), but the
-//! fetch scheduler's answer to a refusal (retry after `relay_retry`, another chunk meanwhile) then
-//! costs a refusal per chunk per requester every `relay_retry`; RESULTS.md section 5 has the
-//! figures, and why it is off by default.
+//! (a site's hosts all pulling a boot profile, in the same order, from its gateways: a 1,000-host
+//! flash crowd boots 4.5x sooner), at the cost of a refusal per requester and serving peer every
+//! `relay_retry` (the fetch scheduler chokes a refusing peer's Background that long). It is off by
+//! default until it is measured on every scenario; RESULTS.md section 5 has the figures.
 //!
 //! It does not read chunks or decide whether we hold them (the caller answers `NotFound` before
 //! queueing) and it has no timers: a request waits until served, cancelled, or its peer leaves.

@@ -81,7 +81,11 @@
 //!   refuse the rest: messages growing with the square of the crowd), a refused want asks only
 //!   holders whose rendezvous score for this requester and chunk beats that of every peer that
 //!   refused it within `relay_retry` (`peer::relay_score`): a new holder among `k` is then asked
-//!   by about `1/k` of the waiting crowd, and the crowd splits over the tree's branches.
+//!   by about `1/k` of the waiting crowd, and the crowd splits over the tree's branches. A
+//!   Background refusal (a server with `serve::Config::background_fanout`) has no such bar:
+//!   every other holder may be asked, and the refusing peer takes no Background request at all
+//!   for `relay_retry` (a crowd prefetching in the same order would have its next chunk refused
+//!   too: one refusal per peer per `relay_retry`, not one per chunk).
 //! - **Endgame.** When every wanted chunk is in flight and at most [`Config::endgame_threshold`]
 //!   remain, each is also requested from up to [`Config::endgame_max_requests`] peers; the first valid
 //!   copy wins and the others are cancelled.
@@ -523,6 +527,8 @@ pub struct FetchScheduler<P> {
     hedge_due: BTreeSet<(Instant, u32)>,
     /// Wants whose fan-out refusal ([`Want::relayed`]) ends, by that instant.
     relay_due: BTreeSet<(Instant, u32)>,
+    /// Peers that take no Background requests until that instant ([`Peer::bg_choked_until`]).
+    bg_chokes: BTreeSet<(Instant, P)>,
 
     actions: VecDeque<Action<P>>,
     events: VecDeque<Event<P>>,
@@ -594,6 +600,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             hedge_candidates: BTreeSet::new(),
             hedge_due: BTreeSet::new(),
             relay_due: BTreeSet::new(),
+            bg_chokes: BTreeSet::new(),
             demand_backoff_until: None,
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -1086,7 +1093,8 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if index >= self.chunks {
             return;
         }
-        let was_in_flight = self.finish_request(peer, index).is_some();
+        let finished = self.finish_request(peer, index);
+        let was_in_flight = finished.is_some();
         if kind != RejectKind::Refused {
             if let Some(p) = self.peers.get_mut(peer) {
                 p.last_progress = now;
@@ -1102,11 +1110,23 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                         .get(peer)
                         .map_or_else(|| stable_key(peer), |p| p.key);
                     let score = relay_score(self.local_key.unwrap_or(0), holder, index);
+                    let until = now + self.config.relay_retry;
                     if let Some(w) = self.wants[index as usize].as_mut() {
-                        let until = now + self.config.relay_retry;
                         w.relayed.retain(|(p, _, _)| p != peer);
                         w.relayed.push((peer.clone(), until, score));
                         self.relay_due.insert((until, index));
+                    }
+                    // A Background refusal chokes the peer's Background for `relay_retry`: asking
+                    // it for the next chunk at once would be refused too when a whole crowd pulls
+                    // the same chunks in the same order (a boot profile), one refusal per chunk.
+                    if finished.is_some_and(|r| r.priority == Priority::Background) {
+                        if let Some(p) = self.peers.get_mut(peer) {
+                            if p.bg_choked_until < until {
+                                self.bg_chokes.remove(&(p.bg_choked_until, peer.clone()));
+                                p.bg_choked_until = until;
+                                self.bg_chokes.insert((until, peer.clone()));
+                            }
+                        }
                     }
                 }
             }
@@ -1233,13 +1253,37 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             }
             self.relay_due.pop_first();
             if let Some(w) = self.wants[index as usize].as_mut() {
-                w.relayed.retain(|(_, until, _)| *until > now);
+                let mut ended = Vec::new();
+                w.relayed.retain(|(p, until, _)| {
+                    let keep = *until > now;
+                    if !keep {
+                        ended.push(p.clone());
+                    }
+                    keep
+                });
                 match w.priority {
                     Priority::Demand => {
                         self.demand_fresh.insert(index);
                     }
-                    Priority::Background => self.bump_generation(),
+                    // Only the refusing peers may now give it (Background has no relay bar).
+                    Priority::Background => {
+                        for id in ended {
+                            if let Some(p) = self.peers.get_mut(&id) {
+                                p.exhausted_gen = None;
+                            }
+                        }
+                    }
                 }
+            }
+        }
+        // Background chokes that end: those peers take Background requests again.
+        while let Some((at, id)) = self.bg_chokes.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.bg_chokes.pop_first();
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.exhausted_gen = None;
             }
         }
         // Same-site fetch announcements we stop waiting for.
@@ -1289,6 +1333,12 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             // A peer coming out of cool-down may take queued work.
             let cooldown = self.cooldowns.first().map(|c| c.0);
             next = next.into_iter().chain(cooldown).min();
+        }
+        if !self.bg_queue.is_empty() {
+            next = next
+                .into_iter()
+                .chain(self.bg_chokes.first().map(|c| c.0))
+                .min();
         }
         if !self.bg_queue.is_empty() && self.wanted_demand == 0 {
             // Background takes its full windows again when the back-off ends.
@@ -1531,7 +1581,14 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if !p.have.insert(index) {
             return;
         }
-        p.exhausted_gen = None;
+        // Only a chunk queued at Background is new Background work for this peer (in a crowd,
+        // most announcements are of chunks we hold or fetch already).
+        if self.wants[index as usize]
+            .as_ref()
+            .is_some_and(|w| w.bg_key.is_some())
+        {
+            p.exhausted_gen = None;
+        }
         let local = p.counts_as_local();
         let pending = p.pending.remove(&index);
         let i = index as usize;
@@ -1961,6 +2018,14 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let Some(w) = self.wants[index as usize].as_ref() else {
             return false;
         };
+        if w.priority == Priority::Background {
+            // No relay bar for Background: a refusing peer is skipped, every other holder may
+            // be asked (the rarest-first or profile order spreads the crowd's requests).
+            return w
+                .relayed
+                .iter()
+                .any(|(p, until, _)| p == peer && now < *until);
+        }
         let mut bar = None;
         for (p, until, score) in &w.relayed {
             if now < *until {
@@ -2007,6 +2072,9 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         match priority {
             Priority::Demand => peer.limit,
             Priority::Background => {
+                if now < peer.bg_choked_until {
+                    return 0;
+                }
                 let base = peer.limit - self.config.demand_reserved_slots;
                 if self.demand_backoff_until.is_some_and(|t| now < t) {
                     // Room is counted over all requests in flight: this leaves Background

@@ -52,6 +52,9 @@ pub(crate) struct Peer {
     pub(crate) limit: u32,
     /// Stable key for the per-site assignment of WAN fetches.
     pub(crate) key: u64,
+    /// No new Background requests go to this peer before this instant: it refused one for
+    /// fan-out (it is sending its chunks to enough others; they will relay).
+    pub(crate) bg_choked_until: Instant,
 }
 
 /// Sort key: lower is better (cooling down, other site, RTT bucket, load, random).
@@ -77,6 +80,7 @@ impl Peer {
             suspect: false,
             tiebreak,
             exhausted_gen: None,
+            bg_choked_until: Instant::ZERO,
             last_progress: Instant::ZERO,
             limit: 1,
             key,

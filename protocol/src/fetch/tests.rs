@@ -2055,3 +2055,37 @@ fn a_holder_that_was_full_when_it_announced_is_asked_when_a_slot_frees() {
         vec![(1, Priority::Demand, 1)]
     );
 }
+
+/// A Background fan-out refusal (a server with `background_fanout`) chokes that peer's Background
+/// for `relay_retry`: the freed slot is not refilled there at once (the next chunk of a crowd's
+/// common order would be refused too), another holder takes the chunk, and the peer is asked
+/// again when the choke ends.
+#[test]
+fn a_background_fanout_refusal_chokes_the_peer_for_relay_retry() {
+    let mut s = FetchScheduler::new(cfg(), 64, 5).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have(t(0), &1, &full(64));
+    s.handle_want_many(t(0), 0..64, Priority::Background)
+        .unwrap();
+    let first = requests(&drain_actions(&mut s));
+    assert!(!first.is_empty());
+    let refused = first[0].2;
+    s.handle_reject(t(10), &1, refused, RejectKind::Fanout);
+    assert!(
+        requests(&drain_actions(&mut s)).is_empty(),
+        "peer 1 is choked for Background"
+    );
+    // Another holder comes: it gets Background work, the refused chunk included.
+    s.handle_peer_connected(t(20), 2, info("dc1", 1));
+    s.handle_peer_have(t(20), &2, &full(64));
+    let to_2 = requests(&drain_actions(&mut s));
+    assert!(to_2.iter().all(|r| r.0 == 2), "{to_2:?}");
+    assert!(to_2.iter().any(|r| r.2 == refused), "{to_2:?}");
+    // The choke ends after relay_retry: peer 1's free slot is filled again.
+    assert!(requests(&advance(&mut s, t(109))).is_empty());
+    let after = requests(&advance(&mut s, t(111)));
+    assert!(
+        after.len() == 1 && after[0].0 == 1 && after[0].1 == Priority::Background,
+        "{after:?}"
+    );
+}
