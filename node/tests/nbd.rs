@@ -1299,6 +1299,14 @@ fn stored_chunks(data_dir: &Path, image: &str) -> Vec<u32> {
         .collect()
 }
 
+/// `vmswarm mount IMAGE --nbd NBD --name NAME PREFETCH` on `node`; returns its output.
+fn mount_nbd(node: &Node, image: &str, nbd: &str, name: &str, prefetch: &str) -> String {
+    cli_ok(
+        node,
+        &["mount", image, "--nbd", nbd, "--name", name, prefetch],
+    )
+}
+
 #[test]
 fn profile_prefetch_fetches_only_the_boot_profile_and_survives_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1344,18 +1352,7 @@ fn profile_prefetch_fetches_only_the_boot_profile_and_survives_a_restart() {
     );
 
     // A profile-only mount, nobody reading: exactly the profile's chunks arrive, nothing else.
-    let said = cli_ok(
-        &b,
-        &[
-            "mount",
-            &image,
-            "--nbd",
-            &sock_arg,
-            "--name",
-            "prof",
-            "--prefetch=profile",
-        ],
-    );
+    let said = mount_nbd(&b, &image, &sock_arg, "prof", "--prefetch=profile");
     assert!(said.contains("prefetch profile"), "{said}");
     wait_until("the profile's chunks never arrived", &b, || {
         present(&b, &image) >= profile.len() as u64
@@ -1369,18 +1366,7 @@ fn profile_prefetch_fetches_only_the_boot_profile_and_survives_a_restart() {
         b.log()
     );
     // Without any profile, profile mode wants nothing (and says so).
-    cli_ok(
-        &b,
-        &[
-            "mount",
-            &bare,
-            "--nbd",
-            &sock_arg,
-            "--name",
-            "bare",
-            "--prefetch=profile",
-        ],
-    );
+    mount_nbd(&b, &bare, &sock_arg, "bare", "--prefetch=profile");
     assert!(b.log().contains("no boot profile here"), "{}", b.log());
     // Whatever could still come would have come by now (the profile took less than this).
     std::thread::sleep(Duration::from_secs(2));
@@ -1394,33 +1380,11 @@ fn profile_prefetch_fetches_only_the_boot_profile_and_survives_a_restart() {
     assert_eq!(stored_chunks(&b_dir, &image), sorted);
     let b = Node::start(&b_dir, "dc2", Some(&a.addr), &[]);
     wait_for_peers(&b, 1);
-    cli_ok(
-        &b,
-        &[
-            "mount",
-            &image,
-            "--nbd",
-            &sock_arg,
-            "--name",
-            "prof2",
-            "--prefetch=profile",
-        ],
-    );
+    mount_nbd(&b, &image, &sock_arg, "prof2", "--prefetch=profile");
     let m = ok(&b, &["mounts"]);
     assert_eq!(mount_of(&m, "prof2")["prefetch"], "profile", "{m}");
     // `--prefetch` alone still means the whole image.
-    cli_ok(
-        &b,
-        &[
-            "mount",
-            &bare,
-            "--nbd",
-            &sock_arg,
-            "--name",
-            "all",
-            "--prefetch",
-        ],
-    );
+    mount_nbd(&b, &bare, &sock_arg, "all", "--prefetch");
     let m = ok(&b, &["mounts"]);
     assert_eq!(mount_of(&m, "all")["prefetch"], "all", "{m}");
     wait_until("the --prefetch mount did not fill its image", &b, || {
@@ -1434,17 +1398,12 @@ fn profile_prefetch_fetches_only_the_boot_profile_and_survives_a_restart() {
     let mut c = Node::start(&c_dir, "dc3", Some(&b.addr), &[]);
     wait_for_peers(&c, 1);
     let c_sock = tmp.path().join("c.sock");
-    cli_ok(
+    mount_nbd(
         &c,
-        &[
-            "mount",
-            &image,
-            "--nbd",
-            &format!("unix:{}", c_sock.display()),
-            "--name",
-            "prof",
-            "--prefetch=profile",
-        ],
+        &image,
+        &format!("unix:{}", c_sock.display()),
+        "prof",
+        "--prefetch=profile",
     );
     wait_until("C never fetched the peer's profile chunks", &c, || {
         present(&c, &image) >= profile.len() as u64
