@@ -414,7 +414,12 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
             h += 1;
         }
     }
-    let prefetch = !matches!(sc.prefetch, Prefetch::None);
+    // The node's mount flag for the simulator's prefetch mode, so that both do the same.
+    let prefetch = match sc.prefetch {
+        Prefetch::None => None,
+        Prefetch::Profile => Some("--prefetch=profile"),
+        Prefetch::All => Some("--prefetch=all"),
+    };
     for vm in &vms {
         let nbd = format!("unix:{}", vm.socket.display());
         let mut args = vec![
@@ -425,8 +430,8 @@ pub fn run(state: &State, opts: &RunOptions) -> anyhow::Result<RunSummary> {
             "--name",
             vm.name.as_str(),
         ];
-        if prefetch {
-            args.push("--prefetch");
+        if let Some(flag) = prefetch {
+            args.push(flag);
         }
         vmswarm(&opts.vmswarm, &node_dir(&vm.node), &args)?;
     }
