@@ -209,10 +209,14 @@ pub enum Request {
     Stage {
         /// Image id, 64 hex digits.
         image: String,
-        /// Targets: peer ids or multiaddrs with `/p2p/<peer id>` (empty with `site`).
+        /// Targets: peer ids or multiaddrs with `/p2p/<peer id>` (empty with `site` or `asked`).
         peers: Vec<String>,
         /// Stage to every connected peer announcing this site.
         site: Option<String>,
+        /// Stage to every connected peer that asked this node for the image (its manifest or
+        /// chunks, or announced it wants it) since the daemon started.
+        #[serde(default)]
+        asked: bool,
         /// Answer once every target holds the image (or failed), not once they accepted.
         wait: bool,
     },

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use libp2p::Multiaddr;
 use vmswarm_node::config::FileConfig;
 use vmswarm_node::control::{self, MountRequest, PrefetchMode, Request};
@@ -85,16 +85,21 @@ enum Command {
     /// Have a group of nodes pull an image this node holds in full (a group boot): the swarm
     /// distributes it (one WAN copy per site, targets relay to each other). Re-running it only
     /// asks targets that do not hold the whole image yet.
+    #[command(group(ArgGroup::new("targets").required(true).args(["peers", "site", "asked"])))]
     Stage {
         /// Image id (64 hex digits).
         image: String,
         /// File naming the target nodes: one peer id or multiaddr (with /p2p/<peer id>) per line;
         /// `#` starts a comment.
-        #[arg(long, required_unless_present = "site", conflicts_with = "site")]
+        #[arg(long)]
         peers: Option<PathBuf>,
         /// Stage to every connected node announcing this site.
         #[arg(long)]
         site: Option<String>,
+        /// Stage to every connected node that asked this node for the image (requested its
+        /// manifest or chunks, or announced it wants it) since this node's daemon started.
+        #[arg(long)]
+        asked: bool,
         /// Print one JSON result object.
         #[arg(long)]
         json: bool,
@@ -466,9 +471,10 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
             image,
             peers,
             site,
+            asked,
             json,
             no_wait,
-        } => stage(&cli.data, out, image, peers, site, json, no_wait).await,
+        } => stage(&cli.data, out, image, peers, site, asked, json, no_wait).await,
         Command::Images { json } => {
             let v =
                 control::call(&data_dir(&cli.data, None)?, &Request::Images, |_, _, _| {}).await?;
@@ -680,12 +686,14 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
 }
 
 /// `vmswarm stage`: prints the result; fails (after printing it) when a target failed.
+#[allow(clippy::too_many_arguments)] // the command's options, passed through
 async fn stage(
     data: &Option<PathBuf>,
     out: &mut String,
     image: String,
     peers: Option<PathBuf>,
     site: Option<String>,
+    asked: bool,
     json: bool,
     no_wait: bool,
 ) -> Result<()> {
@@ -710,6 +718,7 @@ async fn stage(
             image: image_id.to_string(),
             peers: targets,
             site,
+            asked,
             wait: !no_wait,
         },
         |_, _, _| {},

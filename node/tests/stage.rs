@@ -1,7 +1,8 @@
 //! Real `vmswarm serve` processes on loopback QUIC: `vmswarm stage`. A publisher in site A stages
 //! an image to six nodes of its own site, or of site B; the swarm distributes it (site gateways, relaying), so the
 //! publisher uploads about one copy per site, not six. A target killed mid-stage is named as failed
-//! while the others complete. Bad input fails clearly. A raw peer's `Stage` requests cannot make a
+//! while the others complete. `--asked` reaches the nodes that asked for the image and no other.
+//! Bad input fails clearly. A raw peer's `Stage` requests cannot make a
 //! node pull more than a few images at once, nor any image the swarm does not serve.
 
 mod common;
@@ -21,13 +22,19 @@ fn start(dir: &Path, site: &str) -> (Node, Vec<Node>) {
     let targets: Vec<Node> = (0..TARGETS)
         .map(|i| Node::start(&dir.join(format!("t{i}")), site, Some(&publisher.addr), &[]))
         .collect();
+    wait_for_site(&publisher, site, TARGETS);
+    (publisher, targets)
+}
+
+/// Waits until `publisher` knows `n` connected peers announcing `site`.
+fn wait_for_site(publisher: &Node, site: &str, n: usize) {
     let mut polls = 0;
     loop {
         let st = publisher.status();
-        let in_b = st["peers"]
+        let in_site = st["peers"]
             .as_object()
             .map_or(0, |m| m.values().filter(|p| p["site"] == site).count());
-        if in_b == TARGETS {
+        if in_site == n {
             break;
         }
         polls += 1;
@@ -38,7 +45,6 @@ fn start(dir: &Path, site: &str) -> (Node, Vec<Node>) {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    (publisher, targets)
 }
 
 fn peers_file(dir: &Path, targets: &[Node]) -> String {
@@ -344,6 +350,116 @@ fn bad_input_fails_clearly() {
         text.contains("complete") && text.contains("staged") && text.contains("1 targets"),
         "{text}"
     );
+}
+
+/// `stage --asked`: a node that mounted the image (it fetched the manifest from the publisher and
+/// no chunk) is a target and ends up holding the whole image; a connected node that never asked
+/// for it is not a target. Before anyone asked, the command fails clearly.
+#[test]
+fn a_stage_to_the_nodes_that_asked_reaches_them_and_no_one_else() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Node::start(&tmp.path().join("publisher"), "siteA", None, &[]);
+    let asker = Node::start(
+        &tmp.path().join("asker"),
+        "siteB",
+        Some(&publisher.addr),
+        &[],
+    );
+    let bystander = Node::start(
+        &tmp.path().join("bystander"),
+        "siteB",
+        Some(&publisher.addr),
+        &[],
+    );
+    wait_for_site(&publisher, "siteB", 2);
+    let file = tmp.path().join("disk.raw");
+    let data = make_image(&file, 8 * MIB, seed);
+    let image = publish(&publisher, &file);
+    let asker_id = asker.addr.rsplit('/').next().unwrap().to_owned();
+
+    // Nobody asked for it yet.
+    let out = publisher.cli(&["stage", &image, "--asked"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("no node has asked for {image}")),
+        "{err}"
+    );
+    // The three ways to name the targets exclude each other.
+    let out = publisher.cli(&["stage", &image, "--asked", "--site", "siteB"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+
+    // The asker mounts the image lazily: it asks for the manifest, and reads nothing.
+    let sock = tmp.path().join("asker.sock");
+    let out = asker.cli(&[
+        "mount",
+        &image,
+        "--nbd",
+        &format!("unix:{}", sock.display()),
+        "--name",
+        "disk",
+    ]);
+    assert!(
+        out.status.success(),
+        "seed {seed}: mount: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        asker.log()
+    );
+    let (present, chunks) = image_present(&asker.status(), &image).unwrap();
+    assert!(
+        present < chunks,
+        "seed {seed}: the asker holds it all already"
+    );
+
+    let out = publisher.cli(&["stage", &image, "--asked", "--json"]);
+    assert!(
+        out.status.success(),
+        "seed {seed}: stage --asked failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        publisher.log()
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("seed {seed}: stage --asked result: {result}");
+    assert_eq!(result["complete"], true, "seed {seed}: {result}");
+    let listed = result["targets"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "seed {seed}: only the asker: {result}");
+    assert_eq!(
+        listed[0]["peer_id"],
+        asker_id.as_str(),
+        "seed {seed}: {result}"
+    );
+    assert_eq!(listed[0]["state"], "complete", "seed {seed}: {result}");
+    let (present, chunks) = image_present(&asker.status(), &image).unwrap();
+    assert_eq!(present, chunks, "seed {seed}: the asker");
+    assert!(
+        image_present(&bystander.status(), &image).is_none(),
+        "seed {seed}: the bystander got the image"
+    );
+    // What the asker holds is the image: exporting re-hashes every chunk.
+    let dest = tmp.path().join("out.raw");
+    let out = asker.cli(&["pull", &image, "-o", dest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "seed {seed}: export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&dest).unwrap() == data,
+        "seed {seed}: image differs"
+    );
+
+    // Re-running finds the asker complete: nothing is sent again.
+    let out = publisher.cli(&["stage", &image, "--asked", "--json"]);
+    assert!(
+        out.status.success(),
+        "seed {seed}: second stage: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["targets"].as_array().unwrap().len(), 1, "{again}");
+    assert_eq!(again["publisher_upload_bytes"], 0, "seed {seed}: {again}");
 }
 
 /// A raw libp2p peer speaking `/vmswarm/msg/1`, to send `Stage` requests of its choosing.

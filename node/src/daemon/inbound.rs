@@ -101,6 +101,11 @@ impl Daemon {
                 self.stage_on_have(peer, image, &chunks);
                 if let Some(img) = self.images.get_mut(&image) {
                     img.interested.insert(peer);
+                    let count = img.manifest.chunk_count();
+                    // Not holding it all: it wants the image (`vmswarm stage --asked`).
+                    if !ChunkBitmap::from_wire(&chunks, count).is_ok_and(|h| h.is_full()) {
+                        self.note_asker(peer, image);
+                    }
                 }
                 let ours = self.have_message(image);
                 self.respond(channel, ours);
@@ -110,6 +115,8 @@ impl Daemon {
                     t.sched.handle_peer_have_update(now, &peer, &indices);
                 }
                 self.stage_on_have_update(peer, image, &indices);
+                // It is getting chunks of the image, so it did not hold it all.
+                self.note_asker(peer, image);
                 if let Some(img) = self.images.get_mut(&image) {
                     img.interested.insert(peer);
                     // Copies we were sending the peer stop counting towards the fan-out.
@@ -153,6 +160,7 @@ impl Daemon {
                 self.respond(channel, Message::Ack);
             }
             Message::GetManifest { image } => {
+                self.note_asker(peer, image);
                 let answer = match self.images.get(&image) {
                     Some(img) => Message::Manifest {
                         image,

@@ -457,6 +457,7 @@ impl Daemon {
         if self.banned.contains(&peer) {
             answers.extend(chunks.iter().map(|&id| reject(id, RejectReason::Banned)));
         } else {
+            self.note_chunk_asker(peer, chunks);
             let held: Vec<ChunkId> = chunks
                 .iter()
                 .copied()

@@ -316,6 +316,8 @@ struct Daemon {
     next_stage: u64,
     /// Images we pull because a peer's `Stage` asked us to (while their transfer runs).
     staged: HashSet<ImageId>,
+    /// Peers that asked us for each image we hold (`vmswarm stage --asked`; [`stage::Askers`]).
+    askers: HashMap<ImageId, stage::Askers>,
     /// Peers' `Stage` requests waiting for the image's manifest.
     stage_requests: HashMap<ImageId, Vec<libp2p::request_response::ResponseChannel<Message>>>,
 }
@@ -427,6 +429,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         stages: HashMap::new(),
         next_stage: 0,
         staged: HashSet::new(),
+        askers: HashMap::new(),
         stage_requests: HashMap::new(),
     };
     d.metrics.demand_fanout.store(
@@ -1128,8 +1131,9 @@ impl Daemon {
                 image,
                 peers,
                 site,
+                asked,
                 wait,
-            } => self.on_stage_command(image, peers, site, wait, reply),
+            } => self.on_stage_command(image, peers, site, asked, wait, reply),
             Request::Mount(req) => self.on_mount(req, reply),
             Request::Umount { name } => answer(&reply, self.on_umount(&name)),
             Request::Mounts => answer(&reply, Ok(self.mounts_json())),

@@ -3,6 +3,16 @@
 //! swarm does the distribution (site gateways bring one WAN copy per site, targets relay to each
 //! other as they go), so the staging node uploads about one copy per site instead of one per target.
 //!
+//! **Targets.** A peers file, every connected peer announcing a site, or (`--asked`) every
+//! connected peer that asked us for the image since the daemon started. Asking is recorded per
+//! image we hold (a manifest at least) in [`Askers`]: a peer asks when it sends `GetManifest` for
+//! it, requests any of its chunks on a lane (a chunk shared by several images counts for each), or
+//! sends a `Have` (not holding every chunk) or a `HaveUpdate` (it is getting chunks) for it. A
+//! peer stays recorded across disconnections; only connected ones become targets. At most
+//! [`MAX_ASKERS_PER_IMAGE`] are kept per image, the one that first asked longest ago dropped
+//! first. A peer that asked before we held the image is not recorded. Nobody connected having
+//! asked is an error, as is a site nobody announces.
+//!
 //! **Staging side** (the node holding the whole image). Each target is dialed if not connected
 //! (its multiaddr if given, else its peer id through the DHT) and, once its `Hello` arrives, sent
 //! our `Have` for the image: its answer tells what it holds. A target holding everything is done at
@@ -25,15 +35,15 @@
 //! exactly as `vmswarm pull` does, in boot-profile order when a profile is known locally or from a
 //! peer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant as StdInstant};
 
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
-use vmswarm_protocol::ImageId;
 use vmswarm_protocol::bitfield::{ChunkBitmap, ChunkSet};
 use vmswarm_protocol::wire::{Capabilities, Message, StageRefusal};
+use vmswarm_protocol::{ChunkId, ImageId};
 
 use super::{Daemon, Outbound};
 use crate::control::Reply;
@@ -63,6 +73,31 @@ pub(super) const STAGE_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How often a running stage sends its client a progress line (when something changed).
 const STAGE_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Most peers remembered as having asked for one image (`vmswarm stage --asked`): beyond it the
+/// one that first asked longest ago is forgotten, so a swarm of strangers costs a bounded memory.
+pub(super) const MAX_ASKERS_PER_IMAGE: usize = 4096;
+
+/// The peers that asked us for one image since the daemon started, in the order they first asked
+/// (at most [`MAX_ASKERS_PER_IMAGE`], oldest dropped).
+#[derive(Debug, Default)]
+pub(super) struct Askers {
+    order: VecDeque<PeerId>,
+    set: HashSet<PeerId>,
+}
+
+impl Askers {
+    fn insert(&mut self, peer: PeerId) {
+        if self.set.insert(peer) {
+            self.order.push_back(peer);
+            if self.order.len() > MAX_ASKERS_PER_IMAGE {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
 
 /// Where a target of a stage is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,12 +159,34 @@ pub(super) struct StageRun {
 }
 
 impl Daemon {
+    /// `peer` asked us for `image` (its manifest, or announced it wants it): it becomes a target of
+    /// `vmswarm stage --asked`. Only images we hold (a manifest at least) are tracked.
+    pub(super) fn note_asker(&mut self, peer: PeerId, image: ImageId) {
+        if self.images.contains_key(&image) && peer != *self.swarm.local_peer_id() {
+            self.askers.entry(image).or_default().insert(peer);
+        }
+    }
+
+    /// `peer` requested `chunks` of us: it asked for every image of ours holding one of them.
+    pub(super) fn note_chunk_asker(&mut self, peer: PeerId, chunks: &[ChunkId]) {
+        if chunks.is_empty() {
+            return;
+        }
+        for (id, img) in &self.images {
+            let known = self.askers.get(id).is_some_and(|a| a.set.contains(&peer));
+            if !known && chunks.iter().any(|c| img.by_id.contains_key(c)) {
+                self.askers.entry(*id).or_default().insert(peer);
+            }
+        }
+    }
+
     /// `vmswarm stage`: starts a stage run (answered when it ends).
     pub(super) fn on_stage_command(
         &mut self,
         image: String,
         peers: Vec<String>,
         site: Option<String>,
+        asked: bool,
         wait: bool,
         reply: mpsc::UnboundedSender<Reply>,
     ) {
@@ -182,6 +239,30 @@ impl Daemon {
             }
             for p in in_site {
                 if !targets.iter().any(|(q, _)| *q == p) {
+                    targets.push((p, None));
+                }
+            }
+        }
+        if asked {
+            let mut askers: Vec<PeerId> = self
+                .askers
+                .get(&id)
+                .map(|a| {
+                    a.order
+                        .iter()
+                        .filter(|p| self.peers.contains_key(p))
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default();
+            askers.sort();
+            if askers.is_empty() {
+                return fail(format!(
+                    "no node has asked for {id}: no connected node requested its manifest or chunks, or announced it wants it, since this node started"
+                ));
+            }
+            for p in askers {
+                if p != me && !targets.iter().any(|(q, _)| *q == p) {
                     targets.push((p, None));
                 }
             }
