@@ -237,11 +237,7 @@ impl Daemon {
                     "no connected peer announces site {site:?} (see `vmswarm peers`)"
                 ));
             }
-            for p in in_site {
-                if !targets.iter().any(|(q, _)| *q == p) {
-                    targets.push((p, None));
-                }
-            }
+            add_targets(&mut targets, in_site, me);
         }
         if asked {
             let mut askers: Vec<PeerId> = self
@@ -261,11 +257,7 @@ impl Daemon {
                     "no node has asked for {id}: no connected node requested its manifest or chunks, or announced it wants it, since this node started"
                 ));
             }
-            for p in askers {
-                if p != me && !targets.iter().any(|(q, _)| *q == p) {
-                    targets.push((p, None));
-                }
-            }
+            add_targets(&mut targets, askers, me);
         }
         if targets.is_empty() {
             return fail("no target node other than this one".into());
@@ -877,6 +869,16 @@ impl Daemon {
             }
             (None, Some(_)) => self.ask_boot_profiles(image),
             _ => {}
+        }
+    }
+}
+
+/// Adds `group` to the stage's targets (no address: dialed by peer id), skipping ourselves and
+/// peers already named.
+fn add_targets(targets: &mut Vec<(PeerId, Option<Multiaddr>)>, group: Vec<PeerId>, me: PeerId) {
+    for p in group {
+        if p != me && !targets.iter().any(|(q, _)| *q == p) {
+            targets.push((p, None));
         }
     }
 }
