@@ -47,7 +47,11 @@ fn pull_into_site_b(dir: &Path, seed: u64, gateways: usize) -> (Vec<Puller>, u64
         })
         .collect();
     let file = dir.join("disk.raw");
-    let data = make_image(&file, 32 * MIB, seed);
+    // Large enough that the pull outlasts the first provider lookups: a node names gateways
+    // from the site providers it knows, and its status reports the naming it ended its pull
+    // with; a 32 MiB pull on loopback could end before the crowd's records reached it (a node
+    // that knew two of the five then named itself, about one run in five on a loaded machine).
+    let data = make_image(&file, 128 * MIB, seed);
     let image = publish(&source, &file);
     let handles: Vec<_> = pullers
         .iter()
