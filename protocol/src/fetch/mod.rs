@@ -95,13 +95,6 @@
 //! something that could give it work changes (a new want, a re-queue, its own Have set growing).
 
 mod peer;
-/// Removes the deadline entry `(t, index)` of a wait of `w` that changed, unless another of its
-/// waits still ends at the same instant (one entry serves every wait ending then).
-fn forget_wait<P>(deadlines: &mut BTreeSet<(Instant, u32)>, w: &Want<P>, index: u32, t: Instant) {
-    if w.wan_after != t && w.assign_after != Some(t) && w.gateway_fetch_until != Some(t) {
-        deadlines.remove(&(t, index));
-    }
-}
 
 #[cfg(test)]
 mod tests;
@@ -2394,5 +2387,13 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             });
             self.no_source_due = now + self.config.no_source_retry;
         }
+    }
+}
+
+/// Removes the deadline entry `(t, index)` of a wait of `w` that changed, unless another of its
+/// waits still ends at the same instant (one entry serves every wait ending then).
+fn forget_wait<P>(deadlines: &mut BTreeSet<(Instant, u32)>, w: &Want<P>, index: u32, t: Instant) {
+    if w.wan_after != t && w.assign_after != Some(t) && w.gateway_fetch_until != Some(t) {
+        deadlines.remove(&(t, index));
     }
 }
