@@ -387,6 +387,17 @@ struct BgKey {
     index: u32,
 }
 
+/// Where an awake peer looks for Background work in the next pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BgWake {
+    /// The whole queue, best key first (it was never exhausted, or something changed for many
+    /// chunks at once).
+    Scan,
+    /// Only these chunks: the peer was exhausted, and these are the chunks that became takeable
+    /// for it since (at most [`SCAN_BUDGET`]; more turn it into a scan).
+    Only(Vec<u32>),
+}
+
 #[derive(Debug)]
 struct Want<P> {
     priority: Priority,
@@ -481,8 +492,15 @@ pub struct FetchScheduler<P> {
     pending_expiry: BTreeSet<(Instant, P, u32)>,
     /// Peers' cool-down ends, so that queued work is looked at again when one passes.
     cooldowns: BTreeSet<(Instant, P)>,
-    /// Bumped whenever something could give an exhausted peer Background work again.
-    generation: u64,
+    /// Peers that may have Background work to pick, and where to look: every peer but those
+    /// whose last look found nothing they could take, until something gives them work again. The
+    /// Background pass walks only these (a site gateway has hundreds of peers, nearly all with
+    /// nothing it wants).
+    bg_awake: BTreeMap<P, BgWake>,
+    /// Queued Background chunks that peers may take now and could not at their last look (newly
+    /// queued, re-queued, or a rule that kept them from them ended). The next pass wakes, for
+    /// each, the peers that hold it and may be asked for it.
+    bg_fresh: BTreeSet<u32>,
     /// Queued Demand wants to look at in the next pass: new, re-queued, or with a new holder.
     demand_fresh: BTreeSet<u32>,
     /// Peers that freed a slot since the last pass (they may take queued Demand wants).
@@ -575,7 +593,8 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             unavailable_deadlines: BTreeSet::new(),
             pending_expiry: BTreeSet::new(),
             cooldowns: BTreeSet::new(),
-            generation: 0,
+            bg_awake: BTreeMap::new(),
+            bg_fresh: BTreeSet::new(),
             demand_fresh: BTreeSet::new(),
             demand_freed: BTreeSet::new(),
             demand_rescan: false,
@@ -636,7 +655,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         self.gateways_down
             .retain(|k| self.gateway_keys.binary_search(k).is_ok());
         self.rebuild_site_scores();
-        self.bump_generation();
+        self.rescan_all();
         self.demand_rescan = true;
         self.schedule(now);
     }
@@ -651,7 +670,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         let key = stable_key(peer);
         if self.gateway_ids.contains_key(&key) && self.gateways_down.insert(key) {
             self.rebuild_site_scores();
-            self.bump_generation();
+            self.rescan_all();
             self.need_all = true;
             self.schedule(now);
         }
@@ -900,7 +919,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         for index in queued {
             self.rekey(index);
         }
-        self.bump_generation();
+        self.rescan_all();
         self.schedule(now);
     }
 
@@ -928,6 +947,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         p.limit = self.window(info.rtt);
         p.last_progress = now;
         let key = p.key;
+        self.bg_awake.insert(peer.clone(), BgWake::Scan);
         self.peers.insert(peer, p);
         if self.gateway_ids.contains_key(&key) {
             // A gateway (re)connected: Demand wants it is assigned can be told to it now.
@@ -954,7 +974,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             p.rtt = Some(rtt);
             p.limit = limit;
             self.demand_freed.insert(peer.clone());
-            p.exhausted_gen = None;
+            self.bg_awake.insert(peer.clone(), BgWake::Scan);
             self.schedule(now);
         }
     }
@@ -1222,74 +1242,6 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 reason: FailReason::Unavailable,
             });
         }
-        // Wants that stop waiting for a same-site copy: only they are looked at again.
-        while let Some((_, index)) = self
-            .wan_after_deadlines
-            .first()
-            .copied()
-            .filter(|d| d.0 <= now)
-        {
-            self.wan_after_deadlines.pop_first();
-            self.locality_changed(index);
-        }
-        while let Some(&(at, index)) = self.hedge_due.first() {
-            if at > now {
-                break;
-            }
-            self.hedge_due.pop_first();
-            self.hedge_candidates.insert(index);
-        }
-        // Fan-out refusals that end: the peer may be asked again.
-        while let Some(&(at, index)) = self.relay_due.first() {
-            if at > now {
-                break;
-            }
-            self.relay_due.pop_first();
-            if let Some(w) = self.wants[index as usize].as_mut() {
-                let mut ended = Vec::new();
-                w.relayed.retain(|(p, until, _)| {
-                    let keep = *until > now;
-                    if !keep {
-                        ended.push(p.clone());
-                    }
-                    keep
-                });
-                match w.priority {
-                    Priority::Demand => {
-                        self.demand_fresh.insert(index);
-                    }
-                    // Only the refusing peers may now give it (Background has no relay bar).
-                    Priority::Background => {
-                        for id in ended {
-                            if let Some(p) = self.peers.get_mut(&id) {
-                                p.exhausted_gen = None;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Background chokes that end: those peers take Background requests again.
-        while let Some((at, id)) = self.bg_chokes.first().cloned() {
-            if at > now {
-                break;
-            }
-            self.bg_chokes.pop_first();
-            if let Some(p) = self.peers.get_mut(&id) {
-                p.exhausted_gen = None;
-            }
-        }
-        // Same-site fetch announcements we stop waiting for.
-        while let Some((until, peer, index)) = self.pending_expiry.first().cloned() {
-            if until > now {
-                break;
-            }
-            if let Some(p) = self.peers.get_mut(&peer) {
-                p.pending.remove(&index);
-            }
-            self.pending_expiry.remove(&(until, peer, index));
-            self.pending_gone(index);
-        }
         self.schedule(now);
     }
 
@@ -1429,7 +1381,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 if let Some(w) = self.wants[index as usize].as_mut() {
                     w.bg_key = Some(key);
                 }
-                self.background_changed();
+                self.bg_fresh.insert(index);
             }
         }
     }
@@ -1580,7 +1532,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             .as_ref()
             .is_some_and(|w| w.bg_key.is_some())
         {
-            p.exhausted_gen = None;
+            wake(&mut self.bg_awake, peer, index);
         }
         let local = p.counts_as_local();
         let pending = p.pending.remove(&index);
@@ -1675,7 +1627,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
         // The peer joins or leaves the site members the outside fetches are assigned among.
         self.rebuild_site_scores();
-        self.bump_generation();
+        self.rescan_all();
     }
 
     fn pending_gone(&mut self, index: u32) {
@@ -1710,6 +1662,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
         self.cooldowns.remove(&(cooldown, peer.clone()));
         self.peers.remove(peer);
+        self.bg_awake.remove(peer);
         for index in have {
             self.chunk_unavailable(now, index, local);
         }
@@ -1718,19 +1671,18 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         if local || gateway_lost {
             self.rebuild_site_scores();
         }
-        self.bump_generation();
+        self.rescan_all();
     }
 
     /// Something changed that may give queued work to peers that had none they could take, for
     /// any want: every queued Demand want is looked at again, and every peer may pick Background.
-    fn bump_generation(&mut self) {
-        self.background_changed();
+    fn rescan_all(&mut self) {
+        self.bg_awake = self
+            .peers
+            .keys()
+            .map(|id| (id.clone(), BgWake::Scan))
+            .collect();
         self.demand_rescan = true;
-    }
-
-    /// Something changed that may give an exhausted peer Background work (not Demand work).
-    fn background_changed(&mut self) {
-        self.generation += 1;
     }
 
     /// The locality rules may now allow other peers for chunk `index` alone (a wait ended, the
@@ -1741,8 +1693,43 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             Some(Priority::Demand) => {
                 self.demand_fresh.insert(index);
             }
-            Some(Priority::Background) => self.background_changed(),
+            Some(Priority::Background) => {
+                self.bg_fresh.insert(index);
+            }
             None => {}
+        }
+    }
+
+    /// Chunk `index`, queued at Background, may be asked of `peer` again (its refusal ended).
+    fn wake_background(&mut self, peer: &P, index: u32) {
+        if self.peers.contains_key(peer) {
+            wake(&mut self.bg_awake, peer, index);
+        }
+    }
+
+    /// Wakes, for each chunk in [`Self::bg_fresh`], the peers that hold it and may be asked for it
+    /// now, each to look at those chunks alone. A peer that was exhausted found nothing it could
+    /// take, and only a chunk that changed can change that: so it need not walk the whole queue.
+    /// (Waking every peer for every re-queued chunk made each pass walk the queue once per peer;
+    /// with Background fan-out refusals, which re-queue a chunk at every refusal, that was most
+    /// of a crowd's CPU.)
+    fn wake_for_fresh(&mut self, now: Instant) {
+        let fresh = std::mem::take(&mut self.bg_fresh);
+        for index in fresh {
+            if self.wants[index as usize]
+                .as_ref()
+                .is_none_or(|w| w.bg_key.is_none())
+            {
+                continue;
+            }
+            for (id, p) in &self.peers {
+                if p.have.contains(index)
+                    && self.locality_allows(now, p, index)
+                    && !self.relay_excluded(now, id, index)
+                {
+                    wake(&mut self.bg_awake, id, index);
+                }
+            }
         }
     }
 
@@ -1771,7 +1758,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
         self.cooldowns.remove(&(p.cooldown_until, peer.clone()));
         p.cooldown_until = Instant::ZERO;
-        p.exhausted_gen = None;
+        self.bg_awake.insert(peer.clone(), BgWake::Scan);
         self.demand_rescan = true;
     }
 
@@ -2089,13 +2076,28 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
     }
 
-    /// The best queued Background chunk for `peer`, if any.
-    fn pick_background(&self, now: Instant, id: &P, peer: &Peer) -> Option<u32> {
+    /// The best queued Background chunk for `peer`, if any, looking where `wake` says.
+    fn pick_background(&self, now: Instant, id: &P, peer: &Peer, wake: &BgWake) -> Option<u32> {
         let ok = |index: u32| {
             peer.have.contains(index)
                 && self.locality_allows(now, peer, index)
                 && !self.relay_excluded(now, id, index)
         };
+        if let BgWake::Only(candidates) = wake {
+            let pick = candidates
+                .iter()
+                .filter(|&&i| ok(i))
+                .filter_map(|&i| self.wants[i as usize].as_ref().and_then(|w| w.bg_key))
+                .min()
+                .map(|k| k.index);
+            // The invariant that makes the short look right: nothing else became takeable.
+            debug_assert_eq!(
+                pick,
+                self.pick_background(now, id, peer, &BgWake::Scan),
+                "a woken peer's candidates miss a chunk it may take"
+            );
+            return pick;
+        }
         let mut scanned = 0;
         for key in &self.bg_queue {
             if ok(key.index) {
@@ -2201,7 +2203,81 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
     }
 
+    /// Ends the waits whose time has come: same-site copies waited for, hedges due, fan-out
+    /// refusals and Background chokes, announcements of same-site fetches. Run at the start of
+    /// every pass, not only at [`Self::handle_timeout`]: an input handled at or after such an
+    /// instant, before the driver's timer fires, must see what the wait's end allows (a peer is
+    /// only ever left out of the Background pass when it has nothing it may take).
+    fn expire_waits(&mut self, now: Instant) {
+        // Wants that stop waiting for a same-site copy: only they are looked at again.
+        while let Some((_, index)) = self
+            .wan_after_deadlines
+            .first()
+            .copied()
+            .filter(|d| d.0 <= now)
+        {
+            self.wan_after_deadlines.pop_first();
+            self.locality_changed(index);
+        }
+        while let Some(&(at, index)) = self.hedge_due.first() {
+            if at > now {
+                break;
+            }
+            self.hedge_due.pop_first();
+            self.hedge_candidates.insert(index);
+        }
+        // Fan-out refusals that end: the peer may be asked again.
+        while let Some(&(at, index)) = self.relay_due.first() {
+            if at > now {
+                break;
+            }
+            self.relay_due.pop_first();
+            if let Some(w) = self.wants[index as usize].as_mut() {
+                let mut ended = Vec::new();
+                w.relayed.retain(|(p, until, _)| {
+                    let keep = *until > now;
+                    if !keep {
+                        ended.push(p.clone());
+                    }
+                    keep
+                });
+                match w.priority {
+                    Priority::Demand => {
+                        self.demand_fresh.insert(index);
+                    }
+                    // Only the refusing peers may now give it (Background has no relay bar).
+                    Priority::Background => {
+                        for id in ended {
+                            self.wake_background(&id, index);
+                        }
+                    }
+                }
+            }
+        }
+        // Background chokes that end: those peers take Background requests again. A choke only
+        // zeroes the peer's Background slots, so it never took part in a Background pass while
+        // choked and what it may pick is as it was (a refused chunk's own bar ends above).
+        while let Some((at, _)) = self.bg_chokes.first() {
+            if *at > now {
+                break;
+            }
+            self.bg_chokes.pop_first();
+        }
+        // Same-site fetch announcements we stop waiting for.
+        while let Some((until, peer, index)) = self.pending_expiry.first().cloned() {
+            if until > now {
+                break;
+            }
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.pending.remove(&index);
+            }
+            self.pending_expiry.remove(&(until, peer, index));
+            self.pending_gone(index);
+        }
+    }
+
     fn schedule(&mut self, now: Instant) {
+        self.expire_waits(now);
         self.note_demand(now);
         // Cool-downs that ended: this pass looks at those peers again, and `poll_timeout` only ever
         // reports instants after `now`.
@@ -2284,22 +2360,27 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
 
         // 2. Background: best-ranked peer with a free slot picks next, round robin by rank.
+        if !self.bg_fresh.is_empty() {
+            self.wake_for_fresh(now);
+        }
         if !self.bg_queue.is_empty() {
-            let generation = self.generation;
             let mut heap: BinaryHeap<std::cmp::Reverse<(RankKey, P)>> = self
-                .peers
-                .iter()
-                .filter(|(_, p)| {
+                .bg_awake
+                .keys()
+                .filter_map(|id| {
+                    let p = self.peers.get(id)?;
                     p.has_room(now, self.slot_limit(now, p, Priority::Background))
-                        && p.exhausted_gen != Some(generation)
+                        .then(|| std::cmp::Reverse((p.rank(now), id.clone())))
                 })
-                .map(|(id, p)| std::cmp::Reverse((p.rank(now), id.clone())))
                 .collect();
             while let Some(std::cmp::Reverse((_, id))) = heap.pop() {
                 let Some(p) = self.peers.get(&id) else {
                     continue;
                 };
-                match self.pick_background(now, &id, p) {
+                let Some(wake) = self.bg_awake.get(&id) else {
+                    continue;
+                };
+                match self.pick_background(now, &id, p, wake) {
                     Some(index) => {
                         self.assign(now, index, &id, Priority::Background, &mut pass);
                         if let Some(p) = self.peers.get(&id) {
@@ -2311,13 +2392,24 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                         }
                     }
                     None => {
-                        if let Some(p) = self.peers.get_mut(&id) {
-                            p.exhausted_gen = Some(generation);
-                        }
+                        self.bg_awake.remove(&id);
                     }
                 }
                 if self.bg_queue.is_empty() {
                     break;
+                }
+            }
+            // The invariant the pass relies on: a peer left asleep has nothing it could take.
+            #[cfg(debug_assertions)]
+            for (id, p) in &self.peers {
+                if !self.bg_awake.contains_key(id)
+                    && p.has_room(now, self.slot_limit(now, p, Priority::Background))
+                {
+                    debug_assert_eq!(
+                        self.pick_background(now, id, p, &BgWake::Scan),
+                        None,
+                        "an exhausted peer was not woken for a chunk it may take"
+                    );
                 }
             }
         }
@@ -2395,5 +2487,30 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 fn forget_wait<P>(deadlines: &mut BTreeSet<(Instant, u32)>, w: &Want<P>, index: u32, t: Instant) {
     if w.wan_after != t && w.assign_after != Some(t) && w.gateway_fetch_until != Some(t) {
         deadlines.remove(&(t, index));
+    }
+}
+
+/// Wakes `peer` for queued Background chunk `index`: an exhausted peer (no entry) looks at that
+/// chunk alone, an awake one keeps what it had plus `index`.
+fn wake<P: Ord + Clone>(awake: &mut BTreeMap<P, BgWake>, peer: &P, index: u32) {
+    match awake.get_mut(peer) {
+        None => {
+            awake.insert(peer.clone(), BgWake::Only(vec![index]));
+        }
+        Some(BgWake::Scan) => {}
+        Some(w) => {
+            let full = match w {
+                BgWake::Only(v) => {
+                    if !v.contains(&index) {
+                        v.push(index);
+                    }
+                    v.len() > SCAN_BUDGET
+                }
+                BgWake::Scan => false,
+            };
+            if full {
+                *w = BgWake::Scan;
+            }
+        }
     }
 }

@@ -43,8 +43,6 @@ pub(crate) struct Peer {
     pub(crate) suspect: bool,
     /// Random tie-break among otherwise equal peers.
     pub(crate) tiebreak: u64,
-    /// Scheduler generation at which this peer last had nothing to pick for Background.
-    pub(crate) exhausted_gen: Option<u64>,
     /// Last instant the peer showed it is serving us (a chunk or a reject arrived from it).
     pub(crate) last_progress: Instant,
     /// Most requests in flight to this peer (its bandwidth-delay window, at least the configured
@@ -79,7 +77,6 @@ impl Peer {
             consecutive_timeouts: 0,
             suspect: false,
             tiebreak,
-            exhausted_gen: None,
             bg_choked_until: Instant::ZERO,
             last_progress: Instant::ZERO,
             limit: 1,

@@ -2089,3 +2089,25 @@ fn a_background_fanout_refusal_chokes_the_peer_for_relay_retry() {
         "{after:?}"
     );
 }
+
+#[test]
+fn a_refusal_that_has_ended_is_seen_by_the_next_input_before_the_timer() {
+    // Peer 1 refuses the only chunk it holds; once relay_retry has passed, any input (here another
+    // peer connecting) must ask it again, whether or not the driver's timer fired first.
+    let mut s = FetchScheduler::new(cfg(), 4, 5).unwrap();
+    s.handle_peer_connected(t(0), 1, info("dc1", 1));
+    s.handle_peer_have_update(t(0), &1, &[0]);
+    // Chunk 1 has no holder: it stays queued, so peer 1 looks for more work, finds none, and
+    // is left out of later passes until something gives it work.
+    s.handle_want_many(t(0), 0..2, Priority::Background)
+        .unwrap();
+    let first = requests(&drain_actions(&mut s));
+    assert_eq!(first, vec![(1, Priority::Background, 0)]);
+    s.handle_reject(t(10), &1, 0, RejectKind::Fanout);
+    assert!(requests(&drain_actions(&mut s)).is_empty());
+    s.handle_peer_connected(t(150), 2, info("dc1", 1));
+    assert_eq!(
+        requests(&drain_actions(&mut s)),
+        vec![(1, Priority::Background, 0)]
+    );
+}
