@@ -10,15 +10,29 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{ArgGroup, Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use libp2p::Multiaddr;
 use vmswarm_node::config::FileConfig;
 use vmswarm_node::control::{self, MountRequest, PrefetchMode, Request};
 use vmswarm_node::daemon;
 
+/// The `--version` text: the crate version, then the wire protocol version (peers of another
+/// protocol version are refused at Hello) and the manifest format version.
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        format!(
+            "{} (protocol {}, manifest format {})",
+            env!("CARGO_PKG_VERSION"),
+            vmswarm_protocol::wire::PROTOCOL_VERSION,
+            vmswarm_protocol::manifest::FORMAT_VERSION
+        )
+    })
+}
+
 /// Peer-to-peer VM image distribution node.
 #[derive(Debug, Parser)]
-#[command(name = "vmswarm", version, about, long_about = None)]
+#[command(name = "vmswarm", version = version(), about, long_about = None)]
 struct Cli {
     /// Data dir (default: $VMSWARM_DATA, then the user's data dir + /vmswarm).
     #[arg(long, global = true)]
@@ -185,6 +199,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script, e.g. `vmswarm completions bash >
+    /// /etc/bash_completion.d/vmswarm` or `vmswarm completions zsh > "${fpath[1]}/_vmswarm"`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +340,12 @@ async fn run(cli: Cli) -> Result<String> {
 
 async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
     match cli.command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vmswarm", &mut script);
+            out.push_str(&String::from_utf8(script).context("a completion script is not UTF-8")?);
+            Ok(())
+        }
         Command::Serve {
             listen,
             site,
