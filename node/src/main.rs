@@ -515,11 +515,9 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
                         i["name"].as_str().unwrap_or_default(),
                         i["present"],
                         i["chunks"],
-                        if i["pulling"].as_bool() == Some(true) {
-                            "  (pulling)"
-                        } else {
-                            ""
-                        }
+                        image_activity(i)
+                            .map(|a| format!("  ({a})"))
+                            .unwrap_or_default()
                     );
                 }
             }
@@ -793,6 +791,57 @@ async fn stage(
     Ok(())
 }
 
+/// What `vmswarm images` says about an image beside its chunk count: how it is held (pulled,
+/// mounted lazily or with a prefetch) and whether anything is being fetched, from the daemon's
+/// `images` entry. `None` for a complete image. A daemon too old to send `activity` gets the old
+/// `pulling` flag.
+fn image_activity(i: &serde_json::Value) -> Option<String> {
+    let Some(activity) = i["activity"].as_str() else {
+        return (i["pulling"].as_bool() == Some(true)).then(|| "pulling".to_owned());
+    };
+    if activity == "complete" {
+        return None;
+    }
+    let fetching = (activity == "fetching").then(|| {
+        let wanted = i["wanted"].as_u64().unwrap_or(0);
+        let demand = i["wanted_demand"].as_u64().unwrap_or(0);
+        let in_flight = i["requests_in_flight"].as_u64().unwrap_or(0);
+        let count = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let reads = if demand > 0 {
+            format!("{demand} for reads, ")
+        } else {
+            String::new()
+        };
+        format!(
+            "fetching {} ({reads}{} in flight)",
+            count(wanted, "chunk"),
+            count(in_flight, "request")
+        )
+    });
+    let mounts: Vec<&str> = i["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+        .collect();
+    if mounts.is_empty() {
+        return Some(match fetching {
+            Some(f) => format!("pulling: {f}"),
+            None => "incomplete, idle: nothing being fetched".to_owned(),
+        });
+    }
+    let names = mounts.join(", ");
+    let how = match i["prefetch"].as_str() {
+        Some("all") => format!("mounted as {names}, prefetching the whole image"),
+        Some("profile") => format!("mounted as {names}, prefetching its boot profile"),
+        _ => format!("mounted lazily as {names}"),
+    };
+    Some(match fetching {
+        Some(f) => format!("{how}; {f}"),
+        None => format!("{how}; idle: chunks are fetched when read"),
+    })
+}
+
 fn absolute(p: &Path) -> Result<PathBuf> {
     if p.is_absolute() {
         Ok(p.to_path_buf())
@@ -825,6 +874,56 @@ mod tests {
         let err = parse_size("17592186044417MiB").unwrap_err();
         assert!(err.contains("64KiB") && err.contains("16MiB"), "{err}");
         assert_eq!(DEFAULT_CHUNK_SIZE, 262_144);
+    }
+
+    #[test]
+    fn image_activity_says_what_is_happening() {
+        use serde_json::json;
+        let complete = json!({"activity": "complete", "pulling": false, "mounts": ["a"]});
+        assert_eq!(image_activity(&complete), None);
+        let lazy_idle = json!({
+            "activity": "idle", "pulling": true, "mounts": ["vm1"], "prefetch": "none",
+            "wanted": 0, "wanted_demand": 0, "requests_in_flight": 0,
+        });
+        assert_eq!(
+            image_activity(&lazy_idle).unwrap(),
+            "mounted lazily as vm1; idle: chunks are fetched when read"
+        );
+        let lazy_reading = json!({
+            "activity": "fetching", "pulling": true, "mounts": ["vm1", "vm2"], "prefetch": "none",
+            "wanted": 3, "wanted_demand": 3, "requests_in_flight": 2,
+        });
+        assert_eq!(
+            image_activity(&lazy_reading).unwrap(),
+            "mounted lazily as vm1, vm2; fetching 3 chunks (3 for reads, 2 requests in flight)"
+        );
+        let prefetch = json!({
+            "activity": "fetching", "pulling": true, "mounts": ["pre"], "prefetch": "all",
+            "wanted": 1, "wanted_demand": 0, "requests_in_flight": 1,
+        });
+        assert_eq!(
+            image_activity(&prefetch).unwrap(),
+            "mounted as pre, prefetching the whole image; fetching 1 chunk (1 request in flight)"
+        );
+        let pull = json!({
+            "activity": "fetching", "pulling": true, "mounts": [], "prefetch": null,
+            "wanted": 900, "wanted_demand": 0, "requests_in_flight": 16,
+        });
+        assert_eq!(
+            image_activity(&pull).unwrap(),
+            "pulling: fetching 900 chunks (16 requests in flight)"
+        );
+        let partial = json!({"activity": "idle", "pulling": false, "mounts": []});
+        assert_eq!(
+            image_activity(&partial).unwrap(),
+            "incomplete, idle: nothing being fetched"
+        );
+        // A daemon from before `activity`.
+        assert_eq!(
+            image_activity(&json!({"pulling": true})).as_deref(),
+            Some("pulling")
+        );
+        assert_eq!(image_activity(&json!({"pulling": false})), None);
     }
 
     #[test]
