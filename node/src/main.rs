@@ -15,6 +15,7 @@ use libp2p::Multiaddr;
 use vmswarm_node::config::FileConfig;
 use vmswarm_node::control::{self, MountRequest, PrefetchMode, Request};
 use vmswarm_node::daemon;
+use vmswarm_node::progress::{self, Progress};
 
 /// The `--version` text: the crate version, then the wire protocol version (peers of another
 /// protocol version are refused at Hello) and the manifest format version.
@@ -458,27 +459,17 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
                 None => None,
             };
             let data = data_dir(&cli.data, None)?;
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} chunks {msg}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let progress = Progress::new("pull", "fetched", "chunks", progress::Style::Lines);
             let result = control::call(
                 &data,
                 &Request::Pull {
                     image: image_id.to_string(),
                     output,
                 },
-                |done, total, bytes| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                    bar.set_message(format!("{:.1} MiB fetched", bytes as f64 / 1048576.0));
-                },
+                |done, total, bytes| progress.update(done, total, bytes),
             )
             .await;
-            bar.finish_and_clear();
+            progress.finish();
             let result = result?;
             outln!(
                 out,
@@ -736,6 +727,16 @@ async fn stage(
         None => Vec::new(),
     };
     let data = data_dir(data, None)?;
+    // With --json nothing but the result is printed. The daemon's summary lines come every second;
+    // off a terminal they carry the rate and ETA, on one the bar does.
+    let progress = (!json).then(|| {
+        Progress::new(
+            "stage",
+            "uploaded",
+            "chunks held",
+            progress::Style::Annotate,
+        )
+    });
     let result = control::call_with_lines(
         &data,
         &Request::Stage {
@@ -745,14 +746,22 @@ async fn stage(
             asked,
             wait: !no_wait,
         },
-        |_, _, _| {},
+        |done, total, bytes| {
+            if let Some(p) = &progress {
+                p.update(done, total, bytes);
+            }
+        },
         |line| {
-            if !json {
-                eprintln!("{line}");
+            if let Some(p) = &progress {
+                p.println(line);
             }
         },
     )
-    .await?;
+    .await;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let result = result?;
     if json {
         outln!(out, "{}", serde_json::to_string_pretty(&result)?);
     } else {
