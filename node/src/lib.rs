@@ -14,6 +14,7 @@
 //! - [`overlay`]: copy-on-write overlays of writable clones.
 //! - [`profile`]: boot profiles (first-touch chunk order) recorded by mounts, replayed by prefetch.
 //! - [`stage`]: the target list of `vmswarm stage` (peers files).
+//! - [`progress`]: what `pull` and `stage` show while they run (a bar on a terminal, else lines).
 //!
 //! Scheduling decisions (which chunk, from whom, when to give up, whom to ban, what to serve next)
 //! are made by `vmswarm-protocol`, never here.
@@ -29,5 +30,6 @@ pub mod net;
 pub mod output;
 pub mod overlay;
 pub mod profile;
+pub mod progress;
 pub mod stage;
 pub mod store;

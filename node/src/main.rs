@@ -10,15 +10,30 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{ArgGroup, Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use libp2p::Multiaddr;
 use vmswarm_node::config::FileConfig;
 use vmswarm_node::control::{self, MountRequest, PrefetchMode, Request};
 use vmswarm_node::daemon;
+use vmswarm_node::progress::{self, Progress};
+
+/// The `--version` text: the crate version, then the wire protocol version (peers of another
+/// protocol version are refused at Hello) and the manifest format version.
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        format!(
+            "{} (protocol {}, manifest format {})",
+            env!("CARGO_PKG_VERSION"),
+            vmswarm_protocol::wire::PROTOCOL_VERSION,
+            vmswarm_protocol::manifest::FORMAT_VERSION
+        )
+    })
+}
 
 /// Peer-to-peer VM image distribution node.
 #[derive(Debug, Parser)]
-#[command(name = "vmswarm", version, about, long_about = None)]
+#[command(name = "vmswarm", version = version(), about, long_about = None)]
 struct Cli {
     /// Data dir (default: $VMSWARM_DATA, then the user's data dir + /vmswarm).
     #[arg(long, global = true)]
@@ -185,6 +200,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script, e.g. `vmswarm completions bash >
+    /// /etc/bash_completion.d/vmswarm` or `vmswarm completions zsh > "${fpath[1]}/_vmswarm"`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +341,12 @@ async fn run(cli: Cli) -> Result<String> {
 
 async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
     match cli.command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vmswarm", &mut script);
+            out.push_str(&String::from_utf8(script).context("a completion script is not UTF-8")?);
+            Ok(())
+        }
         Command::Serve {
             listen,
             site,
@@ -432,27 +459,17 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
                 None => None,
             };
             let data = data_dir(&cli.data, None)?;
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} chunks {msg}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let progress = Progress::new("pull", "fetched", "chunks", progress::Style::Lines);
             let result = control::call(
                 &data,
                 &Request::Pull {
                     image: image_id.to_string(),
                     output,
                 },
-                |done, total, bytes| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                    bar.set_message(format!("{:.1} MiB fetched", bytes as f64 / 1048576.0));
-                },
+                |done, total, bytes| progress.update(done, total, bytes),
             )
             .await;
-            bar.finish_and_clear();
+            progress.finish();
             let result = result?;
             outln!(
                 out,
@@ -489,11 +506,9 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
                         i["name"].as_str().unwrap_or_default(),
                         i["present"],
                         i["chunks"],
-                        if i["pulling"].as_bool() == Some(true) {
-                            "  (pulling)"
-                        } else {
-                            ""
-                        }
+                        image_activity(i)
+                            .map(|a| format!("  ({a})"))
+                            .unwrap_or_default()
                     );
                 }
             }
@@ -712,6 +727,16 @@ async fn stage(
         None => Vec::new(),
     };
     let data = data_dir(data, None)?;
+    // With --json nothing but the result is printed. The daemon's summary lines come every second;
+    // off a terminal they carry the rate and ETA, on one the bar does.
+    let progress = (!json).then(|| {
+        Progress::new(
+            "stage",
+            "uploaded",
+            "chunks held",
+            progress::Style::Annotate,
+        )
+    });
     let result = control::call_with_lines(
         &data,
         &Request::Stage {
@@ -721,14 +746,22 @@ async fn stage(
             asked,
             wait: !no_wait,
         },
-        |_, _, _| {},
+        |done, total, bytes| {
+            if let Some(p) = &progress {
+                p.update(done, total, bytes);
+            }
+        },
         |line| {
-            if !json {
-                eprintln!("{line}");
+            if let Some(p) = &progress {
+                p.println(line);
             }
         },
     )
-    .await?;
+    .await;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let result = result?;
     if json {
         outln!(out, "{}", serde_json::to_string_pretty(&result)?);
     } else {
@@ -767,6 +800,57 @@ async fn stage(
     Ok(())
 }
 
+/// What `vmswarm images` says about an image beside its chunk count: how it is held (pulled,
+/// mounted lazily or with a prefetch) and whether anything is being fetched, from the daemon's
+/// `images` entry. `None` for a complete image. A daemon too old to send `activity` gets the old
+/// `pulling` flag.
+fn image_activity(i: &serde_json::Value) -> Option<String> {
+    let Some(activity) = i["activity"].as_str() else {
+        return (i["pulling"].as_bool() == Some(true)).then(|| "pulling".to_owned());
+    };
+    if activity == "complete" {
+        return None;
+    }
+    let fetching = (activity == "fetching").then(|| {
+        let wanted = i["wanted"].as_u64().unwrap_or(0);
+        let demand = i["wanted_demand"].as_u64().unwrap_or(0);
+        let in_flight = i["requests_in_flight"].as_u64().unwrap_or(0);
+        let count = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let reads = if demand > 0 {
+            format!("{demand} for reads, ")
+        } else {
+            String::new()
+        };
+        format!(
+            "fetching {} ({reads}{} in flight)",
+            count(wanted, "chunk"),
+            count(in_flight, "request")
+        )
+    });
+    let mounts: Vec<&str> = i["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+        .collect();
+    if mounts.is_empty() {
+        return Some(match fetching {
+            Some(f) => format!("pulling: {f}"),
+            None => "incomplete, idle: nothing being fetched".to_owned(),
+        });
+    }
+    let names = mounts.join(", ");
+    let how = match i["prefetch"].as_str() {
+        Some("all") => format!("mounted as {names}, prefetching the whole image"),
+        Some("profile") => format!("mounted as {names}, prefetching its boot profile"),
+        _ => format!("mounted lazily as {names}"),
+    };
+    Some(match fetching {
+        Some(f) => format!("{how}; {f}"),
+        None => format!("{how}; idle: chunks are fetched when read"),
+    })
+}
+
 fn absolute(p: &Path) -> Result<PathBuf> {
     if p.is_absolute() {
         Ok(p.to_path_buf())
@@ -799,6 +883,56 @@ mod tests {
         let err = parse_size("17592186044417MiB").unwrap_err();
         assert!(err.contains("64KiB") && err.contains("16MiB"), "{err}");
         assert_eq!(DEFAULT_CHUNK_SIZE, 262_144);
+    }
+
+    #[test]
+    fn image_activity_says_what_is_happening() {
+        use serde_json::json;
+        let complete = json!({"activity": "complete", "pulling": false, "mounts": ["a"]});
+        assert_eq!(image_activity(&complete), None);
+        let lazy_idle = json!({
+            "activity": "idle", "pulling": true, "mounts": ["vm1"], "prefetch": "none",
+            "wanted": 0, "wanted_demand": 0, "requests_in_flight": 0,
+        });
+        assert_eq!(
+            image_activity(&lazy_idle).unwrap(),
+            "mounted lazily as vm1; idle: chunks are fetched when read"
+        );
+        let lazy_reading = json!({
+            "activity": "fetching", "pulling": true, "mounts": ["vm1", "vm2"], "prefetch": "none",
+            "wanted": 3, "wanted_demand": 3, "requests_in_flight": 2,
+        });
+        assert_eq!(
+            image_activity(&lazy_reading).unwrap(),
+            "mounted lazily as vm1, vm2; fetching 3 chunks (3 for reads, 2 requests in flight)"
+        );
+        let prefetch = json!({
+            "activity": "fetching", "pulling": true, "mounts": ["pre"], "prefetch": "all",
+            "wanted": 1, "wanted_demand": 0, "requests_in_flight": 1,
+        });
+        assert_eq!(
+            image_activity(&prefetch).unwrap(),
+            "mounted as pre, prefetching the whole image; fetching 1 chunk (1 request in flight)"
+        );
+        let pull = json!({
+            "activity": "fetching", "pulling": true, "mounts": [], "prefetch": null,
+            "wanted": 900, "wanted_demand": 0, "requests_in_flight": 16,
+        });
+        assert_eq!(
+            image_activity(&pull).unwrap(),
+            "pulling: fetching 900 chunks (16 requests in flight)"
+        );
+        let partial = json!({"activity": "idle", "pulling": false, "mounts": []});
+        assert_eq!(
+            image_activity(&partial).unwrap(),
+            "incomplete, idle: nothing being fetched"
+        );
+        // A daemon from before `activity`.
+        assert_eq!(
+            image_activity(&json!({"pulling": true})).as_deref(),
+            Some("pulling")
+        );
+        assert_eq!(image_activity(&json!({"pulling": false})), None);
     }
 
     #[test]

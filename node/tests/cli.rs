@@ -1,6 +1,6 @@
 //! The `vmswarm` command line against real daemons: where `pull -o` may write, `--chunk-size`
 //! limits, unbindable listen addresses, a closed stdout, clones of unknown images, and bootstrap
-//! peers that never answer.
+//! peers that never answer; and without a daemon: `--version` and `completions`.
 
 mod common;
 
@@ -302,4 +302,44 @@ fn a_bootstrap_peer_that_never_answers_is_warned_about() {
     let status = node.status();
     assert_eq!(status["bootstrap"][0]["addr"], addr.as_str());
     assert_eq!(status["bootstrap"][0]["connected"], false);
+}
+
+#[test]
+fn version_names_the_protocol_and_manifest_format_versions() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.trim_end(),
+        format!(
+            "vmswarm {} (protocol {}, manifest format {})",
+            env!("CARGO_PKG_VERSION"),
+            vmswarm_protocol::wire::PROTOCOL_VERSION,
+            vmswarm_protocol::manifest::FORMAT_VERSION
+        )
+    );
+    // Pinned: changing either version is a compatibility decision, not a refactor.
+    assert!(text.contains("(protocol 1, manifest format 1)"), "{text}");
+}
+
+#[test]
+fn completions_print_a_script_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            script.contains("vmswarm") && script.contains("publish") && script.contains("stage"),
+            "{shell}: {script}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("bash"), "{}", stderr(&out));
 }

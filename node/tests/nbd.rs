@@ -1017,11 +1017,36 @@ fn a_lazy_mount_keeps_its_transfer_and_umount_stops_its_prefetch() {
     // The read's chunk, and whatever qemu probes on open: a few chunks, not the image.
     let present = image_of(&b)["present"].as_u64().unwrap();
     assert!((1..=4).contains(&present), "{present} chunks present");
+    // `images` says what is happening: mounted lazily, nothing fetched between reads (the read's
+    // chunk may still be on its way to the store for a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while image_of(&b)["activity"] != "idle" {
+        assert!(Instant::now() < deadline, "{}\n{}", image_of(&b), b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lazy = image_of(&b);
+    assert_eq!(lazy["mounts"], serde_json::json!(["lazy"]), "{lazy}");
+    assert_eq!(lazy["prefetch"], "none", "{lazy}");
+    assert_eq!(lazy["wanted"], 0, "{lazy}");
+    let text = cli_ok(&b, &["images"]);
+    assert!(
+        text.contains("mounted lazily as lazy; idle: chunks are fetched when read"),
+        "{text}"
+    );
+    assert!(!text.contains("(pulling)"), "{text}");
     cli_ok(&b, &["umount", "lazy"]);
     assert_eq!(
         image_of(&b)["pulling"],
         false,
         "the last umount ends the transfer"
+    );
+    let unmounted = image_of(&b);
+    assert_eq!(unmounted["activity"], "idle", "{unmounted}");
+    assert_eq!(unmounted["mounts"], serde_json::json!([]), "{unmounted}");
+    let text = cli_ok(&b, &["images"]);
+    assert!(
+        text.contains("(incomplete, idle: nothing being fetched)"),
+        "{text}"
     );
 
     // A prefetching mount, unmounted at once: the prefetch stops short of the whole image.
@@ -1036,6 +1061,11 @@ fn a_lazy_mount_keeps_its_transfer_and_umount_stops_its_prefetch() {
             "pre",
             "--prefetch",
         ],
+    );
+    let text = cli_ok(&b, &["images"]);
+    assert!(
+        text.contains("(mounted as pre, prefetching the whole image; fetching "),
+        "{text}"
     );
     cli_ok(&b, &["umount", "pre"]);
     let at_umount = image_of(&b)["present"].as_u64().unwrap();

@@ -350,6 +350,18 @@ fn bad_input_fails_clearly() {
         text.contains("complete") && text.contains("staged") && text.contains("1 targets"),
         "{text}"
     );
+    // Off a terminal the progress lines are plain, with the upload figures appended.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("1/1 targets complete")
+            && err.contains("MiB uploaded")
+            && err.contains("done"),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "no terminal escapes off a terminal: {err:?}"
+    );
 }
 
 /// `stage --asked`: a node that mounted the image (it fetched the manifest from the publisher and

@@ -1402,6 +1402,18 @@ impl Daemon {
             .images
             .iter()
             .map(|(id, img)| {
+                let mounts = self.mount_names(id);
+                let stats = self.transfers.get(id).map(|t| t.sched.stats());
+                // What is happening to it now: `complete`; `fetching` (some chunks are wanted:
+                // a pull, a stage, a prefetch, or a mount's reads); `idle` (incomplete and
+                // nothing wanted, e.g. a lazy mount between reads).
+                let activity = if img.present.is_full() {
+                    "complete"
+                } else if stats.is_some_and(|s| s.wanted > 0) {
+                    "fetching"
+                } else {
+                    "idle"
+                };
                 serde_json::json!({
                     "id": id.to_string(),
                     "name": img.manifest.name,
@@ -1409,7 +1421,18 @@ impl Daemon {
                     "chunks": img.manifest.chunk_count(),
                     "present": img.present.count(),
                     "complete": img.present.is_full(),
+                    // Whether a transfer exists (a pull, a stage, a prefetch, or a mount of an
+                    // incomplete image even while it fetches nothing): `activity` says more.
                     "pulling": self.transfers.contains_key(id),
+                    "activity": activity,
+                    // Exports serving it, and the widest prefetch among them (null: none).
+                    "prefetch": (!mounts.is_empty()).then(|| self.prefetch_mode(id)),
+                    "mounts": mounts,
+                    // While a transfer exists: chunks wanted (queued or in flight), of those for
+                    // VMs' reads (Demand), and requests in flight.
+                    "wanted": stats.map(|s| s.wanted),
+                    "wanted_demand": stats.map(|s| s.wanted_demand),
+                    "requests_in_flight": stats.map(|s| s.requests_in_flight),
                     // While a transfer runs: chunks some connected peer holds, as far as we know
                     // from their Have sets (what a pull or a lazy mount can still get).
                     "peer_held": self.transfers.get(id).map(|t| t.sched.chunks_with_holders()),

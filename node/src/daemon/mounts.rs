@@ -556,7 +556,7 @@ impl Daemon {
     }
 
     /// The widest background fetch that the mounts of `image` ask for.
-    fn prefetch_mode(&self, image: &ImageId) -> PrefetchMode {
+    pub(super) fn prefetch_mode(&self, image: &ImageId) -> PrefetchMode {
         let modes = self.mounts.mounts.values().filter(|m| m.image == *image);
         modes.fold(PrefetchMode::None, |acc, m| match (acc, m.prefetch) {
             (PrefetchMode::All, _) | (_, PrefetchMode::All) => PrefetchMode::All,
@@ -727,6 +727,16 @@ impl Daemon {
     /// Whether some export serves `image` (its transfer then stays, wanting or not).
     pub(super) fn is_mounted(&self, image: &ImageId) -> bool {
         self.mounts.mounts.values().any(|m| m.image == *image)
+    }
+
+    /// The names of the exports that serve `image` (an image's or a clone's), in name order.
+    pub(super) fn mount_names(&self, image: &ImageId) -> Vec<&str> {
+        self.mounts
+            .mounts
+            .iter()
+            .filter(|(_, m)| m.image == *image)
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
 
     /// `vmswarm umount`.

@@ -672,6 +672,17 @@ impl Daemon {
             "{complete}/{n} targets complete, {failed} failed; {held}/{} chunks held",
             chunks * n as u64
         );
+        // The figures behind the line, for the client's rate and ETA: chunks held by all targets
+        // and the bytes this node uploaded since the run started.
+        let _ = run.reply.send(Reply::Progress {
+            done: held,
+            total: chunks * n as u64,
+            bytes: self
+                .metrics
+                .snapshot()
+                .bytes_out
+                .saturating_sub(run.bytes_out_at_start),
+        });
         run.last_report = StdInstant::now();
         if line != run.last_line {
             run.last_line = line.clone();
