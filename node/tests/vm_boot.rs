@@ -435,18 +435,12 @@ fn writable_clones_boot_together_keep_their_writes_and_leave_the_base_alone() {
     let clones = json_ok(&b, &["mounts"]);
     eprintln!("exports after the first boots: {clones}");
 
-    // The export goes away and comes back: the second boot of vm1 (root read-only, disk
-    // read-only) reads the note its first boot wrote; vm2's note is not there.
+    // The export goes away and comes back: the second boot of vm1 (root mounted read-only, no
+    // write asked) reads the note its first boot wrote; vm2's note is not there.
     cli_ok(&b, &["umount", "vm1"]);
     cli_ok(&b, &["mount", "--clone", "vm1", "--nbd", &sock_arg]);
-    let again = boot(
-        vm,
-        &nbd_uri(&sock, "vm1"),
-        false,
-        "",
-        &console("vm1-second"),
-    )
-    .finish("clone vm1, second boot");
+    let again = boot(vm, &nbd_uri(&sock, "vm1"), true, "", &console("vm1-second"))
+        .finish("clone vm1, second boot");
     assert_eq!(again.value("VMSWARM-NOTE"), Some("written-by-vm1"));
     assert_eq!(again.value("VMSWARM-WROTE"), None);
     assert_eq!(again.value("VMSWARM-CHECKSUM"), Some(expected.as_str()));
