@@ -9,6 +9,7 @@ pub mod compare;
 pub mod demo;
 pub mod plan;
 pub mod probe;
+pub mod realboot;
 pub mod run;
 pub mod state;
 pub mod sys;
