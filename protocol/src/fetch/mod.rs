@@ -95,6 +95,7 @@
 //! something that could give it work changes (a new want, a re-queue, its own Have set growing).
 
 mod peer;
+mod wake;
 
 #[cfg(test)]
 mod tests;
@@ -111,6 +112,7 @@ use crate::bitfield::ChunkBitmap;
 use crate::priority::Priority;
 use crate::time::Instant;
 use peer::{Peer, RankKey, relay_score, site_score, stable_key};
+use wake::{Look, Wakes};
 
 /// How many Background queue entries to scan for a peer before switching to a bitmap intersection.
 const SCAN_BUDGET: usize = 64;
@@ -387,17 +389,6 @@ struct BgKey {
     index: u32,
 }
 
-/// Where an awake peer looks for Background work in the next pass.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum BgWake {
-    /// The whole queue, best key first (it was never exhausted, or something changed for many
-    /// chunks at once).
-    Scan,
-    /// Only these chunks: the peer was exhausted, and these are the chunks that became takeable
-    /// for it since (at most [`SCAN_BUDGET`]; more turn it into a scan).
-    Only(Vec<u32>),
-}
-
 #[derive(Debug)]
 struct Want<P> {
     priority: Priority,
@@ -492,11 +483,8 @@ pub struct FetchScheduler<P> {
     pending_expiry: BTreeSet<(Instant, P, u32)>,
     /// Peers' cool-down ends, so that queued work is looked at again when one passes.
     cooldowns: BTreeSet<(Instant, P)>,
-    /// Peers that may have Background work to pick, and where to look: every peer but those
-    /// whose last look found nothing they could take, until something gives them work again. The
-    /// Background pass walks only these (a site gateway has hundreds of peers, nearly all with
-    /// nothing it wants).
-    bg_awake: BTreeMap<P, BgWake>,
+    /// The peers the Background pass visits, and where each looks ([`wake`]).
+    bg: Wakes<P>,
     /// Queued Background chunks that peers may take now and could not at their last look (newly
     /// queued, re-queued, or a rule that kept them from them ended). The next pass wakes, for
     /// each, the peers that hold it and may be asked for it.
@@ -593,7 +581,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             unavailable_deadlines: BTreeSet::new(),
             pending_expiry: BTreeSet::new(),
             cooldowns: BTreeSet::new(),
-            bg_awake: BTreeMap::new(),
+            bg: Wakes::new(),
             bg_fresh: BTreeSet::new(),
             demand_fresh: BTreeSet::new(),
             demand_freed: BTreeSet::new(),
@@ -947,7 +935,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         p.limit = self.window(info.rtt);
         p.last_progress = now;
         let key = p.key;
-        self.bg_awake.insert(peer.clone(), BgWake::Scan);
+        self.bg.wake_all(&peer);
         self.peers.insert(peer, p);
         if self.gateway_ids.contains_key(&key) {
             // A gateway (re)connected: Demand wants it is assigned can be told to it now.
@@ -974,7 +962,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             p.rtt = Some(rtt);
             p.limit = limit;
             self.demand_freed.insert(peer.clone());
-            self.bg_awake.insert(peer.clone(), BgWake::Scan);
+            self.bg.wake_all(peer);
             self.schedule(now);
         }
     }
@@ -1138,6 +1126,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                                 self.bg_chokes.remove(&(p.bg_choked_until, peer.clone()));
                                 p.bg_choked_until = until;
                                 self.bg_chokes.insert((until, peer.clone()));
+                                self.bg.park(peer);
                             }
                         }
                     }
@@ -1532,7 +1521,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             .as_ref()
             .is_some_and(|w| w.bg_key.is_some())
         {
-            wake(&mut self.bg_awake, peer, index);
+            self.bg.wake(peer, index);
         }
         let local = p.counts_as_local();
         let pending = p.pending.remove(&index);
@@ -1662,7 +1651,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
         self.cooldowns.remove(&(cooldown, peer.clone()));
         self.peers.remove(peer);
-        self.bg_awake.remove(peer);
+        self.bg.remove(peer);
         for index in have {
             self.chunk_unavailable(now, index, local);
         }
@@ -1677,11 +1666,13 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     /// Something changed that may give queued work to peers that had none they could take, for
     /// any want: every queued Demand want is looked at again, and every peer may pick Background.
     fn rescan_all(&mut self) {
-        self.bg_awake = self
-            .peers
-            .keys()
-            .map(|id| (id.clone(), BgWake::Scan))
-            .collect();
+        let chokes = &self.bg_chokes;
+        let peers = &self.peers;
+        self.bg.wake_everyone(peers.keys(), |id| {
+            peers
+                .get(id)
+                .is_some_and(|p| chokes.contains(&(p.bg_choked_until, id.clone())))
+        });
         self.demand_rescan = true;
     }
 
@@ -1703,7 +1694,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     /// Chunk `index`, queued at Background, may be asked of `peer` again (its refusal ended).
     fn wake_background(&mut self, peer: &P, index: u32) {
         if self.peers.contains_key(peer) {
-            wake(&mut self.bg_awake, peer, index);
+            self.bg.wake(peer, index);
         }
     }
 
@@ -1727,7 +1718,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                     && self.locality_allows(now, p, index)
                     && !self.relay_excluded(now, id, index)
                 {
-                    wake(&mut self.bg_awake, id, index);
+                    self.bg.wake(id, index);
                 }
             }
         }
@@ -1758,7 +1749,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
         self.cooldowns.remove(&(p.cooldown_until, peer.clone()));
         p.cooldown_until = Instant::ZERO;
-        self.bg_awake.insert(peer.clone(), BgWake::Scan);
+        self.bg.wake_all(peer);
         self.demand_rescan = true;
     }
 
@@ -2077,13 +2068,13 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
     }
 
     /// The best queued Background chunk for `peer`, if any, looking where `wake` says.
-    fn pick_background(&self, now: Instant, id: &P, peer: &Peer, wake: &BgWake) -> Option<u32> {
+    fn pick_background(&self, now: Instant, id: &P, peer: &Peer, look: &Look) -> Option<u32> {
         let ok = |index: u32| {
             peer.have.contains(index)
                 && self.locality_allows(now, peer, index)
                 && !self.relay_excluded(now, id, index)
         };
-        if let BgWake::Only(candidates) = wake {
+        if let Look::Only(candidates) = look {
             let pick = candidates
                 .iter()
                 .filter(|&&i| ok(i))
@@ -2093,7 +2084,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             // The invariant that makes the short look right: nothing else became takeable.
             debug_assert_eq!(
                 pick,
-                self.pick_background(now, id, peer, &BgWake::Scan),
+                self.pick_background(now, id, peer, &Look::Scan),
                 "a woken peer's candidates miss a chunk it may take"
             );
             return pick;
@@ -2254,14 +2245,14 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 }
             }
         }
-        // Background chokes that end: those peers take Background requests again. A choke only
-        // zeroes the peer's Background slots, so it never took part in a Background pass while
-        // choked and what it may pick is as it was (a refused chunk's own bar ends above).
-        while let Some((at, _)) = self.bg_chokes.first() {
-            if *at > now {
+        // Background chokes that end: those peers take Background requests again, looking where
+        // they were woken for while parked.
+        while let Some((at, id)) = self.bg_chokes.first().cloned() {
+            if at > now {
                 break;
             }
             self.bg_chokes.pop_first();
+            self.bg.unpark(&id);
         }
         // Same-site fetch announcements we stop waiting for.
         while let Some((until, peer, index)) = self.pending_expiry.first().cloned() {
@@ -2365,8 +2356,8 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
         }
         if !self.bg_queue.is_empty() {
             let mut heap: BinaryHeap<std::cmp::Reverse<(RankKey, P)>> = self
-                .bg_awake
-                .keys()
+                .bg
+                .awake()
                 .filter_map(|id| {
                     let p = self.peers.get(id)?;
                     p.has_room(now, self.slot_limit(now, p, Priority::Background))
@@ -2377,10 +2368,10 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                 let Some(p) = self.peers.get(&id) else {
                     continue;
                 };
-                let Some(wake) = self.bg_awake.get(&id) else {
+                let Some(look) = self.bg.look(&id) else {
                     continue;
                 };
-                match self.pick_background(now, &id, p, wake) {
+                match self.pick_background(now, &id, p, look) {
                     Some(index) => {
                         self.assign(now, index, &id, Priority::Background, &mut pass);
                         if let Some(p) = self.peers.get(&id) {
@@ -2392,7 +2383,7 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
                         }
                     }
                     None => {
-                        self.bg_awake.remove(&id);
+                        self.bg.exhaust(&id);
                     }
                 }
                 if self.bg_queue.is_empty() {
@@ -2402,11 +2393,11 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
             // The invariant the pass relies on: a peer left asleep has nothing it could take.
             #[cfg(debug_assertions)]
             for (id, p) in &self.peers {
-                if !self.bg_awake.contains_key(id)
+                if !self.bg.is_listed(id)
                     && p.has_room(now, self.slot_limit(now, p, Priority::Background))
                 {
                     debug_assert_eq!(
-                        self.pick_background(now, id, p, &BgWake::Scan),
+                        self.pick_background(now, id, p, &Look::Scan),
                         None,
                         "an exhausted peer was not woken for a chunk it may take"
                     );
@@ -2487,30 +2478,5 @@ impl<P: Clone + Ord + Debug + Hash> FetchScheduler<P> {
 fn forget_wait<P>(deadlines: &mut BTreeSet<(Instant, u32)>, w: &Want<P>, index: u32, t: Instant) {
     if w.wan_after != t && w.assign_after != Some(t) && w.gateway_fetch_until != Some(t) {
         deadlines.remove(&(t, index));
-    }
-}
-
-/// Wakes `peer` for queued Background chunk `index`: an exhausted peer (no entry) looks at that
-/// chunk alone, an awake one keeps what it had plus `index`.
-fn wake<P: Ord + Clone>(awake: &mut BTreeMap<P, BgWake>, peer: &P, index: u32) {
-    match awake.get_mut(peer) {
-        None => {
-            awake.insert(peer.clone(), BgWake::Only(vec![index]));
-        }
-        Some(BgWake::Scan) => {}
-        Some(w) => {
-            let full = match w {
-                BgWake::Only(v) => {
-                    if !v.contains(&index) {
-                        v.push(index);
-                    }
-                    v.len() > SCAN_BUDGET
-                }
-                BgWake::Scan => false,
-            };
-            if full {
-                *w = BgWake::Scan;
-            }
-        }
     }
 }
