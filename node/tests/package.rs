@@ -331,3 +331,267 @@ fn serve_notifies_systemd_ready_and_stopping() {
     let status = daemon.0.wait().unwrap();
     assert!(status.success(), "daemon exit after SIGTERM: {status}");
 }
+
+/// Runs a command, panicking with its output unless it succeeds; returns its stdout.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Builds the .deb of this test's binary into `out` with scripts/build-deb; returns its path.
+fn build_deb(out: &Path) -> PathBuf {
+    let stdout = run_ok(
+        Command::new(repo().join("scripts/build-deb"))
+            .args(["--binary", BIN, "--out"])
+            .arg(out)
+            .args(["--compression", "none"]),
+    );
+    let deb = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build-deb names the .deb")
+            .trim(),
+    );
+    assert!(deb.is_file(), "{}", deb.display());
+    deb
+}
+
+/// What the package must hold, with its mode.
+const PACKAGED: &[(&str, &str)] = &[
+    ("./usr/bin/vmswarm", "-rwxr-xr-x root/root"),
+    (
+        "./usr/lib/systemd/system/vmswarm.service",
+        "-rw-r--r-- root/root",
+    ),
+    ("./etc/vmswarm/vmswarm.toml", "-rw-r--r-- root/root"),
+    ("./usr/share/doc/vmswarm/copyright", "-rw-r--r-- root/root"),
+    ("./usr/share/doc/vmswarm/README.md", "-rw-r--r-- root/root"),
+    ("./usr/share/doc/vmswarm/libvirt.md", "-rw-r--r-- root/root"),
+    (
+        "./usr/share/doc/vmswarm/examples/vmswarm-readonly.xml",
+        "-rw-r--r-- root/root",
+    ),
+    (
+        "./usr/share/doc/vmswarm/examples/vmswarm-clone.xml",
+        "-rw-r--r-- root/root",
+    ),
+    (
+        "./usr/share/bash-completion/completions/vmswarm",
+        "-rw-r--r-- root/root",
+    ),
+];
+
+#[test]
+fn deb_package_builds_extracts_and_serves_with_the_packaged_config() {
+    for tool in ["dpkg-deb", "dpkg"] {
+        if !have(tool) {
+            eprintln!("SKIPPED: {tool} not installed (not a Debian system)");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let deb = build_deb(&tmp.path().join("out"));
+    let version = env!("CARGO_PKG_VERSION");
+    let arch = run_ok(Command::new("dpkg").arg("--print-architecture"));
+    assert_eq!(
+        deb.file_name().unwrap().to_str().unwrap(),
+        format!("vmswarm_{version}_{}.deb", arch.trim())
+    );
+
+    let info = run_ok(Command::new("dpkg-deb").arg("--info").arg(&deb));
+    for field in [
+        "Package: vmswarm".to_owned(),
+        format!("Version: {version}"),
+        format!("Architecture: {}", arch.trim()),
+        "Depends: libc6, libgcc-s1".to_owned(),
+    ] {
+        assert!(
+            info.lines().any(|l| l.trim() == field),
+            "control lacks {field}:\n{info}"
+        );
+    }
+    let conffiles = run_ok(
+        Command::new("dpkg-deb")
+            .args(["--info"])
+            .arg(&deb)
+            .arg("conffiles"),
+    );
+    assert_eq!(conffiles.trim(), "/etc/vmswarm/vmswarm.toml");
+    for script in ["postinst", "prerm", "postrm"] {
+        let text = run_ok(Command::new("dpkg-deb").arg("--info").arg(&deb).arg(script));
+        assert!(text.starts_with("#!/bin/sh\n"), "{script}: {text}");
+        let check = Command::new("sh")
+            .arg("-n")
+            .arg(repo().join("packaging/debian").join(script))
+            .status()
+            .unwrap();
+        assert!(check.success(), "{script} has a shell syntax error");
+    }
+    let contents = run_ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    for (path, mode) in PACKAGED {
+        assert!(
+            contents
+                .lines()
+                .any(|l| l.starts_with(mode) && l.ends_with(path)),
+            "{path} ({mode}) not in the package:\n{contents}"
+        );
+    }
+
+    let root = tmp.path().join("root");
+    run_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    let bin = root.join("usr/bin/vmswarm");
+    let v = run_ok(Command::new(&bin).arg("--version"));
+    assert!(
+        v.starts_with(&format!("vmswarm {version} (protocol ")),
+        "{v}"
+    );
+    let config = root.join("etc/vmswarm/vmswarm.toml");
+    assert_eq!(
+        std::fs::read(&config).unwrap(),
+        std::fs::read(packaged_config()).unwrap()
+    );
+    let unit = root.join("usr/lib/systemd/system/vmswarm.service");
+    assert_eq!(
+        std::fs::read(&unit).unwrap(),
+        std::fs::read(repo().join("packaging/systemd/vmswarm.service")).unwrap()
+    );
+    if have("systemd-analyze") {
+        let complaints = verify_unit(&std::fs::read_to_string(&unit).unwrap(), &bin);
+        assert!(complaints.is_empty(), "packaged unit: {complaints}");
+    }
+
+    // One node of the extracted binary with the packaged config (on a loopback port rather than
+    // 7400: flags win over the file): publish, then pull the image out of it again.
+    let data = tmp.path().join("data");
+    let config_arg = config.to_str().unwrap();
+    let node = common::daemon::Daemon::start(&common::daemon::Spawn {
+        bin: &bin,
+        dir: &data,
+        site: "dc1",
+        bootstrap: None,
+        listen: None,
+        extra: &["--config", config_arg],
+        log_filter: "info,libp2p=warn",
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let image_file = tmp.path().join("image.raw");
+    let image = common::make_image(&image_file, 5 << 20, common::seed());
+    let out = node
+        .cli(&["publish", image_file.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "publish: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let id = stdout.lines().last().unwrap().trim().to_owned();
+    let pulled = tmp.path().join("pulled.raw");
+    let out = node
+        .cli(&["pull", &id, "-o", pulled.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pull: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+    assert!(
+        std::fs::read(&pulled).unwrap() == image,
+        "pulled image differs"
+    );
+    let status = node.status().unwrap();
+    assert_eq!(status["site"], "dc1", "{status}");
+}
+
+/// Purges the package when dropped (also when the test fails).
+struct Purge;
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let out = Command::new("dpkg").args(["--purge", "vmswarm"]).output();
+        if let Ok(out) = out {
+            eprintln!(
+                "dpkg --purge vmswarm: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// `dpkg -i` of the package and `dpkg --purge` again: only as root, in CI (`CI=true`) or with
+/// `VMSWARM_TEST_DPKG_INSTALL=1`, and only on a system where no vmswarm package or file is
+/// installed (the purge at the end would remove an operator's).
+#[test]
+fn deb_package_installs_and_purges_cleanly_as_root() {
+    let wanted = std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var("VMSWARM_TEST_DPKG_INSTALL").is_ok_and(|v| v == "1");
+    let root = run_ok(Command::new("id").arg("-u")).trim() == "0";
+    if !wanted || !root || !have("dpkg") {
+        eprintln!("SKIPPED: needs root and CI=true or VMSWARM_TEST_DPKG_INSTALL=1");
+        return;
+    }
+    let installed = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "vmswarm"])
+        .output()
+        .unwrap();
+    let paths = [
+        "/usr/bin/vmswarm",
+        "/etc/vmswarm",
+        "/usr/lib/systemd/system/vmswarm.service",
+        "/var/lib/vmswarm",
+        "/var/lib/private/vmswarm",
+    ];
+    if installed.status.success() && !installed.stdout.is_empty()
+        || paths.iter().any(|p| Path::new(p).exists())
+    {
+        eprintln!("SKIPPED: a vmswarm package or file is already installed here");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let deb = build_deb(&tmp.path().join("out"));
+    let purge = Purge;
+    run_ok(Command::new("dpkg").arg("-i").arg(&deb));
+    let status =
+        run_ok(Command::new("dpkg-query").args(["-W", "-f=${Status} ${Version}", "vmswarm"]));
+    assert_eq!(
+        status,
+        format!("install ok installed {}", env!("CARGO_PKG_VERSION"))
+    );
+    let v = run_ok(Command::new("/usr/bin/vmswarm").arg("--version"));
+    assert!(v.starts_with("vmswarm "), "{v}");
+    let conffiles = run_ok(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "vmswarm"]));
+    assert!(
+        conffiles.contains("/etc/vmswarm/vmswarm.toml"),
+        "{conffiles}"
+    );
+    FileConfig::load(Path::new("/etc/vmswarm/vmswarm.toml")).unwrap_or_else(|e| panic!("{e}"));
+    // Reinstalling (an upgrade to the same version) keeps working.
+    run_ok(Command::new("dpkg").arg("-i").arg(&deb));
+    drop(purge);
+    for p in paths {
+        assert!(!Path::new(p).exists(), "{p} left behind by dpkg --purge");
+    }
+    let after = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "vmswarm"])
+        .output()
+        .unwrap();
+    let after = String::from_utf8_lossy(&after.stdout);
+    assert!(
+        after.is_empty() || after.contains("not-installed"),
+        "after purge: {after}"
+    );
+}
