@@ -2,12 +2,25 @@
 //!
 //! Every field is optional; command-line flags win over the file, and the file over the defaults.
 //! Unknown fields are an error (a typo must not be silently ignored).
+//!
+//! `packaging/vmswarm.toml` (installed as `/etc/vmswarm/vmswarm.toml`) documents every field with
+//! its default; `node/tests/package.rs` loads it with [`FileConfig::load`] and checks those
+//! defaults against the ones here and in `vmswarm_protocol`, so the file cannot drift.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use libp2p::Multiaddr;
 use serde::Deserialize;
+
+/// The QUIC listen address `vmswarm serve` uses when neither `--listen` nor `listen` names one.
+pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/udp/7400/quic-v1";
+
+/// The site name when neither `--site` nor `site` names one.
+pub const DEFAULT_SITE: &str = "default";
+
+/// The default of `[fetch] manifest_timeout_ms`.
+pub const DEFAULT_MANIFEST_TIMEOUT_MS: u64 = 30_000;
 
 /// The file's contents.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -49,7 +62,7 @@ pub struct ServeTuning {
     /// Whether the fan-out in use is chosen from measured rates, at most `demand_fanout`
     /// (default true); false pins it to `demand_fanout`.
     pub fanout_from_rates: Option<bool>,
-    /// Whether Background requests are held to the same fan-out (default true).
+    /// Whether Background requests are held to the same fan-out (default false).
     pub background_fanout: Option<bool>,
     /// Most chunks being sent at once.
     pub max_active_uploads: Option<usize>,
@@ -127,9 +140,13 @@ impl FileConfig {
         Ok(config)
     }
 
-    /// The manifest lookup timeout (default 30 s).
+    /// The manifest lookup timeout (default [`DEFAULT_MANIFEST_TIMEOUT_MS`]).
     pub fn manifest_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.fetch.manifest_timeout_ms.unwrap_or(30_000))
+        std::time::Duration::from_millis(
+            self.fetch
+                .manifest_timeout_ms
+                .unwrap_or(DEFAULT_MANIFEST_TIMEOUT_MS),
+        )
     }
 
     /// Applies the serving tuning to a serve queue configuration.

@@ -374,14 +374,14 @@ async fn run_into(cli: Cli, out: &mut String) -> Result<()> {
             } else if !file.listen.is_empty() {
                 file.listen.clone()
             } else {
-                vec!["/ip4/0.0.0.0/udp/7400/quic-v1".parse()?]
+                vec![vmswarm_node::config::DEFAULT_LISTEN.parse()?]
             };
             let opts = daemon::Options {
                 data_dir: data,
                 listen,
                 site: site
                     .or(file.site.clone())
-                    .unwrap_or_else(|| "default".into()),
+                    .unwrap_or_else(|| vmswarm_node::config::DEFAULT_SITE.into()),
                 bootstrap: if bootstrap.is_empty() {
                     file.bootstrap.clone()
                 } else {

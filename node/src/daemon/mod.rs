@@ -28,6 +28,11 @@
 //! Each transfer's site gateways (the few nodes of our site that take its chunks from outside) are
 //! chosen from the answers to the image's per-site provider lookups ([`gateways`]).
 //!
+//! Under systemd (`Type=notify`, `$NOTIFY_SOCKET` set) the daemon tells the service manager
+//! `READY=1` once its control socket is bound and its first QUIC listen address is up (after
+//! `node.json` names it, so `vmswarm status` works from then on), and `STOPPING=1` when shutdown
+//! begins ([`notify_systemd`]); without `$NOTIFY_SOCKET` both are no-ops.
+//!
 //! `vmswarm stage` asks target nodes to pull an image we hold, and follows their progress; a
 //! peer's `Stage` request makes us pull one, within bounds ([`stage`]).
 
@@ -307,6 +312,8 @@ struct Daemon {
     io_tx: mpsc::UnboundedSender<IoDone>,
     ingest: ingest::Ingest,
     listen_addrs: Vec<Multiaddr>,
+    /// Whether systemd was told `READY=1` (on the first listen address).
+    notified_ready: bool,
     seed_counter: u64,
     mounts: mounts::Mounts,
     /// Chunks the store dropped from its index (quarantined, vanished): see `on_chunk_dropped`.
@@ -423,6 +430,7 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         io_tx,
         ingest: ingest::Ingest::default(),
         listen_addrs: Vec::new(),
+        notified_ready: false,
         seed_counter: 0,
         mounts: mounts::Mounts::new(demand_tx, opts_profile_window),
         dropped_rx,
@@ -471,12 +479,24 @@ pub async fn run(mut opts: Options) -> Result<(), DaemonError> {
         d.pump();
     }
     tracing::info!("shutting down");
+    notify_systemd(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("shutting down"),
+    ]);
     d.shutdown_mounts();
     d.close_connections().await;
     let _ = std::fs::remove_file(&socket_path);
     let _ = std::fs::remove_file(d.opts.data_dir.join("node.json"));
     drop(lock);
     Ok(())
+}
+
+/// Sends `states` to systemd's notification socket (`$NOTIFY_SOCKET`; nothing happens when it is
+/// unset). A failure is logged, not fatal: the service manager then times the start out itself.
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("notifying systemd ($NOTIFY_SOCKET): {e}");
+    }
 }
 
 async fn sleep_until(deadline: Option<StdInstant>) {
@@ -830,6 +850,15 @@ impl Daemon {
                 tracing::info!(%address, "listening");
                 self.listen_addrs.push(address);
                 self.write_node_json();
+                if !self.notified_ready {
+                    // The control socket was bound before the event loop started.
+                    self.notified_ready = true;
+                    let status = format!("listening on {}", self.listen_addrs[0]);
+                    notify_systemd(&[
+                        sd_notify::NotifyState::Ready,
+                        sd_notify::NotifyState::Status(&status),
+                    ]);
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
